@@ -1,0 +1,180 @@
+//! The pure decision at the heart of a batch: given its messages and the rows already stored
+//! for their tickets, which records to insert and which message gets which reply.
+//!
+//! No I/O here; `store.rs` reads the stored rows and carries the plan out in one transaction.
+
+use std::collections::HashMap;
+
+use crate::record::{Record, Volume};
+
+/// A row as it is in the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredRow {
+    pub login: u64,
+    pub volume: Volume,
+    /// `status = 'Y'`; rows left at 'N' (by the old daemon) are marked when resent.
+    pub committed: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Every record is (or will be, at COMMIT) in the table.
+    Accept,
+    /// Refused whole; the text follows `FALSE `.
+    Conflict(String),
+}
+
+impl Verdict {
+    pub fn reply_text(&self) -> Vec<u8> {
+        match self {
+            Verdict::Accept => b"TRUE".to_vec(),
+            Verdict::Conflict(reason) => format!("FALSE {reason}").into_bytes(),
+        }
+    }
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// New rows to insert, each ticket once.
+    pub inserts: Vec<Record>,
+    /// Stored rows with the same values but status 'N', to set to 'Y'.
+    pub mark_committed: Vec<u64>,
+    /// One per message, in order.
+    pub verdicts: Vec<Verdict>,
+}
+
+/// Decides a batch. Messages are taken in order: a later message that disagrees with an
+/// earlier accepted one (or with the table) is refused; identical records are stored once.
+pub fn plan(messages: &[&[Record]], stored: &HashMap<u64, StoredRow>) -> Plan {
+    let mut plan = Plan::default();
+    // tickets accepted earlier in this batch and not yet in the table
+    let mut pending: HashMap<u64, Record> = HashMap::new();
+    for records in messages {
+        match conflict(records, stored, &pending) {
+            Some(reason) => plan.verdicts.push(Verdict::Conflict(reason)),
+            None => {
+                for r in records.iter() {
+                    match stored.get(&r.ticket) {
+                        Some(row) if !row.committed => {
+                            if !plan.mark_committed.contains(&r.ticket) {
+                                plan.mark_committed.push(r.ticket);
+                            }
+                        }
+                        Some(_) => {}
+                        None => {
+                            if pending.insert(r.ticket, *r).is_none() {
+                                plan.inserts.push(*r);
+                            }
+                        }
+                    }
+                }
+                plan.verdicts.push(Verdict::Accept);
+            }
+        }
+    }
+    plan
+}
+
+fn conflict(
+    records: &[Record],
+    stored: &HashMap<u64, StoredRow>,
+    pending: &HashMap<u64, Record>,
+) -> Option<String> {
+    for r in records {
+        if let Some(row) = stored.get(&r.ticket) {
+            if row.login != r.login || row.volume != r.volume {
+                return Some(format!(
+                    "conflict: ticket {} already stored with different login or volume",
+                    r.ticket
+                ));
+            }
+        } else if let Some(p) = pending.get(&r.ticket) {
+            if p != r {
+                return Some(format!(
+                    "conflict: ticket {} sent with different login or volume by another message",
+                    r.ticket
+                ));
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(ticket: u64, login: u64) -> Record {
+        Record {
+            ticket,
+            login,
+            volume: Volume(10_000),
+        }
+    }
+
+    fn row(login: u64, committed: bool) -> StoredRow {
+        StoredRow {
+            login,
+            volume: Volume(10_000),
+            committed,
+        }
+    }
+
+    #[test]
+    fn all_new() {
+        let a = [rec(1, 1), rec(2, 1)];
+        let b = [rec(3, 1)];
+        let p = plan(&[&a, &b], &HashMap::new());
+        assert_eq!(p.inserts, vec![rec(1, 1), rec(2, 1), rec(3, 1)]);
+        assert_eq!(p.verdicts, vec![Verdict::Accept, Verdict::Accept]);
+    }
+
+    #[test]
+    fn resend_is_accepted_without_insert() {
+        let stored = HashMap::from([(1, row(1, true))]);
+        let a = [rec(1, 1), rec(2, 1)];
+        let p = plan(&[&a], &stored);
+        assert_eq!(p.inserts, vec![rec(2, 1)]);
+        assert_eq!(p.verdicts, vec![Verdict::Accept]);
+    }
+
+    #[test]
+    fn conflict_with_table_refuses_the_whole_message_only() {
+        let stored = HashMap::from([(1, row(9, true))]);
+        let a = [rec(2, 1), rec(1, 1)];
+        let b = [rec(3, 1)];
+        let p = plan(&[&a, &b], &stored);
+        assert_eq!(p.inserts, vec![rec(3, 1)]);
+        assert!(
+            matches!(&p.verdicts[0], Verdict::Conflict(r) if r.contains("ticket 1 already stored"))
+        );
+        assert_eq!(p.verdicts[1], Verdict::Accept);
+    }
+
+    #[test]
+    fn conflict_within_batch() {
+        let a = [rec(1, 1)];
+        let b = [rec(1, 2), rec(5, 1)];
+        let c = [rec(1, 1)];
+        let p = plan(&[&a, &b, &c], &HashMap::new());
+        assert_eq!(p.inserts, vec![rec(1, 1)]);
+        assert_eq!(p.verdicts[0], Verdict::Accept);
+        assert!(matches!(&p.verdicts[1], Verdict::Conflict(r) if r.contains("by another message")));
+        assert_eq!(p.verdicts[2], Verdict::Accept);
+    }
+
+    #[test]
+    fn uncommitted_legacy_row_is_marked() {
+        let stored = HashMap::from([(1, row(1, false))]);
+        let a = [rec(1, 1)];
+        let p = plan(&[&a, &a], &stored);
+        assert!(p.inserts.is_empty());
+        assert_eq!(p.mark_committed, vec![1]);
+    }
+
+    #[test]
+    fn reply_texts() {
+        assert_eq!(Verdict::Accept.reply_text(), b"TRUE");
+        assert_eq!(Verdict::Conflict("x".into()).reply_text(), b"FALSE x");
+    }
+}

@@ -1,0 +1,19 @@
+//! feedd: ZeroMQ ROUTER → bounded channel → batched MySQL transactions → reply after COMMIT.
+//!
+//! Data flows one way: `receiver` → channel → `worker` → `store` (deciding through the pure
+//! `classify`), and replies return to the receiver, the socket's only owner. `config` is
+//! parsed once; `signals`/`reload` swap it live; `server` starts and stops the threads;
+//! `daemon` and `supervisor` wrap the serving process for `--daemon`.
+
+pub mod classify;
+pub mod commands;
+pub mod config;
+pub mod logging;
+pub mod metrics;
+pub mod receiver;
+pub mod record;
+pub mod reload;
+pub mod server;
+pub mod signals;
+pub mod store;
+pub mod worker;

@@ -1,0 +1,310 @@
+//! The receiver thread: the only owner of the ROUTER socket.
+//!
+//! It polls three sockets together: the ROUTER (client messages; polled only while the queue
+//! has room, which is the back-pressure), the inproc PULL where workers push replies (written
+//! to the ROUTER as they arrive, so replies never wait on a timer), and an inproc PULL for
+//! control (`stop` intake, `finish`). Parsing happens here, so malformed and oversized messages
+//! are answered at once and never occupy the queue.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use crossbeam_channel::{Sender, TrySendError};
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::record;
+use crate::worker::Job;
+
+/// Where workers push their replies.
+pub const REPLY_ENDPOINT: &str = "inproc://feedd-replies";
+/// Where the main and signal threads send control words.
+pub const CONTROL_ENDPOINT: &str = "inproc://feedd-control";
+
+/// Control words understood by the receiver.
+pub const STOP: &[u8] = b"stop";
+pub const FINISH: &[u8] = b"finish";
+pub const RELOAD: &[u8] = b"reload";
+
+/// Most messages read in one go before the reply socket gets a turn (fairness to replies).
+const READ_BURST: usize = 256;
+/// Most frames in one message; beyond that it is answered FALSE (bounded envelopes).
+const MAX_FRAMES: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiverError {
+    #[error("cannot bind {endpoint}: {source}")]
+    Bind {
+        endpoint: String,
+        source: zmq::Error,
+    },
+    #[error("receiver socket: {0}")]
+    Socket(#[from] zmq::Error),
+}
+
+pub struct Receiver {
+    router: zmq::Socket,
+    replies: zmq::Socket,
+    control: zmq::Socket,
+    /// The endpoint actually bound (wildcards resolved), for unbinding on an endpoint change.
+    bound: String,
+    endpoint: String,
+    jobs: Option<Sender<Job>>,
+    /// A message that found the channel full; intake pauses until it is queued.
+    held: Option<Job>,
+    config: Arc<ArcSwap<Config>>,
+    metrics: Metrics,
+}
+
+impl Receiver {
+    /// Creates and binds every socket, so a bind failure is a start-up error.
+    pub fn bind(
+        context: &zmq::Context,
+        config: Arc<ArcSwap<Config>>,
+        jobs: Sender<Job>,
+        metrics: Metrics,
+    ) -> Result<Receiver, ReceiverError> {
+        let replies = context.socket(zmq::PULL)?;
+        replies.set_rcvhwm(0)?;
+        replies.bind(REPLY_ENDPOINT)?;
+        let control = context.socket(zmq::PULL)?;
+        control.bind(CONTROL_ENDPOINT)?;
+        let current = config.load_full();
+        let router = context.socket(zmq::ROUTER)?;
+        configure_router(&router, &current)?;
+        let endpoint = current.zmq.endpoint.clone();
+        router
+            .bind(&endpoint)
+            .map_err(|source| ReceiverError::Bind {
+                endpoint: endpoint.clone(),
+                source,
+            })?;
+        let bound = last_endpoint(&router).unwrap_or_else(|| endpoint.clone());
+        Ok(Receiver {
+            router,
+            replies,
+            control,
+            bound,
+            endpoint,
+            jobs: Some(jobs),
+            held: None,
+            config,
+            metrics,
+        })
+    }
+
+    /// The endpoint bound (with a wildcard port resolved).
+    pub fn bound_endpoint(&self) -> &str {
+        &self.bound
+    }
+
+    /// Serves until told `finish`; then drains the replies already pushed and returns.
+    pub fn run(mut self) -> Result<(), ReceiverError> {
+        loop {
+            self.follow_config();
+            let capacity = self.config.load().pipeline.queue_capacity;
+            if self.held.is_some() {
+                self.retry_held();
+            }
+            let intake = self.jobs.is_some()
+                && self.held.is_none()
+                && self.metrics.queue_depth.load(Ordering::Relaxed) < capacity;
+            let router_events = if intake {
+                zmq::POLLIN
+            } else {
+                zmq::PollEvents::empty()
+            };
+            let mut items = [
+                self.router.as_poll_item(router_events),
+                self.replies.as_poll_item(zmq::POLLIN),
+                self.control.as_poll_item(zmq::POLLIN),
+            ];
+            // While paused, wake now and then: workers free queue room before they reply.
+            let timeout = if intake { 1000 } else { 5 };
+            zmq::poll(&mut items, timeout)?;
+            let (router_ready, replies_ready, control_ready) = (
+                items[0].is_readable(),
+                items[1].is_readable(),
+                items[2].is_readable(),
+            );
+            if replies_ready {
+                self.forward_replies()?;
+            }
+            if control_ready {
+                let word = self.control.recv_bytes(0)?;
+                if word == STOP {
+                    log::info!("receiver: intake stopped, draining");
+                    // Dropping the sender lets workers finish the queue and exit.
+                    self.jobs = None;
+                } else if word == FINISH {
+                    self.forward_replies()?;
+                    self.router.set_linger(1000)?;
+                    return Ok(());
+                }
+            }
+            if router_ready && intake {
+                self.read_messages(capacity)?;
+            }
+        }
+    }
+
+    fn forward_replies(&mut self) -> Result<(), ReceiverError> {
+        loop {
+            match self.replies.recv_multipart(zmq::DONTWAIT) {
+                Ok(frames) => self.send(frames),
+                Err(zmq::Error::EAGAIN) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Sends on the ROUTER; a reply to a gone or saturated peer is dropped, never waited for.
+    fn send(&self, frames: Vec<Vec<u8>>) {
+        if let Err(e) = self.router.send_multipart(frames, zmq::DONTWAIT) {
+            log::debug!("receiver: reply dropped: {e}");
+        }
+    }
+
+    fn reply_false(&self, mut envelope: Vec<Vec<u8>>, reason: &str) {
+        self.metrics.messages_rejected.inc();
+        envelope.push(format!("FALSE {reason}").into_bytes());
+        self.send(envelope);
+    }
+
+    fn read_messages(&mut self, capacity: usize) -> Result<(), ReceiverError> {
+        let max_bytes = self.config.load().zmq.max_message_bytes;
+        for _ in 0..READ_BURST {
+            if self.metrics.queue_depth.load(Ordering::Relaxed) >= capacity || self.held.is_some() {
+                return Ok(());
+            }
+            let mut frames = match self.router.recv_multipart(zmq::DONTWAIT) {
+                Ok(frames) => frames,
+                Err(zmq::Error::EAGAIN) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            };
+            let received = Instant::now();
+            self.metrics.messages_received.inc();
+            if frames.len() < 2 {
+                continue; // a ROUTER always adds the identity; nothing to answer without a body
+            }
+            if frames.len() > MAX_FRAMES {
+                frames.truncate(1);
+                self.reply_false(frames, "too many frames");
+                continue;
+            }
+            let body = frames.pop().unwrap_or_default();
+            let size: usize = body.len() + frames.iter().map(Vec::len).sum::<usize>();
+            if size > max_bytes {
+                self.reply_false(frames, "too large");
+                continue;
+            }
+            match record::parse_body(&body) {
+                Err(reason) => self.reply_false(frames, &reason.to_string()),
+                Ok(records) => {
+                    let job = Job {
+                        envelope: frames,
+                        records,
+                        received,
+                    };
+                    self.enqueue(job);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn enqueue(&mut self, job: Job) {
+        let Some(jobs) = &self.jobs else { return };
+        let n = job.records.len();
+        self.metrics.queue_depth.fetch_add(n, Ordering::Relaxed);
+        match jobs.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(job)) => self.held = Some(job),
+            Err(TrySendError::Disconnected(_)) => {
+                // Every worker is gone; the message stays unanswered and the client resends.
+                self.metrics.queue_depth.fetch_sub(n, Ordering::Relaxed);
+                log::error!("receiver: no worker left to take messages");
+            }
+        }
+    }
+
+    fn retry_held(&mut self) {
+        let (Some(jobs), Some(job)) = (&self.jobs, self.held.take()) else {
+            return;
+        };
+        match jobs.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(job)) => self.held = Some(job),
+            Err(TrySendError::Disconnected(job)) => {
+                self.metrics
+                    .queue_depth
+                    .fetch_sub(job.records.len(), Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Applies a reloaded endpoint: bind the new one first, then unbind the old; a failed bind
+    /// keeps the old one serving.
+    fn follow_config(&mut self) {
+        let config = self.config.load();
+        if config.zmq.endpoint == self.endpoint {
+            return;
+        }
+        let new = config.zmq.endpoint.clone();
+        drop(config);
+        if let Err(e) = self.router.bind(&new) {
+            log::error!(
+                "receiver: cannot bind new endpoint {new}: {e}; still serving {}",
+                self.bound
+            );
+            self.endpoint = new;
+            return;
+        }
+        let old = std::mem::replace(
+            &mut self.bound,
+            last_endpoint(&self.router).unwrap_or_else(|| new.clone()),
+        );
+        if let Err(e) = unbind(&mut self.router, &old) {
+            log::warn!("receiver: cannot unbind old endpoint {old}: {e}");
+        }
+        log::info!("receiver: now serving {} (was {old})", self.bound);
+        self.endpoint = new;
+    }
+}
+
+fn configure_router(router: &zmq::Socket, config: &Config) -> Result<(), zmq::Error> {
+    // A peer sending more than this is disconnected by libzmq: a memory guard well above the
+    // size answered `FALSE too large`.
+    let guard = config
+        .zmq
+        .max_message_bytes
+        .saturating_mul(4)
+        .saturating_add(65_536);
+    router.set_maxmsgsize(i64::try_from(guard).unwrap_or(i64::MAX))?;
+    router.set_rcvhwm(1000)?;
+    router.set_sndhwm(1000)?;
+    if let Some(key) = &config.zmq.curve_secret_key {
+        router.set_zap_domain("feedd")?;
+        router.set_curve_server(true)?;
+        router.set_curve_secretkey(&key.0)?;
+    }
+    Ok(())
+}
+
+fn last_endpoint(socket: &zmq::Socket) -> Option<String> {
+    socket.get_last_endpoint().ok().and_then(Result::ok)
+}
+
+/// `zmq` 0.9 has no safe `unbind`; the libzmq call is used directly on the socket we own.
+fn unbind(socket: &mut zmq::Socket, endpoint: &str) -> Result<(), zmq::Error> {
+    let c = std::ffi::CString::new(endpoint).map_err(|_| zmq::Error::EINVAL)?;
+    // SAFETY: the pointer is this live socket's, used only from its owning thread.
+    let rc = unsafe { zmq_sys::zmq_unbind(socket.as_mut_ptr(), c.as_ptr()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(zmq::Error::from_raw(unsafe { zmq_sys::zmq_errno() }))
+    }
+}

@@ -1,0 +1,439 @@
+//! The wire body: `ticket,login,volume` lines → records, or the reason a message is refused.
+//!
+//! Pure and allocation-light: fields are parsed straight from the bytes (invalid UTF-8 and NUL
+//! bytes are just "not a number"). A message is all-or-nothing, so the first bad line decides.
+
+use std::fmt::{self, Write as _};
+
+/// A volume as an integer count of 1/10,000 units: DECIMAL(20,4) exactly, never a float.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Volume(pub u128);
+
+/// Most integer digits of a volume (DECIMAL(20,4) keeps 16 before the point).
+const VOLUME_INT_DIGITS: usize = 16;
+const VOLUME_FRAC_DIGITS: usize = 4;
+const VOLUME_SCALE: u128 = 10_000;
+
+impl Volume {
+    /// Parses the decimal text of a volume; the error says what is wrong.
+    pub fn parse(text: &[u8]) -> Result<Volume, &'static str> {
+        if text.is_empty() {
+            return Err("empty");
+        }
+        let (int, frac) = match text.iter().position(|&b| b == b'.') {
+            Some(dot) => (&text[..dot], Some(&text[dot + 1..])),
+            None => (text, None),
+        };
+        if int.is_empty() {
+            return Err("no digits before the decimal point");
+        }
+        if !int.iter().all(u8::is_ascii_digit) {
+            return Err("not a non-negative decimal number");
+        }
+        let significant = int.iter().skip_while(|&&b| b == b'0').count();
+        if significant > VOLUME_INT_DIGITS {
+            return Err("more than 16 integer digits");
+        }
+        let mut value: u128 = int
+            .iter()
+            .fold(0u128, |acc, &b| acc * 10 + u128::from(b - b'0'));
+        value *= VOLUME_SCALE;
+        if let Some(frac) = frac {
+            if frac.is_empty() {
+                return Err("no digits after the decimal point");
+            }
+            if !frac.iter().all(u8::is_ascii_digit) {
+                return Err("not a non-negative decimal number");
+            }
+            if frac.len() > VOLUME_FRAC_DIGITS {
+                return Err("more than 4 fraction digits");
+            }
+            let mut scale = VOLUME_SCALE;
+            for &b in frac {
+                scale /= 10;
+                value += u128::from(b - b'0') * scale;
+            }
+        }
+        Ok(Volume(value))
+    }
+}
+
+impl fmt::Display for Volume {
+    /// Always with 4 fraction digits, as DECIMAL(20,4) prints it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{:04}", self.0 / VOLUME_SCALE, self.0 % VOLUME_SCALE)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Record {
+    pub ticket: u64,
+    pub login: u64,
+    pub volume: Volume,
+}
+
+impl Record {
+    /// The record as one wire line (without newline).
+    pub fn to_line(&self) -> String {
+        let mut s = String::with_capacity(48);
+        let _ = write!(s, "{},{},{}", self.ticket, self.login, self.volume);
+        s
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field {
+    Ticket,
+    Login,
+    Volume,
+}
+
+impl fmt::Display for Field {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Field::Ticket => "ticket",
+            Field::Login => "login",
+            Field::Volume => "volume",
+        })
+    }
+}
+
+/// Why a message is refused; its `Display` is the text after `FALSE `.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error("empty message")]
+    Empty,
+    #[error("line {line}: empty line")]
+    EmptyLine { line: usize },
+    #[error("line {line}: expected 3 fields (ticket,login,volume), found {found}")]
+    FieldCount { line: usize, found: usize },
+    #[error("line {line}: {field}: {reason}")]
+    Field {
+        line: usize,
+        field: Field,
+        reason: &'static str,
+    },
+    #[error("conflict: ticket {ticket} on line {line} differs from line {first_line}")]
+    RepeatedTicket {
+        ticket: u64,
+        line: usize,
+        first_line: usize,
+    },
+}
+
+/// Spaces (and tabs) around a field are ignored.
+fn trim(mut s: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = s {
+        s = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = s {
+        s = rest;
+    }
+    s
+}
+
+fn parse_u64(text: &[u8]) -> Result<u64, &'static str> {
+    if text.is_empty() {
+        return Err("empty");
+    }
+    let mut value: u64 = 0;
+    for &b in text {
+        if !b.is_ascii_digit() {
+            return Err("not a decimal integer");
+        }
+        value = value
+            .checked_mul(10)
+            .and_then(|v| v.checked_add(u64::from(b - b'0')))
+            .ok_or("out of range (at most 18446744073709551615)")?;
+    }
+    Ok(value)
+}
+
+fn parse_line(line: &[u8], number: usize) -> Result<Record, ParseError> {
+    let mut fields = line.splitn(4, |&b| b == b',');
+    let (Some(t), Some(l), Some(v), None) =
+        (fields.next(), fields.next(), fields.next(), fields.next())
+    else {
+        let found = line.iter().filter(|&&b| b == b',').count() + 1;
+        return Err(ParseError::FieldCount {
+            line: number,
+            found,
+        });
+    };
+    let field_error = |field, reason| ParseError::Field {
+        line: number,
+        field,
+        reason,
+    };
+    let ticket = parse_u64(trim(t)).map_err(|r| field_error(Field::Ticket, r))?;
+    if ticket == 0 {
+        return Err(field_error(Field::Ticket, "must be at least 1"));
+    }
+    let login = parse_u64(trim(l)).map_err(|r| field_error(Field::Login, r))?;
+    let volume = Volume::parse(trim(v)).map_err(|r| field_error(Field::Volume, r))?;
+    Ok(Record {
+        ticket,
+        login,
+        volume,
+    })
+}
+
+/// Parses one message body into its records.
+///
+/// A ticket repeated with the same values is kept once; repeated with different values, the
+/// message is a conflict. The returned records have distinct tickets.
+pub fn parse_body(body: &[u8]) -> Result<Vec<Record>, ParseError> {
+    let body = body
+        .strip_suffix(b"\n")
+        .map(|b| b.strip_suffix(b"\r").unwrap_or(b))
+        .unwrap_or(body);
+    if body.is_empty() {
+        return Err(ParseError::Empty);
+    }
+    let mut records: Vec<Record> = Vec::new();
+    // line numbers of `records`, kept only to name a repeated ticket's first line
+    let mut lines: Vec<usize> = Vec::new();
+    for (i, line) in body.split(|&b| b == b'\n').enumerate() {
+        let number = i + 1;
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            return Err(ParseError::EmptyLine { line: number });
+        }
+        let record = parse_line(line, number)?;
+        records.push(record);
+        lines.push(number);
+    }
+    dedup_tickets(records, &lines)
+}
+
+/// Keeps the first of identical repeats; refuses a ticket repeated with other values.
+fn dedup_tickets(records: Vec<Record>, lines: &[usize]) -> Result<Vec<Record>, ParseError> {
+    if records.len() < 2 {
+        return Ok(records);
+    }
+    let mut order: Vec<usize> = (0..records.len()).collect();
+    order.sort_unstable_by_key(|&i| (records[i].ticket, i));
+    let mut drop = vec![false; records.len()];
+    let mut any = false;
+    for pair in order.windows(2) {
+        let (a, b) = (records[pair[0]], records[pair[1]]);
+        if a.ticket == b.ticket {
+            if a != b {
+                return Err(ParseError::RepeatedTicket {
+                    ticket: a.ticket,
+                    line: lines[pair[1]],
+                    first_line: lines[pair[0]],
+                });
+            }
+            drop[pair[1]] = true;
+            any = true;
+        }
+    }
+    if !any {
+        return Ok(records);
+    }
+    Ok(records
+        .into_iter()
+        .zip(drop)
+        .filter(|(_, d)| !d)
+        .map(|(r, _)| r)
+        .collect())
+}
+
+/// The wire body for records, one line each (the inverse of `parse_body`).
+pub fn format_body(records: &[Record]) -> String {
+    let mut s = String::with_capacity(records.len() * 32);
+    for (i, r) in records.iter().enumerate() {
+        if i > 0 {
+            s.push('\n');
+        }
+        s.push_str(&r.to_line());
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(body: &str) -> Vec<Record> {
+        parse_body(body.as_bytes()).unwrap_or_else(|e| panic!("{body:?}: {e}"))
+    }
+
+    fn reason(body: &[u8]) -> String {
+        match parse_body(body) {
+            Ok(r) => panic!("{body:?} parsed as {r:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    fn rec(ticket: u64, login: u64, volume: u128) -> Record {
+        Record {
+            ticket,
+            login,
+            volume: Volume(volume),
+        }
+    }
+
+    #[test]
+    fn one_record() {
+        assert_eq!(ok("1,2,3"), vec![rec(1, 2, 30_000)]);
+        assert_eq!(ok("7,0,0.01"), vec![rec(7, 0, 100)]);
+        assert_eq!(ok("7,0,12.5000"), vec![rec(7, 0, 125_000)]);
+    }
+
+    #[test]
+    fn ticket_range() {
+        assert_eq!(reason(b"0,1,1"), "line 1: ticket: must be at least 1");
+        assert_eq!(ok("18446744073709551615,1,1")[0].ticket, u64::MAX);
+        assert_eq!(
+            reason(b"18446744073709551616,1,1"),
+            "line 1: ticket: out of range (at most 18446744073709551615)"
+        );
+        assert_eq!(ok("1,18446744073709551615,1")[0].login, u64::MAX);
+        assert!(reason(b"1,18446744073709551616,1").starts_with("line 1: login: out of range"));
+    }
+
+    #[test]
+    fn numbers_are_plain_decimal() {
+        for bad in ["-1", "+1", "1e3", "0x10", "1.0", " 1 2", "١"] {
+            let body = format!("{bad},1,1");
+            assert_eq!(
+                reason(body.as_bytes()),
+                "line 1: ticket: not a decimal integer",
+                "{bad}"
+            );
+        }
+        assert_eq!(reason(b"1,-2,1"), "line 1: login: not a decimal integer");
+        assert_eq!(
+            reason(b"1,2,-1"),
+            "line 1: volume: not a non-negative decimal number"
+        );
+        assert_eq!(
+            reason(b"1,2,+1"),
+            "line 1: volume: not a non-negative decimal number"
+        );
+        assert_eq!(
+            reason(b"1,2,1e3"),
+            "line 1: volume: not a non-negative decimal number"
+        );
+        assert_eq!(
+            reason(b"1,2,0x1"),
+            "line 1: volume: not a non-negative decimal number"
+        );
+    }
+
+    #[test]
+    fn empty_fields_and_field_count() {
+        assert_eq!(reason(b",1,1"), "line 1: ticket: empty");
+        assert_eq!(reason(b"1,,1"), "line 1: login: empty");
+        assert_eq!(reason(b"1,1,"), "line 1: volume: empty");
+        assert_eq!(
+            reason(b"1,1"),
+            "line 1: expected 3 fields (ticket,login,volume), found 2"
+        );
+        assert_eq!(
+            reason(b"1,1,1,1"),
+            "line 1: expected 3 fields (ticket,login,volume), found 4"
+        );
+    }
+
+    #[test]
+    fn volume_digits() {
+        assert_eq!(
+            ok("1,1,9999999999999999.9999")[0].volume,
+            Volume(99_999_999_999_999_999_999)
+        );
+        assert_eq!(
+            reason(b"1,1,10000000000000000"),
+            "line 1: volume: more than 16 integer digits"
+        );
+        assert_eq!(
+            reason(b"1,1,1.00001"),
+            "line 1: volume: more than 4 fraction digits"
+        );
+        assert_eq!(
+            reason(b"1,1,.5"),
+            "line 1: volume: no digits before the decimal point"
+        );
+        assert_eq!(
+            reason(b"1,1,5."),
+            "line 1: volume: no digits after the decimal point"
+        );
+        assert_eq!(
+            reason(b"1,1,1.2.3"),
+            "line 1: volume: not a non-negative decimal number"
+        );
+        assert_eq!(ok("1,1,1.5")[0].volume, ok("1,1,1.5000")[0].volume);
+        assert_eq!(ok("1,1,0005")[0].volume, Volume(50_000));
+    }
+
+    #[test]
+    fn spaces_and_line_endings() {
+        assert_eq!(ok(" 1 , 2 ,\t3 "), vec![rec(1, 2, 30_000)]);
+        assert_eq!(
+            ok("1,2,3\r\n4,5,6\r\n"),
+            vec![rec(1, 2, 30_000), rec(4, 5, 60_000)]
+        );
+        assert_eq!(ok("1,2,3\n").len(), 1);
+        assert_eq!(reason(b"1,2,3\n\n"), "line 2: empty line");
+        assert_eq!(reason(b"1,2,3\n\n4,5,6"), "line 2: empty line");
+        assert_eq!(reason(b""), "empty message");
+        assert_eq!(reason(b"\n"), "empty message");
+        assert_eq!(reason(b"\r\n"), "empty message");
+    }
+
+    #[test]
+    fn bytes_that_are_not_text() {
+        assert_eq!(
+            reason(b"1,2,\xff\xfe"),
+            "line 1: volume: not a non-negative decimal number"
+        );
+        assert_eq!(reason(b"1\0,2,3"), "line 1: ticket: not a decimal integer");
+        assert_eq!(
+            reason(b"1,2,3\n4,\x005,6"),
+            "line 2: login: not a decimal integer"
+        );
+    }
+
+    #[test]
+    fn bad_line_is_named() {
+        let mut body = String::new();
+        for t in 1..=100 {
+            if t == 57 {
+                body.push_str("57,1,1.00001\n");
+            } else {
+                body.push_str(&format!("{t},1,1\n"));
+            }
+        }
+        assert_eq!(
+            reason(body.as_bytes()),
+            "line 57: volume: more than 4 fraction digits"
+        );
+    }
+
+    #[test]
+    fn repeated_ticket() {
+        assert_eq!(
+            ok("5,1,1\n6,1,1\n5,1,1.0"),
+            vec![rec(5, 1, 10_000), rec(6, 1, 10_000)]
+        );
+        assert_eq!(
+            reason(b"5,1,1\n6,1,1\n5,1,2"),
+            "conflict: ticket 5 on line 3 differs from line 1"
+        );
+    }
+
+    #[test]
+    fn format_round_trip() {
+        let records = vec![
+            rec(1, 0, 0),
+            rec(u64::MAX, u64::MAX, 99_999_999_999_999_999_999),
+        ];
+        assert_eq!(
+            parse_body(format_body(&records).as_bytes()).unwrap(),
+            records
+        );
+        assert_eq!(Volume(125_000).to_string(), "12.5000");
+    }
+}

@@ -1,0 +1,331 @@
+//! MySQL/MariaDB: the connection pool, the table check, and one batch committed as one
+//! transaction.
+//!
+//! Fast path: the plan with no stored rows, one multi-row INSERT, COMMIT. Only when that INSERT
+//! hits a duplicate key does it roll back and take the careful path: read the batch's stored
+//! tickets, classify (`classify::plan`), insert the new rows, COMMIT. Sessions run READ
+//! COMMITTED, so two workers racing on one ticket end in 1062 for one of them, which redoes
+//! the careful path and then sees the other's row. Used from worker threads; no threads of
+//! its own besides r2d2's.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use mysql::prelude::Queryable;
+use mysql::{OptsBuilder, TxOpts};
+use r2d2_mysql::MySqlConnectionManager;
+
+use crate::classify::{self, StoredRow, Verdict};
+use crate::config::MysqlConfig;
+use crate::record::{Record, Volume};
+
+const ER_DUP_ENTRY: u16 = 1062;
+const ER_NO_SUCH_TABLE: u16 = 1146;
+/// Most rows in one INSERT statement, so a huge message stays far below max_allowed_packet.
+const ROWS_PER_STATEMENT: usize = 2000;
+/// Careful-path redos after a duplicate-key race before it counts as a fault to back off from.
+const RACE_REDOS: usize = 8;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database {host}:{port}: {source}")]
+    Connect {
+        host: String,
+        port: u16,
+        source: r2d2::Error,
+    },
+    #[error("{0}")]
+    Pool(#[from] r2d2::Error),
+    #[error("{0}")]
+    Mysql(#[from] mysql::Error),
+    #[error("table `{table}` has no column `{column}` (needs ticket, login, volume, status)")]
+    MissingColumn { table: String, column: &'static str },
+    #[error("table `{table}`: stored volume `{value}` of ticket {ticket} is not DECIMAL(20,4)")]
+    BadStoredVolume {
+        table: String,
+        ticket: u64,
+        value: String,
+    },
+    #[error("another writer kept inserting the same tickets; giving up this attempt")]
+    Race,
+}
+
+impl StoreError {
+    /// The MySQL server error code, if this is one.
+    pub fn code(&self) -> Option<u16> {
+        match self {
+            StoreError::Mysql(mysql::Error::MySqlError(e)) => Some(e.code),
+            _ => None,
+        }
+    }
+}
+
+pub type Pool = r2d2::Pool<MySqlConnectionManager>;
+
+/// One database target: a pool and the table it writes.
+pub struct Store {
+    pool: Pool,
+    table: String,
+    config: MysqlConfig,
+}
+
+/// Silences r2d2's own logging of background connection failures: the worker logs each fault
+/// episode once.
+#[derive(Debug)]
+struct QuietErrors;
+
+impl<E> r2d2::HandleError<E> for QuietErrors {
+    fn handle_error(&self, _error: E) {}
+}
+
+impl Store {
+    /// Builds the pool, proves the server answers, creates the table if missing and checks its
+    /// columns. Fails fast (a few seconds) when the server is unreachable.
+    pub fn connect(config: &MysqlConfig, pool_size: u32) -> Result<Store, StoreError> {
+        let opts = OptsBuilder::new()
+            .ip_or_hostname(Some(config.host.clone()))
+            .tcp_port(config.port)
+            .user(Some(config.user.clone()))
+            .pass(Some(config.password.expose().to_string()))
+            .db_name(Some(config.database.clone()))
+            .prefer_socket(false)
+            .tcp_connect_timeout(Some(Duration::from_secs(3)))
+            .read_timeout(Some(Duration::from_secs(60)))
+            .write_timeout(Some(Duration::from_secs(60)))
+            .init(vec![
+                // See the module doc: READ COMMITTED avoids REPEATABLE READ's gap-lock deadlocks.
+                "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
+                "SET SESSION innodb_lock_wait_timeout = 10",
+            ]);
+        let manager = MySqlConnectionManager::new(opts);
+        let pool = r2d2::Pool::builder()
+            .max_size(pool_size.max(1))
+            .min_idle(Some(0))
+            .connection_timeout(Duration::from_secs(3))
+            // has_broken pings every connection on return, which is enough to weed out dead ones.
+            .test_on_check_out(false)
+            .error_handler(Box::new(QuietErrors))
+            .build_unchecked(manager);
+        let store = Store {
+            pool,
+            table: config.table.clone(),
+            config: config.clone(),
+        };
+        store.pool.get().map_err(|source| StoreError::Connect {
+            host: config.host.clone(),
+            port: config.port,
+            source,
+        })?;
+        store.ensure_table()?;
+        Ok(store)
+    }
+
+    pub fn config(&self) -> &MysqlConfig {
+        &self.config
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// `CREATE TABLE IF NOT EXISTS`, then checks the columns feedd writes are there.
+    pub fn ensure_table(&self) -> Result<(), StoreError> {
+        let mut conn = self.pool.get()?;
+        conn.query_drop(format!(
+            "CREATE TABLE IF NOT EXISTS `{}` (
+               ticket BIGINT UNSIGNED NOT NULL PRIMARY KEY,
+               login  BIGINT UNSIGNED NOT NULL,
+               volume DECIMAL(20,4)   NOT NULL,
+               status CHAR(1)         NOT NULL DEFAULT 'N'
+             ) ENGINE=InnoDB",
+            self.table
+        ))?;
+        let columns: Vec<String> = conn.exec(
+            "SELECT COLUMN_NAME FROM information_schema.COLUMNS
+             WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?",
+            (&self.table,),
+        )?;
+        for column in ["ticket", "login", "volume", "status"] {
+            if !columns.iter().any(|c| c.eq_ignore_ascii_case(column)) {
+                return Err(StoreError::MissingColumn {
+                    table: self.table.clone(),
+                    column,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Commits one batch (one transaction) and returns a verdict per message.
+    /// Any error means nothing of this attempt is committed (or, for a COMMIT whose outcome is
+    /// unknown, that a redo will find the rows and accept them).
+    pub fn commit_batch(&self, messages: &[&[Record]]) -> Result<Vec<Verdict>, StoreError> {
+        let mut conn = self.pool.get()?;
+        let fast = classify::plan(messages, &HashMap::new());
+        {
+            let mut tx = conn.start_transaction(TxOpts::default())?;
+            match self.insert(&mut tx, &fast.inserts) {
+                Ok(()) => {
+                    tx.commit()?;
+                    return Ok(fast.verdicts);
+                }
+                Err(e) if code_of(&e) == Some(ER_DUP_ENTRY) => tx.rollback()?,
+                Err(e) => {
+                    if code_of(&e) == Some(ER_NO_SUCH_TABLE) {
+                        drop(tx);
+                        drop(conn);
+                        // The table was dropped under us: recreate it, then let the caller retry.
+                        let _ = self.ensure_table();
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+        for _ in 0..RACE_REDOS {
+            let mut tx = conn.start_transaction(TxOpts::default())?;
+            let stored = self.read_stored(&mut tx, messages)?;
+            let careful = classify::plan(messages, &stored);
+            match self.insert(&mut tx, &careful.inserts) {
+                Ok(()) => {}
+                Err(e) if code_of(&e) == Some(ER_DUP_ENTRY) => {
+                    tx.rollback()?;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            }
+            if !careful.mark_committed.is_empty() {
+                tx.query_drop(format!(
+                    "UPDATE `{}` SET status = 'Y' WHERE ticket IN ({})",
+                    self.table,
+                    join(&careful.mark_committed)
+                ))?;
+            }
+            tx.commit()?;
+            return Ok(careful.verdicts);
+        }
+        Err(StoreError::Race)
+    }
+
+    fn insert(&self, tx: &mut mysql::Transaction<'_>, rows: &[Record]) -> Result<(), mysql::Error> {
+        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+            let mut sql = String::with_capacity(64 + chunk.len() * 48);
+            let _ = write!(
+                sql,
+                "INSERT INTO `{}` (ticket, login, volume, status) VALUES ",
+                self.table
+            );
+            for (i, r) in chunk.iter().enumerate() {
+                if i > 0 {
+                    sql.push(',');
+                }
+                // Validated integers and decimals only: nothing here needs escaping.
+                let _ = write!(sql, "({},{},{},'Y')", r.ticket, r.login, r.volume);
+            }
+            tx.query_drop(sql)?;
+        }
+        Ok(())
+    }
+
+    fn read_stored(
+        &self,
+        tx: &mut mysql::Transaction<'_>,
+        messages: &[&[Record]],
+    ) -> Result<HashMap<u64, StoredRow>, StoreError> {
+        let tickets: Vec<u64> = messages
+            .iter()
+            .flat_map(|m| m.iter().map(|r| r.ticket))
+            .collect();
+        let mut stored = HashMap::new();
+        for chunk in tickets.chunks(ROWS_PER_STATEMENT) {
+            let rows: Vec<(u64, u64, String, String)> = tx.query(format!(
+                "SELECT ticket, login, CAST(volume AS CHAR), status FROM `{}` WHERE ticket IN ({})",
+                self.table,
+                join(chunk)
+            ))?;
+            for (ticket, login, volume, status) in rows {
+                let volume =
+                    Volume::parse(volume.as_bytes()).map_err(|_| StoreError::BadStoredVolume {
+                        table: self.table.clone(),
+                        ticket,
+                        value: volume.clone(),
+                    })?;
+                stored.insert(
+                    ticket,
+                    StoredRow {
+                        login,
+                        volume,
+                        committed: status == "Y",
+                    },
+                );
+            }
+        }
+        Ok(stored)
+    }
+}
+
+fn code_of(e: &mysql::Error) -> Option<u16> {
+    match e {
+        mysql::Error::MySqlError(e) => Some(e.code),
+        _ => None,
+    }
+}
+
+fn join(tickets: &[u64]) -> String {
+    let mut s = String::with_capacity(tickets.len() * 12);
+    for (i, t) in tickets.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        let _ = write!(s, "{t}");
+    }
+    s
+}
+
+/// Capped exponential backoff between retries of a failed batch.
+#[derive(Debug)]
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(10);
+    const CAP: Duration = Duration::from_secs(2);
+
+    pub fn new() -> Backoff {
+        Backoff { next: Self::FIRST }
+    }
+
+    /// The wait before the next retry; each call doubles the following one, up to the cap.
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(Self::CAP);
+        d
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_cap() {
+        let mut b = Backoff::new();
+        let delays: Vec<_> = (0..10).map(|_| b.next_delay()).collect();
+        assert_eq!(delays[0], Duration::from_millis(10));
+        assert_eq!(delays[1], Duration::from_millis(20));
+        assert_eq!(*delays.last().unwrap(), Duration::from_secs(2));
+    }
+
+    #[test]
+    fn join_lists() {
+        assert_eq!(join(&[1, 2, 3]), "1,2,3");
+        assert_eq!(join(&[]), "");
+    }
+}

@@ -1,0 +1,170 @@
+//! A worker thread: takes parsed messages off the channel, gathers a batch (up to
+//! `batch_size` records or `batch_timeout_ms`), commits it through the store with retries,
+//! and hands the replies back to the receiver through its own inproc PUSH socket.
+//!
+//! It stops when the channel is closed and empty (graceful drain), or gives up a batch
+//! without replying when told to abandon (shutdown deadline passed).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
+
+use crate::classify::Verdict;
+use crate::config::Config;
+use crate::metrics::{secs, Metrics};
+use crate::record::Record;
+use crate::store::{Backoff, Store, StoreError};
+
+/// One parsed message on its way to a worker.
+#[derive(Debug)]
+pub struct Job {
+    /// Every frame before the body (routing id, any further envelope, delimiter), echoed back.
+    pub envelope: Vec<Vec<u8>>,
+    pub records: Vec<Record>,
+    pub received: Instant,
+}
+
+/// What every worker shares.
+#[derive(Clone)]
+pub struct Shared {
+    pub config: Arc<ArcSwap<Config>>,
+    pub store: Arc<ArcSwap<Store>>,
+    pub metrics: Metrics,
+    /// Set when the shutdown deadline has passed: stop retrying, reply nothing more.
+    pub abandon: Arc<AtomicBool>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("worker {id}: reply socket: {source}")]
+    Socket { id: usize, source: zmq::Error },
+}
+
+/// Runs one worker until the channel is closed and drained (or abandoned).
+pub fn run(
+    id: usize,
+    jobs: Receiver<Job>,
+    zmq_context: &zmq::Context,
+    reply_endpoint: &str,
+    shared: &Shared,
+) -> Result<(), WorkerError> {
+    let socket_error = |source| WorkerError::Socket { id, source };
+    let replies = zmq_context.socket(zmq::PUSH).map_err(socket_error)?;
+    replies.set_sndhwm(0).map_err(socket_error)?;
+    replies.set_linger(-1).map_err(socket_error)?;
+    replies.connect(reply_endpoint).map_err(socket_error)?;
+
+    let mut batch: Vec<Job> = Vec::new();
+    while let Some(records) = gather(&jobs, shared, &mut batch) {
+        shared
+            .metrics
+            .queue_depth
+            .fetch_sub(records, Ordering::Relaxed);
+        let started = Instant::now();
+        let Some(verdicts) = commit_with_retry(id, &batch, shared) else {
+            log::warn!(
+                "worker {id}: shutdown deadline passed; {} message(s) not committed and not answered",
+                batch.len()
+            );
+            break;
+        };
+        let m = &shared.metrics;
+        m.batch_commit_seconds.observe(secs(started.elapsed()));
+        m.batch_records.observe(records as f64);
+        for (job, verdict) in batch.drain(..).zip(verdicts) {
+            match verdict {
+                Verdict::Accept => m.records_committed.inc_by(job.records.len() as u64),
+                Verdict::Conflict(_) => m.messages_rejected.inc(),
+            }
+            let mut frames = job.envelope;
+            frames.push(verdict.reply_text());
+            replies.send_multipart(frames, 0).map_err(socket_error)?;
+            m.ack_latency_seconds.observe(secs(job.received.elapsed()));
+        }
+    }
+    Ok(())
+}
+
+/// Fills `batch` with at least one job; returns its record count, or `None` once the channel
+/// is closed and empty.
+fn gather(jobs: &Receiver<Job>, shared: &Shared, batch: &mut Vec<Job>) -> Option<usize> {
+    batch.clear();
+    let first = jobs.recv().ok()?;
+    // Loaded per batch, so a reload takes effect at the next batch.
+    let config = shared.config.load();
+    let batch_size = config.pipeline.batch_size;
+    let deadline = Instant::now() + config.pipeline.batch_timeout();
+    let mut records = first.records.len();
+    batch.push(first);
+    while records < batch_size {
+        let job = match jobs.try_recv() {
+            Ok(job) => job,
+            Err(TryRecvError::Disconnected) => break,
+            Err(TryRecvError::Empty) => match jobs.recv_deadline(deadline) {
+                Ok(job) => job,
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+            },
+        };
+        records += job.records.len();
+        batch.push(job);
+    }
+    Some(records)
+}
+
+/// Commits the batch, retrying every database fault with capped backoff; the fault is logged
+/// once per episode. `None` if abandoned before it committed.
+fn commit_with_retry(id: usize, batch: &[Job], shared: &Shared) -> Option<Vec<Verdict>> {
+    let messages: Vec<&[Record]> = batch.iter().map(|j| j.records.as_slice()).collect();
+    let mut backoff = Backoff::new();
+    let mut failures = 0u64;
+    loop {
+        // A batch that fails is retried on the newest target, so a reload can heal it.
+        let store = shared.store.load_full();
+        match store.commit_batch(&messages) {
+            Ok(verdicts) => {
+                if failures > 0 {
+                    log::info!("worker {id}: database is back; batch committed after {failures} failed attempt(s)");
+                }
+                return Some(verdicts);
+            }
+            Err(e) => {
+                shared.metrics.db_errors.inc();
+                if failures == 0 {
+                    log::warn!("worker {id}: {}; retrying with backoff", describe(&e));
+                } else {
+                    log::debug!("worker {id}: attempt {} failed: {e}", failures + 1);
+                }
+                failures += 1;
+                shared.metrics.batch_retries.inc();
+                if !sleep_unless_abandoned(backoff.next_delay(), &shared.abandon) {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+fn describe(e: &StoreError) -> String {
+    match e.code() {
+        Some(code) => format!("database error {code}: {e}"),
+        None => format!("database fault: {e}"),
+    }
+}
+
+/// Sleeps in short slices so an abandon is noticed quickly; false if abandoned.
+fn sleep_unless_abandoned(total: Duration, abandon: &AtomicBool) -> bool {
+    let until = Instant::now() + total;
+    loop {
+        if abandon.load(Ordering::Relaxed) {
+            return false;
+        }
+        let now = Instant::now();
+        if now >= until {
+            return true;
+        }
+        std::thread::sleep((until - now).min(Duration::from_millis(20)));
+    }
+}

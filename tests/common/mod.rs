@@ -1,0 +1,396 @@
+//! The one test harness: a private database per test on the shared MariaDB, free ports, the
+//! real `feedd` binary in a temp dir, and REQ/DEALER clients.
+//!
+//! The server is `FEEDD_TEST_MYSQL_HOST`:`FEEDD_TEST_MYSQL_PORT` (default 127.0.0.1:3306), root
+//! with an empty password, as the README's setup leaves it.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use mysql::prelude::Queryable;
+
+pub fn mysql_host() -> String {
+    std::env::var("FEEDD_TEST_MYSQL_HOST").unwrap_or_else(|_| "127.0.0.1".into())
+}
+
+pub fn mysql_port() -> u16 {
+    std::env::var("FEEDD_TEST_MYSQL_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(3306)
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A database of the test's own, dropped at the end.
+pub struct Db {
+    pub name: String,
+    pool: mysql::Pool,
+}
+
+impl Db {
+    pub fn create(test: &str) -> Db {
+        let name = format!("feedd_t_{}_{}", test, std::process::id());
+        let opts = mysql::OptsBuilder::new()
+            .ip_or_hostname(Some(mysql_host()))
+            .tcp_port(mysql_port())
+            .user(Some("root"))
+            .prefer_socket(false);
+        let pool = mysql::Pool::new(opts)
+            .expect("MariaDB on FEEDD_TEST_MYSQL_PORT (run the README setup)");
+        let mut conn = pool.get_conn().expect("connection");
+        conn.query_drop(format!("DROP DATABASE IF EXISTS `{name}`"))
+            .unwrap();
+        conn.query_drop(format!("CREATE DATABASE `{name}`"))
+            .unwrap();
+        Db { name, pool }
+    }
+
+    pub fn conn(&self) -> mysql::PooledConn {
+        let mut c = self.pool.get_conn().expect("connection");
+        c.query_drop(format!("USE `{}`", self.name)).unwrap();
+        c
+    }
+
+    pub fn count(&self) -> u64 {
+        self.conn()
+            .query_first::<u64, _>("SELECT COUNT(*) FROM fee")
+            .unwrap()
+            .unwrap_or(0)
+    }
+
+    /// ticket → (login, volume text, status)
+    pub fn rows(&self) -> HashMap<u64, (u64, String, String)> {
+        self.conn()
+            .query_map(
+                "SELECT ticket, login, CAST(volume AS CHAR), status FROM fee",
+                |(t, l, v, s)| (t, (l, v, s)),
+            )
+            .unwrap()
+            .into_iter()
+            .collect()
+    }
+}
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        if let Ok(mut c) = self.pool.get_conn() {
+            let _ = c.query_drop(format!("DROP DATABASE IF EXISTS `{}`", self.name));
+        }
+    }
+}
+
+/// A config file's text for `db`, with a free endpoint port and extra `[section] key = value`
+/// lines merged in (`overrides` lines like "pipeline.batch_size = 10").
+pub fn config_text(db: &Db, zmq_port: u16, overrides: &[&str]) -> String {
+    let mut sections: Vec<(String, Vec<String>)> = vec![
+        ("daemon".into(), vec!["log_level = debug".into()]),
+        (
+            "zmq".into(),
+            vec![format!("endpoint = tcp://127.0.0.1:{zmq_port}")],
+        ),
+        (
+            "mysql".into(),
+            vec![
+                format!("host = {}", mysql_host()),
+                format!("port = {}", mysql_port()),
+                format!("database = {}", db.name),
+            ],
+        ),
+        ("pipeline".into(), vec![]),
+        ("metrics".into(), vec!["listen =".into()]),
+    ];
+    for o in overrides {
+        let (key, value) = o.split_once('=').expect("section.key = value");
+        let (section, key) = key.trim().split_once('.').expect("section.key");
+        let entry = sections
+            .iter_mut()
+            .find(|(s, _)| s == section)
+            .expect("known section");
+        entry.1.retain(|l| !l.starts_with(&format!("{key} ")));
+        entry.1.push(format!("{key} = {}", value.trim()));
+    }
+    let mut text = String::new();
+    for (s, lines) in sections {
+        text.push_str(&format!("[{s}]\n"));
+        for l in lines {
+            text.push_str(&l);
+            text.push('\n');
+        }
+    }
+    text
+}
+
+pub fn feedd_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_feedd")
+}
+
+/// A `feedd` run in its own temp dir, on its own port.
+pub struct Feedd {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub child: Option<Child>,
+}
+
+impl Feedd {
+    pub fn conf_path(&self) -> PathBuf {
+        self.dir.path().join("feed.ini")
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("tcp://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts `feedd --conf feed.ini` in the foreground and waits until it serves.
+    pub fn start(db: &Db, overrides: &[&str]) -> Feedd {
+        let f = Feedd::prepare(db, overrides);
+        f.spawn_foreground()
+    }
+
+    /// Writes the config into a fresh temp dir without starting anything.
+    pub fn prepare(db: &Db, overrides: &[&str]) -> Feedd {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        std::fs::write(
+            dir.path().join("feed.ini"),
+            config_text(db, port, overrides),
+        )
+        .unwrap();
+        Feedd {
+            dir,
+            port,
+            child: None,
+        }
+    }
+
+    pub fn spawn_foreground(mut self) -> Feedd {
+        let log = std::fs::File::create(self.dir.path().join("stderr.log")).unwrap();
+        let child = Command::new(feedd_bin())
+            .args(["--conf", "feed.ini"])
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        self.wait_for_log("serving with", Duration::from_secs(20));
+        self
+    }
+
+    /// Runs `feedd ARGS` in this dir to completion: (status, stdout, stderr).
+    pub fn command(&self, args: &[&str]) -> (ExitStatus, String, String) {
+        let out = Command::new(feedd_bin())
+            .args(args)
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    pub fn stderr_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
+    }
+
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
+        let until = Instant::now() + timeout;
+        while Instant::now() < until {
+            if self.stderr_log().contains(needle) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("no `{needle}` in the log:\n{}", self.stderr_log());
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    pub fn signal(&self, sig: i32) {
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+
+    /// Waits for the foreground process to exit.
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let child = self.child.as_mut().expect("running");
+        let until = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            assert!(Instant::now() < until, "feedd did not exit in {timeout:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The process's resident set in KiB (from /proc).
+    pub fn rss_kib(&self) -> u64 {
+        rss_kib(self.pid())
+    }
+}
+
+impl Drop for Feedd {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+thread_local! {
+    static CONTEXT: zmq::Context = zmq::Context::new();
+}
+
+pub fn context() -> zmq::Context {
+    CONTEXT.with(|c| c.clone())
+}
+
+/// A REQ client (like the PHP daemon's clients).
+pub struct Req(pub zmq::Socket);
+
+impl Req {
+    pub fn connect(endpoint: &str) -> Req {
+        let s = context().socket(zmq::REQ).unwrap();
+        s.set_linger(0).unwrap();
+        s.set_rcvtimeo(20_000).unwrap();
+        s.connect(endpoint).unwrap();
+        Req(s)
+    }
+
+    /// Sends one message and returns the reply text.
+    pub fn ask(&self, body: &str) -> String {
+        self.0.send(body, 0).unwrap();
+        let reply = self.0.recv_bytes(0).expect("a reply within 20 s");
+        String::from_utf8(reply).unwrap()
+    }
+}
+
+/// A DEALER client that keeps many messages in flight; replies are matched by an id frame
+/// in the envelope (which the daemon echoes).
+pub struct Dealer(pub zmq::Socket);
+
+impl Dealer {
+    pub fn connect(endpoint: &str) -> Dealer {
+        let s = context().socket(zmq::DEALER).unwrap();
+        s.set_linger(0).unwrap();
+        s.set_rcvtimeo(30_000).unwrap();
+        s.set_sndhwm(0).unwrap();
+        s.set_rcvhwm(0).unwrap();
+        s.connect(endpoint).unwrap();
+        Dealer(s)
+    }
+
+    /// Sends `body` tagged with `id`: frames [id, "", body].
+    pub fn send(&self, id: u64, body: &str) {
+        self.0
+            .send_multipart(
+                [
+                    id.to_string().into_bytes(),
+                    Vec::new(),
+                    body.as_bytes().to_vec(),
+                ],
+                0,
+            )
+            .unwrap();
+    }
+
+    /// The next reply: (id, text), or None on timeout.
+    pub fn recv(&self) -> Option<(u64, String)> {
+        let frames = self.0.recv_multipart(0).ok()?;
+        let id = String::from_utf8_lossy(&frames[0]).parse().unwrap();
+        assert!(frames[1].is_empty(), "the delimiter comes back");
+        Some((
+            id,
+            String::from_utf8_lossy(frames.last().unwrap()).into_owned(),
+        ))
+    }
+
+    /// Sends every body, then collects every reply: id → text.
+    pub fn round_trip(&self, bodies: &[String]) -> HashMap<u64, String> {
+        for (i, b) in bodies.iter().enumerate() {
+            self.send(i as u64, b);
+        }
+        let mut replies = HashMap::new();
+        while replies.len() < bodies.len() {
+            let (id, text) = self.recv().expect("every reply within 30 s");
+            assert!(
+                replies.insert(id, text).is_none(),
+                "message {id} answered twice"
+            );
+        }
+        replies
+    }
+}
+
+/// `n` one-record bodies with tickets from `first`.
+pub fn one_record_bodies(first: u64, n: u64) -> Vec<String> {
+    (first..first + n)
+        .map(|t| format!("{t},{},{}.25", t % 97, t % 1000))
+        .collect()
+}
+
+/// GET `path` from `addr` (plain HTTP/1.0), returning the body.
+pub fn http_get(addr: &str, path: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
+/// The value of a metric line `name value` (first match, labels included in `name`).
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name} in\n{text}"))
+}
+
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let until = Instant::now() + timeout;
+    while Instant::now() < until {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    f()
+}
+
+pub fn path_str(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}

@@ -8,6 +8,7 @@
 pub mod classify;
 pub mod commands;
 pub mod config;
+pub mod load;
 pub mod logging;
 pub mod metrics;
 pub mod receiver;

@@ -1,0 +1,122 @@
+//! `feedd-load`: drives a running feedd and reports records/s and ack latency.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use feedd::config::CurveKey;
+use feedd::load::{self, LoadOptions, Progress};
+
+#[derive(Parser)]
+#[command(name = "feedd-load", version, about = "Load generator for feedd")]
+struct Cli {
+    /// feedd's endpoint
+    #[arg(long, default_value = "tcp://127.0.0.1:5555")]
+    endpoint: String,
+    /// Records to send in all
+    #[arg(long)]
+    records: u64,
+    /// DEALER clients (threads)
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
+    /// Messages in flight per client
+    #[arg(long, default_value_t = 64)]
+    window: usize,
+    /// Records per message
+    #[arg(long, default_value_t = 1)]
+    per_msg: usize,
+    /// First ticket (clients take consecutive ranges)
+    #[arg(long, default_value_t = 1)]
+    start_ticket: u64,
+    /// Seconds without any reply before giving up
+    #[arg(long, default_value_t = 30)]
+    timeout: u64,
+    /// CURVE: the server's Z85 public key
+    #[arg(long, requires = "curve_client_key")]
+    curve_server_key: Option<String>,
+    /// CURVE: this client's Z85 secret key
+    #[arg(long, requires = "curve_server_key")]
+    curve_client_key: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let curve = match (&cli.curve_server_key, &cli.curve_client_key) {
+        (Some(s), Some(c)) => match (CurveKey::from_z85(s), CurveKey::from_z85(c)) {
+            (Ok(s), Ok(c)) => Some((s, c)),
+            (Err(e), _) => return fail(&format!("--curve-server-key: {e}")),
+            (_, Err(e)) => return fail(&format!("--curve-client-key: {e}")),
+        },
+        _ => None,
+    };
+    let options = LoadOptions {
+        endpoint: cli.endpoint,
+        records: cli.records,
+        clients: cli.clients,
+        window: cli.window,
+        per_msg: cli.per_msg,
+        start_ticket: cli.start_ticket,
+        reply_timeout: Duration::from_secs(cli.timeout),
+        curve,
+    };
+    let progress = Arc::new(Progress::default());
+    let shown = Arc::clone(&progress);
+    let total = options.records;
+    let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+    let display = std::thread::spawn(move || show_progress(&shown, total, &stop_rx));
+    let result = load::run(&options, progress);
+    drop(stop_tx);
+    let _ = display.join();
+    match result {
+        Err(e) => fail(&e.to_string()),
+        Ok(report) => {
+            println!("{}", report.summary());
+            if report.ok() {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!(
+                    "feedd-load: {} FALSE and {} missing replies",
+                    report.falses, report.missing
+                );
+                ExitCode::from(1)
+            }
+        }
+    }
+}
+
+/// A progress bar on a terminal, a plain line every few seconds otherwise.
+fn show_progress(progress: &Progress, total: u64, stop: &crossbeam_channel::Receiver<()>) {
+    let tty = std::io::stderr().is_terminal();
+    let bar = indicatif::ProgressBar::new(total);
+    if tty {
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} records  {per_sec}  eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+    } else {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let mut ticks = 0u64;
+    while stop.recv_timeout(Duration::from_millis(200)).is_err() {
+        let done = progress.records_acked.load(Ordering::Relaxed);
+        bar.set_position(done);
+        ticks += 1;
+        if !tty && ticks % 25 == 0 {
+            eprintln!("feedd-load: {done}/{total} records acknowledged");
+        }
+        if done >= total {
+            break;
+        }
+    }
+    bar.finish_and_clear();
+}
+
+fn fail(reason: &str) -> ExitCode {
+    eprintln!("feedd-load: {reason}");
+    ExitCode::from(2)
+}

@@ -1,0 +1,286 @@
+//! The load generator behind `feedd-load` (and the benchmark): C DEALER clients, each keeping
+//! up to W messages in flight, K records per message, over its own ticket range.
+//!
+//! Each client thread owns its socket. A message carries an 8-byte sequence number as its
+//! first envelope frame, which feedd echoes, so replies are matched without ordering.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+use crate::config::CurveKey;
+
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub endpoint: String,
+    pub records: u64,
+    pub clients: usize,
+    pub window: usize,
+    pub per_msg: usize,
+    pub start_ticket: u64,
+    /// Give up on replies after this long without any.
+    pub reply_timeout: Duration,
+    /// CURVE: the server's public key and this client's secret key.
+    pub curve: Option<(CurveKey, CurveKey)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("client socket: {0}")]
+    Socket(#[from] zmq::Error),
+    #[error("client thread panicked")]
+    Panic,
+    #[error("histogram: {0}")]
+    Histogram(String),
+}
+
+/// What a run measured.
+#[derive(Debug)]
+pub struct LoadReport {
+    pub records_sent: u64,
+    pub records_acked: u64,
+    pub messages_sent: u64,
+    pub messages_acked: u64,
+    pub falses: u64,
+    /// Messages without a reply when the run gave up.
+    pub missing: u64,
+    pub first_false: Option<String>,
+    pub elapsed: Duration,
+    /// Ack latency in microseconds.
+    pub latency_us: Histogram<u64>,
+}
+
+impl LoadReport {
+    pub fn records_per_sec(&self) -> f64 {
+        self.records_acked as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    pub fn ok(&self) -> bool {
+        self.falses == 0 && self.missing == 0
+    }
+
+    pub fn latency_ms(&self, quantile: f64) -> f64 {
+        self.latency_us.value_at_quantile(quantile) as f64 / 1000.0
+    }
+
+    /// A human summary: rate and latency percentiles.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} records in {} messages acknowledged in {:.2} s: {:.0} records/s\n\
+             ack latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}\n\
+             FALSE: {}  missing replies: {}{}",
+            self.records_acked,
+            self.messages_acked,
+            self.elapsed.as_secs_f64(),
+            self.records_per_sec(),
+            self.latency_ms(0.5),
+            self.latency_ms(0.9),
+            self.latency_ms(0.99),
+            self.latency_ms(0.999),
+            self.latency_us.max() as f64 / 1000.0,
+            self.falses,
+            self.missing,
+            self.first_false
+                .as_ref()
+                .map(|f| format!(" (first: {f})"))
+                .unwrap_or_default()
+        )
+    }
+}
+
+/// Counters shared with a progress display.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub records_acked: AtomicU64,
+}
+
+struct ClientResult {
+    messages_sent: u64,
+    messages_acked: u64,
+    records_sent: u64,
+    records_acked: u64,
+    falses: u64,
+    missing: u64,
+    first_false: Option<String>,
+    latency_us: Histogram<u64>,
+}
+
+/// Runs the load to completion.
+pub fn run(options: &LoadOptions, progress: Arc<Progress>) -> Result<LoadReport, LoadError> {
+    let context = zmq::Context::new();
+    let clients = options.clients.max(1) as u64;
+    let per_client = options.records / clients;
+    let started = Instant::now();
+    let mut threads = Vec::new();
+    for c in 0..clients {
+        let records = if c == clients - 1 {
+            options.records - per_client * (clients - 1)
+        } else {
+            per_client
+        };
+        let first = options.start_ticket + c * per_client;
+        let (ctx, opts, progress) = (context.clone(), options.clone(), Arc::clone(&progress));
+        threads.push(std::thread::spawn(move || {
+            client(&ctx, &opts, first, records, &progress)
+        }));
+    }
+    let mut latency_us = new_histogram()?;
+    let mut report = LoadReport {
+        records_sent: 0,
+        records_acked: 0,
+        messages_sent: 0,
+        messages_acked: 0,
+        falses: 0,
+        missing: 0,
+        first_false: None,
+        elapsed: Duration::ZERO,
+        latency_us: new_histogram()?,
+    };
+    for t in threads {
+        let r = t.join().map_err(|_| LoadError::Panic)??;
+        report.records_sent += r.records_sent;
+        report.records_acked += r.records_acked;
+        report.messages_sent += r.messages_sent;
+        report.messages_acked += r.messages_acked;
+        report.falses += r.falses;
+        report.missing += r.missing;
+        if report.first_false.is_none() {
+            report.first_false = r.first_false;
+        }
+        latency_us
+            .add(&r.latency_us)
+            .map_err(|e| LoadError::Histogram(e.to_string()))?;
+    }
+    report.elapsed = started.elapsed();
+    report.latency_us = latency_us;
+    Ok(report)
+}
+
+fn new_histogram() -> Result<Histogram<u64>, LoadError> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).map_err(|e| LoadError::Histogram(e.to_string()))
+}
+
+fn body(first: u64, count: u64) -> Vec<u8> {
+    let mut s = String::with_capacity(count as usize * 32);
+    for t in first..first + count {
+        if t > first {
+            s.push('\n');
+        }
+        s.push_str(&format!(
+            "{t},{},{}.{:02}",
+            t % 100_000,
+            t % 10_000,
+            t % 100
+        ));
+    }
+    s.into_bytes()
+}
+
+fn client(
+    context: &zmq::Context,
+    options: &LoadOptions,
+    first_ticket: u64,
+    records: u64,
+    progress: &Progress,
+) -> Result<ClientResult, LoadError> {
+    let socket = context.socket(zmq::DEALER)?;
+    socket.set_linger(0)?;
+    socket.set_sndhwm(0)?;
+    socket.set_rcvhwm(0)?;
+    if let Some((server, secret)) = &options.curve {
+        let public = curve_public_key(secret).ok_or(zmq::Error::EINVAL)?;
+        socket.set_curve_serverkey(&server.0)?;
+        socket.set_curve_secretkey(&secret.0)?;
+        socket.set_curve_publickey(&public.0)?;
+    }
+    socket.connect(&options.endpoint)?;
+    let per_msg = options.per_msg.max(1) as u64;
+    let messages = records.div_ceil(per_msg);
+    let mut sent_at: Vec<Option<Instant>> = vec![None; messages as usize];
+    let mut r = ClientResult {
+        messages_sent: 0,
+        messages_acked: 0,
+        records_sent: 0,
+        records_acked: 0,
+        falses: 0,
+        missing: 0,
+        first_false: None,
+        latency_us: new_histogram()?,
+    };
+    let size_of = |seq: u64| per_msg.min(records - seq * per_msg);
+    let mut in_flight = 0usize;
+    let mut next = 0u64;
+    while r.messages_acked + r.falses < messages {
+        while in_flight < options.window.max(1) && next < messages {
+            let count = size_of(next);
+            socket.send_multipart(
+                [
+                    next.to_le_bytes().to_vec(),
+                    Vec::new(),
+                    body(first_ticket + next * per_msg, count),
+                ],
+                0,
+            )?;
+            sent_at[next as usize] = Some(Instant::now());
+            r.messages_sent += 1;
+            r.records_sent += count;
+            in_flight += 1;
+            next += 1;
+        }
+        if socket.poll(zmq::POLLIN, options.reply_timeout.as_millis() as i64)? == 0 {
+            r.missing = in_flight as u64 + (messages - next);
+            break;
+        }
+        let frames = socket.recv_multipart(0)?;
+        let seq = frames
+            .first()
+            .and_then(|f| <[u8; 8]>::try_from(f.as_slice()).ok())
+            .map(u64::from_le_bytes);
+        let Some(seq) = seq.filter(|s| *s < messages) else {
+            continue;
+        };
+        let Some(at) = sent_at[seq as usize].take() else {
+            continue; // a duplicate reply; feedd never sends one, but do not count it twice
+        };
+        in_flight -= 1;
+        let _ = r.latency_us.record(at.elapsed().as_micros().max(1) as u64);
+        let reply = frames
+            .last()
+            .map(|f| String::from_utf8_lossy(f).into_owned())
+            .unwrap_or_default();
+        if reply == "TRUE" {
+            r.messages_acked += 1;
+            r.records_acked += size_of(seq);
+            progress
+                .records_acked
+                .fetch_add(size_of(seq), Ordering::Relaxed);
+        } else {
+            r.falses += 1;
+            r.first_false.get_or_insert(reply);
+        }
+    }
+    Ok(r)
+}
+
+extern "C" {
+    // In libzmq ≥ 4.2.1 (linked through zmq-sys), which zmq-sys 0.11 does not declare.
+    fn zmq_curve_public(
+        z85_public_key: *mut std::os::raw::c_char,
+        z85_secret_key: *const std::os::raw::c_char,
+    ) -> std::os::raw::c_int;
+}
+
+/// The public key belonging to a CURVE secret key (libzmq's `zmq_curve_public`).
+pub fn curve_public_key(secret: &CurveKey) -> Option<CurveKey> {
+    let secret = std::ffi::CString::new(secret.to_z85()).ok()?;
+    let mut public = [0 as std::os::raw::c_char; 41];
+    // SAFETY: the output buffer holds 40 Z85 characters + NUL, as zmq_curve_public requires.
+    let rc = unsafe { zmq_curve_public(public.as_mut_ptr(), secret.as_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    let text: String = public[..40].iter().map(|&c| c as u8 as char).collect();
+    CurveKey::from_z85(&text).ok()
+}

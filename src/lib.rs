@@ -8,13 +8,17 @@
 pub mod classify;
 pub mod commands;
 pub mod config;
+pub mod daemon;
 pub mod load;
 pub mod logging;
 pub mod metrics;
+pub mod pidfile;
+pub mod privileges;
 pub mod receiver;
 pub mod record;
 pub mod reload;
 pub mod server;
 pub mod signals;
 pub mod store;
+pub mod supervisor;
 pub mod worker;

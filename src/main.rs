@@ -19,12 +19,25 @@ struct Cli {
     /// Detach and run as a daemon (same as `start`)
     #[arg(long)]
     daemon: bool,
+    /// Internal: the serving process under the supervisor
+    #[arg(long = "serve-child", hide = true)]
+    serve_child: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Detach and serve; returns once the daemon is ready
+    Start,
+    /// SIGTERM the daemon and wait until it has exited
+    Stop,
+    /// Stop, then start
+    Restart,
+    /// SIGHUP the daemon: reload the config, reopen the log
+    Reload,
+    /// Is the daemon running? (exit 0 yes, 3 no)
+    Status,
     /// Parse and validate the config, touch nothing
     Check,
     /// Print a new CURVE key pair (Z85)
@@ -34,7 +47,14 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        None if cli.serve_child => Ok(commands::serve_child(&cli.conf)),
+        None if cli.daemon => commands::start(&cli.conf),
         None => commands::foreground(&cli.conf),
+        Some(Command::Start) => commands::start(&cli.conf),
+        Some(Command::Stop) => commands::stop(&cli.conf),
+        Some(Command::Restart) => commands::restart(&cli.conf),
+        Some(Command::Reload) => commands::reload(&cli.conf),
+        Some(Command::Status) => commands::status(&cli.conf),
         Some(Command::Check) => commands::check(&cli.conf).map(|()| commands::EXIT_OK),
         Some(Command::Keygen) => commands::keygen().map(|()| commands::EXIT_OK),
     };

@@ -26,6 +26,11 @@ impl Signals {
     pub fn register() -> std::io::Result<Signals> {
         HookSignals::new([SIGHUP, SIGUSR1, SIGTERM, SIGINT]).map(Signals)
     }
+
+    /// The signal-hook iterator, for a thread that handles the signals itself (supervisor).
+    pub fn into_inner(self) -> HookSignals {
+        self.0
+    }
 }
 
 /// The running signal thread; `stop` closes the iterator and joins.

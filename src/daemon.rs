@@ -1,0 +1,148 @@
+//! Detaching with readiness: the invoking process returns only once the daemon reports
+//! `READY`, or with the daemon's own reason for failing.
+//!
+//! The report travels through a pipe made before the fork (daemon → invoking process), or,
+//! for a serving child started by the supervisor, through the child's stdout. Forking happens
+//! before any thread exists (see HAZARDS: fork copies only the calling thread).
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
+
+use daemonize::{Daemonize, Outcome};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot create the readiness pipe: {0}")]
+    Pipe(nix::Error),
+    #[error("cannot detach: {0}")]
+    Detach(daemonize::Error),
+}
+
+/// Where a starting daemon reports `READY` or its failure. Reporting twice is a no-op.
+pub enum Readiness {
+    /// Foreground: nobody is waiting.
+    Nobody,
+    Pipe(Option<File>),
+    /// A serving child: its stdout is a pipe to the supervisor.
+    Stdout(bool),
+}
+
+const READY: &str = "READY";
+const FAILED: &str = "ERR ";
+
+impl Readiness {
+    pub fn ready(&mut self) {
+        self.report(READY);
+    }
+
+    pub fn failed(&mut self, reason: &str) {
+        // One line: the reason may hold newlines from a server message.
+        self.report(&format!("{FAILED}{}", reason.replace('\n', " ")));
+    }
+
+    fn report(&mut self, line: &str) {
+        match self {
+            Readiness::Nobody => {}
+            Readiness::Pipe(file) => {
+                if let Some(mut f) = file.take() {
+                    let _ = writeln!(f, "{line}");
+                }
+            }
+            Readiness::Stdout(done) => {
+                if !*done {
+                    *done = true;
+                    let mut out = std::io::stdout().lock();
+                    let _ = writeln!(out, "{line}");
+                    let _ = out.flush();
+                    // Later writes must not hit a pipe nobody reads any more.
+                    if let Ok(null) = File::options().write(true).open("/dev/null") {
+                        let _ = nix::unistd::dup2(null.as_raw_fd(), 1);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What a readiness report said.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Report {
+    Ready,
+    Failed(String),
+    /// The reporter went away without a word (crashed during start-up).
+    Silent,
+}
+
+/// Reads the first report line from `source`.
+pub fn read_report(source: impl Read) -> Report {
+    let mut line = String::new();
+    match BufReader::new(source).read_line(&mut line) {
+        Ok(n) if n > 0 => {
+            let line = line.trim_end();
+            if line == READY {
+                Report::Ready
+            } else {
+                Report::Failed(line.strip_prefix(FAILED).unwrap_or(line).to_string())
+            }
+        }
+        _ => Report::Silent,
+    }
+}
+
+/// Which side of the fork we are on.
+pub enum Detached {
+    /// The invoking process, with the daemon's report.
+    Invoker(Report),
+    /// The daemon (session leader's child, stdio on /dev/null, in `base`, with `umask`).
+    Daemon(Readiness),
+}
+
+/// Forks (twice, with setsid) via `daemonize`. Must be called before any thread exists.
+pub fn detach(base: &Path, umask: u32) -> Result<Detached, DaemonError> {
+    // Close-on-exec: the supervisor's serving child must not inherit the write end.
+    let (read_end, write_end): (OwnedFd, OwnedFd) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(DaemonError::Pipe)?;
+    let outcome = Daemonize::new()
+        .working_directory(base)
+        .umask(umask)
+        .stdout(daemonize::Stdio::devnull())
+        .stderr(daemonize::Stdio::devnull())
+        .execute();
+    match outcome {
+        Outcome::Parent(Ok(_)) => {
+            // Our copy of the write end must go, or EOF never comes if the daemon dies.
+            drop(write_end);
+            Ok(Detached::Invoker(read_report(File::from(read_end))))
+        }
+        Outcome::Parent(Err(e)) => Err(DaemonError::Detach(e)),
+        Outcome::Child(Ok(_)) => {
+            drop(read_end);
+            Ok(Detached::Daemon(Readiness::Pipe(Some(File::from(
+                write_end,
+            )))))
+        }
+        Outcome::Child(Err(e)) => {
+            // The half-made daemon cannot return to a caller that thinks it is the invoker.
+            let mut r = Readiness::Pipe(Some(File::from(write_end)));
+            r.failed(&format!("cannot detach: {e}"));
+            std::process::exit(1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_round_trip() {
+        assert_eq!(read_report(&b"READY\n"[..]), Report::Ready);
+        assert_eq!(
+            read_report(&b"ERR already running (pid 5)\n"[..]),
+            Report::Failed("already running (pid 5)".into())
+        );
+        assert_eq!(read_report(&b""[..]), Report::Silent);
+    }
+}

@@ -1,0 +1,292 @@
+//! The supervisor (`supervise = true` with `--daemon`): holds the pidfile lock, starts the
+//! serving process (`feedd --serve-child`, fork+exec, so no threads are forked), forwards
+//! HUP/USR1/TERM/INT to it, and restarts it when it dies abnormally, with growing backoff
+//! while it keeps dying. It does no I/O on the data path.
+//!
+//! Threads: the main loop; a signal thread; one waiter per child (reads its readiness line,
+//! then waits for its exit). All report through one channel.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+
+use crate::daemon::{self, Readiness, Report};
+use crate::logging::Logging;
+use crate::signals::Signals;
+
+/// The hidden flag that makes `feedd` a serving child.
+pub const SERVE_CHILD_FLAG: &str = "--serve-child";
+
+/// First restart delay, and the cap of its doubling.
+const FIRST_DELAY: Duration = Duration::from_millis(200);
+const MAX_DELAY: Duration = Duration::from_secs(30);
+/// A child that lived this long was stable: the next restart starts from `FIRST_DELAY` again.
+const STABLE: Duration = Duration::from_secs(10);
+
+enum Event {
+    Signal(i32),
+    Report { pid: u32, report: Report },
+    Exited { pid: u32, status: ExitStatus },
+}
+
+/// Restart delays: doubling while the child keeps dying young, reset after a stable run.
+#[derive(Debug)]
+pub struct RestartPolicy {
+    delay: Duration,
+}
+
+impl RestartPolicy {
+    pub fn new() -> Self {
+        RestartPolicy { delay: FIRST_DELAY }
+    }
+
+    /// The wait before restarting a child that lived `lived`.
+    pub fn next_delay(&mut self, lived: Duration) -> Duration {
+        if lived >= STABLE {
+            self.delay = FIRST_DELAY;
+        }
+        let d = self.delay;
+        self.delay = (self.delay * 2).min(MAX_DELAY);
+        d
+    }
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn describe(status: &ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(sig)) => format!("was killed by signal {sig}"),
+        _ => "ended".to_string(),
+    }
+}
+
+fn spawn_child(exe: &Path, conf: &Path, events: &Sender<Event>) -> std::io::Result<(u32, Instant)> {
+    let mut child: Child = Command::new(exe)
+        .arg(SERVE_CHILD_FLAG)
+        .arg("--conf")
+        .arg(conf)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let pid = child.id();
+    let stdout = child.stdout.take();
+    let tx = events.clone();
+    std::thread::Builder::new()
+        .name(format!("wait-{pid}"))
+        .spawn(move || {
+            let report = stdout.map(daemon::read_report).unwrap_or(Report::Silent);
+            let _ = tx.send(Event::Report { pid, report });
+            if let Ok(status) = child.wait() {
+                let _ = tx.send(Event::Exited { pid, status });
+            }
+        })?;
+    Ok((pid, Instant::now()))
+}
+
+fn forward(pid: u32, signal: i32) {
+    let Ok(sig) = Signal::try_from(signal) else {
+        return;
+    };
+    let Ok(raw) = i32::try_from(pid) else { return };
+    if let Err(e) = kill(Pid::from_raw(raw), sig) {
+        log::warn!("supervisor: cannot forward {sig} to pid {pid}: {e}");
+    }
+}
+
+/// Runs the supervisor until the serving process exits cleanly (after TERM/INT, or on its
+/// own with status 0). Returns the process exit status.
+pub fn run(
+    conf: PathBuf,
+    signals: Signals,
+    logging: Arc<Logging>,
+    mut readiness: Readiness,
+) -> i32 {
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            readiness.failed(&format!("cannot find my own executable: {e}"));
+            return 1;
+        }
+    };
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let signals = signals.into_inner();
+    let handle = signals.handle();
+    let signal_tx = tx.clone();
+    let signal_thread = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut signals = signals;
+            for s in signals.forever() {
+                let _ = signal_tx.send(Event::Signal(s));
+            }
+        });
+    let status = supervise(&exe, &conf, &logging, &mut readiness, &tx, &rx);
+    handle.close();
+    if let Ok(t) = signal_thread {
+        let _ = t.join();
+    }
+    status
+}
+
+fn supervise(
+    exe: &Path,
+    conf: &Path,
+    logging: &Logging,
+    readiness: &mut Readiness,
+    tx: &Sender<Event>,
+    rx: &Receiver<Event>,
+) -> i32 {
+    let mut policy = RestartPolicy::new();
+    let mut stopping = false;
+    let mut first_start = true;
+    let mut restarts = 0u64;
+    let (mut pid, mut started) = match spawn_child(exe, conf, tx) {
+        Ok(c) => c,
+        Err(e) => {
+            readiness.failed(&format!("cannot start the serving process: {e}"));
+            return 1;
+        }
+    };
+    log::info!(
+        "supervisor pid {}: serving process pid {pid} started",
+        std::process::id()
+    );
+    loop {
+        let Ok(event) = rx.recv() else { return 1 };
+        match event {
+            Event::Signal(s) => {
+                if s == SIGHUP || s == SIGUSR1 {
+                    logging.reopen();
+                }
+                if s == SIGTERM || s == SIGINT {
+                    stopping = true;
+                    log::info!("supervisor: signal {s}, stopping the serving process {pid}");
+                }
+                forward(pid, s);
+            }
+            Event::Report { pid: p, report } if p == pid => match report {
+                Report::Ready => {
+                    if first_start {
+                        first_start = false;
+                        readiness.ready();
+                    } else {
+                        log::info!("supervisor: serving process pid {pid} is serving");
+                    }
+                }
+                Report::Failed(reason) if first_start => {
+                    // Start-up failed: the invoker hears the reason, nothing is restarted.
+                    readiness.failed(&reason);
+                    stopping = true;
+                }
+                Report::Failed(reason) => {
+                    log::error!("supervisor: serving process failed to start: {reason}")
+                }
+                Report::Silent => {}
+            },
+            Event::Report { .. } => {}
+            Event::Exited { pid: p, status } if p == pid => {
+                let lived = started.elapsed();
+                if stopping || status.success() {
+                    if first_start {
+                        readiness.failed("the serving process exited during start-up; see the log");
+                        return 1;
+                    }
+                    log::info!(
+                        "supervisor: serving process {pid} {}; exiting",
+                        describe(&status)
+                    );
+                    return if status.success() { 0 } else { 1 };
+                }
+                let delay = policy.next_delay(lived);
+                restarts += 1;
+                log::error!(
+                    "supervisor: serving process {pid} {} after {:.1} s; restart #{restarts} in {:.1} s",
+                    describe(&status),
+                    lived.as_secs_f64(),
+                    delay.as_secs_f64()
+                );
+                if wait_or_stop(rx, delay) {
+                    log::info!("supervisor: stopped while waiting to restart");
+                    return 0;
+                }
+                match spawn_child(exe, conf, tx) {
+                    Ok((p, s)) => {
+                        (pid, started) = (p, s);
+                        log::info!("supervisor: serving process pid {pid} started");
+                    }
+                    Err(e) => {
+                        log::error!("supervisor: cannot start the serving process: {e}");
+                        return 1;
+                    }
+                }
+            }
+            Event::Exited { .. } => {}
+        }
+    }
+}
+
+/// Waits `delay` while still honouring TERM/INT; true if told to stop meanwhile.
+fn wait_or_stop(rx: &Receiver<Event>, delay: Duration) -> bool {
+    let until = Instant::now() + delay;
+    loop {
+        match rx.recv_deadline(until) {
+            Ok(Event::Signal(s)) if s == SIGTERM || s == SIGINT => return true,
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Pids of running serving children of `supervisor` (for `feedd status`).
+pub fn children_of(supervisor: i32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut pids: Vec<i32> = entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    // Fields after the parenthesised command: state, ppid, …
+                    let rest = &stat[stat.rfind(')')? + 2..];
+                    rest.split(' ').nth(1)?.parse::<i32>().ok()
+                })
+                == Some(supervisor)
+        })
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_while_dying_young_and_resets_when_stable() {
+        let mut p = RestartPolicy::new();
+        let young = Duration::from_millis(50);
+        assert_eq!(p.next_delay(young), Duration::from_millis(200));
+        assert_eq!(p.next_delay(young), Duration::from_millis(400));
+        assert_eq!(p.next_delay(young), Duration::from_millis(800));
+        for _ in 0..10 {
+            p.next_delay(young);
+        }
+        assert_eq!(p.next_delay(young), MAX_DELAY);
+        assert_eq!(p.next_delay(Duration::from_secs(60)), FIRST_DELAY);
+    }
+}

@@ -118,12 +118,14 @@ fn run_daemon(config: Config, mut readiness: Readiness) -> i32 {
         }
     };
     let pidfile = match Pidfile::acquire(&config.daemon.pidfile, std::process::id()) {
-        Ok(p) => p,
+        Ok(p) => Rc::new(RefCell::new(Some(p))),
         Err(e) => {
             readiness.failed(&e.to_string());
             return EXIT_FAILURE;
         }
     };
+    let held = Rc::clone(&pidfile);
+    readiness.set_cleanup(Box::new(move || drop(held.borrow_mut().take())));
     let logging = match Logging::start(&config, true) {
         Ok(l) => Arc::new(l),
         Err(e) => {
@@ -141,14 +143,14 @@ fn run_daemon(config: Config, mut readiness: Readiness) -> i32 {
     } else {
         serve_detached(config, signals, Arc::clone(&logging), readiness)
     };
-    drop(pidfile);
+    drop(pidfile.borrow_mut().take());
     logging.flush();
     status
 }
 
 /// `feedd --serve-child` (hidden): the supervisor's serving process, reporting on stdout.
 pub fn serve_child(conf: &Path) -> i32 {
-    let mut readiness = Readiness::Stdout(false);
+    let mut readiness = Readiness::stdout();
     // If the supervisor dies (even by SIGKILL), stop too rather than serve unsupervised.
     if let Err(e) = nix::sys::prctl::set_pdeathsig(Signal::SIGTERM) {
         readiness.failed(&format!("cannot set the parent-death signal: {e}"));

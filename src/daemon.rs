@@ -21,7 +21,14 @@ pub enum DaemonError {
 }
 
 /// Where a starting daemon reports `READY` or its failure. Reporting twice is a no-op.
-pub enum Readiness {
+pub struct Readiness {
+    channel: Channel,
+    /// Runs before a failure is reported (removes the pidfile), so the invoker, once told,
+    /// finds nothing left behind.
+    cleanup: Option<Box<dyn FnOnce()>>,
+}
+
+enum Channel {
     /// Foreground: nobody is waiting.
     Nobody,
     Pipe(Option<File>),
@@ -33,24 +40,48 @@ const READY: &str = "READY";
 const FAILED: &str = "ERR ";
 
 impl Readiness {
+    pub fn nobody() -> Readiness {
+        Readiness::on(Channel::Nobody)
+    }
+
+    /// Reports on stdout (a serving child to its supervisor).
+    pub fn stdout() -> Readiness {
+        Readiness::on(Channel::Stdout(false))
+    }
+
+    fn on(channel: Channel) -> Readiness {
+        Readiness {
+            channel,
+            cleanup: None,
+        }
+    }
+
+    pub fn set_cleanup(&mut self, cleanup: Box<dyn FnOnce()>) {
+        self.cleanup = Some(cleanup);
+    }
+
     pub fn ready(&mut self) {
+        self.cleanup = None;
         self.report(READY);
     }
 
     pub fn failed(&mut self, reason: &str) {
+        if let Some(cleanup) = self.cleanup.take() {
+            cleanup();
+        }
         // One line: the reason may hold newlines from a server message.
         self.report(&format!("{FAILED}{}", reason.replace('\n', " ")));
     }
 
     fn report(&mut self, line: &str) {
-        match self {
-            Readiness::Nobody => {}
-            Readiness::Pipe(file) => {
+        match &mut self.channel {
+            Channel::Nobody => {}
+            Channel::Pipe(file) => {
                 if let Some(mut f) = file.take() {
                     let _ = writeln!(f, "{line}");
                 }
             }
-            Readiness::Stdout(done) => {
+            Channel::Stdout(done) => {
                 if !*done {
                     *done = true;
                     let mut out = std::io::stdout().lock();
@@ -119,13 +150,13 @@ pub fn detach(base: &Path, umask: u32) -> Result<Detached, DaemonError> {
         Outcome::Parent(Err(e)) => Err(DaemonError::Detach(e)),
         Outcome::Child(Ok(_)) => {
             drop(read_end);
-            Ok(Detached::Daemon(Readiness::Pipe(Some(File::from(
-                write_end,
+            Ok(Detached::Daemon(Readiness::on(Channel::Pipe(Some(
+                File::from(write_end),
             )))))
         }
         Outcome::Child(Err(e)) => {
             // The half-made daemon cannot return to a caller that thinks it is the invoker.
-            let mut r = Readiness::Pipe(Some(File::from(write_end)));
+            let mut r = Readiness::on(Channel::Pipe(Some(File::from(write_end))));
             r.failed(&format!("cannot detach: {e}"));
             std::process::exit(1);
         }

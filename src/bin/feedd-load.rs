@@ -106,7 +106,7 @@ fn show_progress(progress: &Progress, total: u64, stop: &crossbeam_channel::Rece
         let done = progress.records_acked.load(Ordering::Relaxed);
         bar.set_position(done);
         ticks += 1;
-        if !tty && ticks % 25 == 0 {
+        if !tty && ticks.is_multiple_of(25) {
             eprintln!("feedd-load: {done}/{total} records acknowledged");
         }
         if done >= total {

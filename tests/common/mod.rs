@@ -394,3 +394,116 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 pub fn path_str(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
+
+/// Daemon-mode helpers: paths the default config puts under the run dir.
+impl Feedd {
+    pub fn pidfile(&self) -> PathBuf {
+        self.dir.path().join("run/feedd.pid")
+    }
+
+    pub fn log_file(&self) -> PathBuf {
+        self.dir.path().join("log/feedd.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_file()).unwrap_or_default()
+    }
+
+    /// `feedd start`; asserts it reports ready.
+    pub fn start_daemon(&self) {
+        let (status, out, err) = self.command(&["start", "--conf", "feed.ini"]);
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "start failed: {out}{err}\n{}",
+            self.log()
+        );
+    }
+
+    /// `feedd stop`; asserts it succeeded.
+    pub fn stop_daemon(&self) {
+        let (status, out, err) = self.command(&["stop", "--conf", "feed.ini"]);
+        assert_eq!(status.code(), Some(0), "stop failed: {out}{err}");
+    }
+
+    pub fn daemon_pid(&self) -> i32 {
+        std::fs::read_to_string(self.pidfile())
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// The supervisor's serving child (first child process of the pidfile's pid).
+    pub fn serving_pid(&self) -> Option<i32> {
+        children_of(self.daemon_pid()).first().copied()
+    }
+
+    /// Processes whose working directory is this run dir (daemon, supervisor, child).
+    pub fn processes(&self) -> Vec<i32> {
+        let dir = std::fs::canonicalize(self.dir.path()).unwrap();
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|pid| {
+                std::fs::read_link(format!("/proc/{pid}/cwd"))
+                    .ok()
+                    .as_deref()
+                    == Some(dir.as_path())
+                    && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                        .map(|s| !s.contains(") Z "))
+                        .unwrap_or(false)
+            })
+            .collect()
+    }
+}
+
+pub fn children_of(parent: i32) -> Vec<i32> {
+    let mut pids: Vec<i32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    let rest = &stat[stat.rfind(')')? + 2..];
+                    rest.split(' ').nth(1)?.parse::<i32>().ok()
+                })
+                == Some(parent)
+        })
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+pub fn kill(pid: i32, sig: i32) {
+    assert!(pid > 0);
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+/// (real, effective, saved) ids from a /proc status line such as `Uid:`.
+pub fn proc_ids(pid: i32, field: &str) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .map(|l| {
+            l.split_whitespace()
+                .skip(1)
+                .take(3)
+                .filter_map(|v| v.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+impl Feedd {
+    pub fn wait_for_daemon_log(&self, needle: &str) {
+        assert!(
+            wait_until(Duration::from_secs(10), || self.log().contains(needle)),
+            "no `{needle}` in the daemon log:\n{}",
+            self.log()
+        );
+    }
+}

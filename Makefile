@@ -8,8 +8,9 @@ setup:        ## install MariaDB + libzmq if missing, start MariaDB, build feedd
 run: setup    ## serve in the foreground on conf/feed.ini
 	./target/release/feedd --conf conf/feed.ini
 
-test:         ## unit + integration tests (needs `make setup` once)
+test:         ## unit + integration tests, then a quick benchmark smoke run (needs `make setup` once)
 	cargo test --quiet --locked -- --test-threads 4
+	cargo bench --locked --bench ingest -- --quick
 
 bench:        ## the ingest benchmark with its baselines
 	cargo bench --bench ingest

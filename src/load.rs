@@ -24,6 +24,8 @@ pub struct LoadOptions {
     pub reply_timeout: Duration,
     /// CURVE: the server's public key and this client's secret key.
     pub curve: Option<(CurveKey, CurveKey)>,
+    /// Total records/s to offer (paced per client); `None`: as fast as the window allows.
+    pub rate: Option<f64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -210,10 +212,19 @@ fn client(
         latency_us: new_histogram()?,
     };
     let size_of = |seq: u64| per_msg.min(records - seq * per_msg);
+    // Pacing: message k of this client is due at start + k / (its share of the rate).
+    let messages_per_sec = options
+        .rate
+        .map(|rate| rate / options.clients.max(1) as f64 / per_msg as f64);
+    let start = Instant::now();
+    let due = |seq: u64| messages_per_sec.map(|m| start + Duration::from_secs_f64(seq as f64 / m));
     let mut in_flight = 0usize;
     let mut next = 0u64;
     while r.messages_acked + r.falses < messages {
         while in_flight < options.window.max(1) && next < messages {
+            if due(next).is_some_and(|at| at > Instant::now()) {
+                break;
+            }
             let count = size_of(next);
             socket.send_multipart(
                 [
@@ -229,7 +240,16 @@ fn client(
             in_flight += 1;
             next += 1;
         }
-        if socket.poll(zmq::POLLIN, options.reply_timeout.as_millis() as i64)? == 0 {
+        let wait_ms =
+            match due(next).filter(|_| next < messages && in_flight < options.window.max(1)) {
+                // Paced and allowed to send: wake when the next message is due.
+                Some(at) => at.saturating_duration_since(Instant::now()).as_millis() as i64,
+                None => options.reply_timeout.as_millis() as i64,
+            };
+        if socket.poll(zmq::POLLIN, wait_ms)? == 0 {
+            if wait_ms < options.reply_timeout.as_millis() as i64 {
+                continue;
+            }
             r.missing = in_flight as u64 + (messages - next);
             break;
         }

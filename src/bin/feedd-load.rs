@@ -31,6 +31,9 @@ struct Cli {
     /// First ticket (clients take consecutive ranges)
     #[arg(long, default_value_t = 1)]
     start_ticket: u64,
+    /// Offer at most this many records/s in all (default: as fast as the window allows)
+    #[arg(long)]
+    rate: Option<f64>,
     /// Seconds without any reply before giving up
     #[arg(long, default_value_t = 30)]
     timeout: u64,
@@ -61,6 +64,7 @@ fn main() -> ExitCode {
         start_ticket: cli.start_ticket,
         reply_timeout: Duration::from_secs(cli.timeout),
         curve,
+        rate: cli.rate,
     };
     let progress = Arc::new(Progress::default());
     let shown = Arc::clone(&progress);
@@ -102,7 +106,10 @@ fn show_progress(progress: &Progress, total: u64, stop: &crossbeam_channel::Rece
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     let mut ticks = 0u64;
-    while stop.recv_timeout(Duration::from_millis(200)).is_err() {
+    // Runs until the sender is dropped (the load is over).
+    while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
+        stop.recv_timeout(Duration::from_millis(200))
+    {
         let done = progress.records_acked.load(Ordering::Relaxed);
         bar.set_position(done);
         ticks += 1;

@@ -41,6 +41,7 @@ pub fn foreground(conf: &Path) -> anyhow::Result<i32> {
     let config = load_config(conf)?;
     set_umask(config.daemon.umask);
     let logging = Arc::new(Logging::start(&config, false)?);
+    warn_if_exposed(&config);
     let outcome = server::serve(config, signals, Arc::clone(&logging), Hooks::default())?;
     logging.flush();
     Ok(exit_status(&outcome))
@@ -178,9 +179,16 @@ pub fn serve_child(conf: &Path) -> i32 {
             return EXIT_FAILURE;
         }
     };
+    warn_if_exposed(&config);
     let status = serve_detached(config, signals, Arc::clone(&logging), readiness);
     logging.flush();
     status
+}
+
+fn warn_if_exposed(config: &Config) {
+    if let Some(warning) = crate::config::exposure_warning(config) {
+        log::warn!("{warning}");
+    }
 }
 
 /// Serves as a daemon: privilege drop before the first message, readiness once serving.

@@ -205,6 +205,20 @@ impl MysqlConfig {
     }
 }
 
+/// A warning when the file holds a secret and group or others can read it.
+pub fn exposure_warning(config: &Config) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let has_secret = !config.mysql.password.is_empty() || config.zmq.curve_secret_key.is_some();
+    let mode = std::fs::metadata(&config.file).ok()?.permissions().mode();
+    (has_secret && mode & 0o077 != 0).then(|| {
+        format!(
+            "{} holds a secret and is readable by group or others (mode {:03o}); chmod 600 it",
+            config.file.display(),
+            mode & 0o777
+        )
+    })
+}
+
 /// The keys fixed for the process's life: a reload that changes them is logged, not applied.
 pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     let mut changed = Vec::new();

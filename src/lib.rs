@@ -22,3 +22,4 @@ pub mod signals;
 pub mod store;
 pub mod supervisor;
 pub mod worker;
+pub mod zap;

@@ -13,7 +13,7 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 use crossbeam_channel::{Sender, TrySendError};
 
-use crate::config::Config;
+use crate::config::{Config, CurveKey};
 use crate::metrics::Metrics;
 use crate::record;
 use crate::worker::Job;
@@ -51,6 +51,8 @@ pub struct Receiver {
     /// The endpoint actually bound (wildcards resolved), for unbinding on an endpoint change.
     bound: String,
     endpoint: String,
+    /// The CURVE secret the ROUTER's listener was bound with.
+    curve: Option<CurveKey>,
     jobs: Option<Sender<Job>>,
     /// A message that found the channel full; intake pauses until it is queued.
     held: Option<Job>,
@@ -88,6 +90,7 @@ impl Receiver {
             control,
             bound,
             endpoint,
+            curve: current.zmq.curve_secret_key,
             jobs: Some(jobs),
             held: None,
             config,
@@ -245,32 +248,55 @@ impl Receiver {
         }
     }
 
-    /// Applies a reloaded endpoint: bind the new one first, then unbind the old; a failed bind
-    /// keeps the old one serving.
+    /// Applies a reloaded endpoint or CURVE key. A new endpoint is bound before the old one
+    /// is unbound, and a failed bind keeps the old one serving. A new key on the same endpoint
+    /// needs a rebind (a moment without a listener; connected clients keep their sessions).
     fn follow_config(&mut self) {
         let config = self.config.load();
-        if config.zmq.endpoint == self.endpoint {
+        let endpoint_changed = config.zmq.endpoint != self.endpoint;
+        let curve_changed = config.zmq.curve_secret_key != self.curve;
+        if !endpoint_changed && !curve_changed {
             return;
         }
         let new = config.zmq.endpoint.clone();
+        self.endpoint = new.clone();
+        self.curve = config.zmq.curve_secret_key;
+        // Socket options apply to binds made after them.
+        if let Err(e) = configure_router(&self.router, &config) {
+            log::error!("receiver: cannot apply the new [zmq] settings: {e}");
+            return;
+        }
         drop(config);
+        if !endpoint_changed {
+            if let Err(e) = unbind(&mut self.router, &self.bound) {
+                log::warn!("receiver: cannot unbind {} to rebind it: {e}", self.bound);
+            }
+        }
         if let Err(e) = self.router.bind(&new) {
             log::error!(
-                "receiver: cannot bind new endpoint {new}: {e}; still serving {}",
-                self.bound
+                "receiver: cannot bind {new}: {e}; still serving {}",
+                if endpoint_changed {
+                    self.bound.as_str()
+                } else {
+                    "nothing"
+                }
             );
-            self.endpoint = new;
             return;
         }
         let old = std::mem::replace(
             &mut self.bound,
             last_endpoint(&self.router).unwrap_or_else(|| new.clone()),
         );
-        if let Err(e) = unbind(&mut self.router, &old) {
-            log::warn!("receiver: cannot unbind old endpoint {old}: {e}");
+        if endpoint_changed {
+            if let Err(e) = unbind(&mut self.router, &old) {
+                log::warn!("receiver: cannot unbind old endpoint {old}: {e}");
+            }
         }
-        log::info!("receiver: now serving {} (was {old})", self.bound);
-        self.endpoint = new;
+        log::info!(
+            "receiver: now serving {} (was {old}), CURVE {}",
+            self.bound,
+            if self.curve.is_some() { "on" } else { "off" }
+        );
     }
 }
 
@@ -285,10 +311,18 @@ fn configure_router(router: &zmq::Socket, config: &Config) -> Result<(), zmq::Er
     router.set_maxmsgsize(i64::try_from(guard).unwrap_or(i64::MAX))?;
     router.set_rcvhwm(1000)?;
     router.set_sndhwm(1000)?;
-    if let Some(key) = &config.zmq.curve_secret_key {
-        router.set_zap_domain("feedd")?;
-        router.set_curve_server(true)?;
-        router.set_curve_secretkey(&key.0)?;
+    match &config.zmq.curve_secret_key {
+        Some(key) => {
+            router.set_zap_domain("feedd")?;
+            router.set_curve_server(true)?;
+            router.set_curve_secretkey(&key.0)?;
+        }
+        // Back to the NULL mechanism (libzmq rejects clearing an unset CURVE server flag).
+        None => {
+            if router.is_curve_server()? {
+                router.set_curve_server(false)?;
+            }
+        }
     }
     Ok(())
 }

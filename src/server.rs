@@ -27,19 +27,22 @@ use crate::reload::Reloader;
 use crate::signals::{Event, SignalThread, Signals};
 use crate::store::{Store, StoreError};
 use crate::worker::{self, Shared};
+use crate::zap::ZapHandler;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("{0}")]
+    #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("{0}")]
+    #[error(transparent)]
     Receiver(#[from] ReceiverError),
-    #[error("{0}")]
+    #[error(transparent)]
     Metrics(#[from] MetricsError),
     #[error("{0}")]
     Startup(String),
     #[error("cannot start a thread: {0}")]
     Thread(#[from] std::io::Error),
+    #[error("CURVE authentication handler: {0}")]
+    Zap(zmq::Error),
 }
 
 /// How serving ended.
@@ -142,6 +145,9 @@ pub fn serve(
 
     let context = zmq::Context::new();
     let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(config.pipeline.queue_capacity);
+    // Bound before the ROUTER, so no CURVE handshake is ever unjudged.
+    let zap = ZapHandler::start(&context, Arc::clone(&shared.config), metrics.clone())
+        .map_err(ServeError::Zap)?;
     let receiver = Receiver::bind(
         &context,
         Arc::clone(&shared.config),
@@ -210,6 +216,7 @@ pub fn serve(
     let outcome = shut_down(&shared, &control, &exits_rx, workers, failure);
     signal_thread.stop();
     *metrics_slot.lock() = None;
+    drop(zap);
     if outcome == Outcome::Drained {
         for t in worker_threads {
             let _ = t.join();

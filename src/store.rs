@@ -35,9 +35,9 @@ pub enum StoreError {
         port: u16,
         source: r2d2::Error,
     },
-    #[error("{0}")]
+    #[error(transparent)]
     Pool(#[from] r2d2::Error),
-    #[error("{0}")]
+    #[error(transparent)]
     Mysql(#[from] mysql::Error),
     #[error("table `{table}` has no column `{column}` (needs ticket, login, volume, status)")]
     MissingColumn { table: String, column: &'static str },

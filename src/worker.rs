@@ -88,8 +88,14 @@ pub fn run(
     Ok(())
 }
 
+/// A batch also closes when no message has arrived for this long: with closed-loop clients
+/// (a window of messages each) nothing more comes until replies go out, so lingering for the
+/// full `batch_timeout_ms` would only add latency and cut throughput.
+const ARRIVAL_GAP: Duration = Duration::from_micros(200);
+
 /// Fills `batch` with at least one job; returns its record count, or `None` once the channel
-/// is closed and empty.
+/// is closed and empty. The batch closes at `batch_size` records, at `batch_timeout_ms` after
+/// its first message, or when messages stop arriving for `ARRIVAL_GAP`.
 fn gather(jobs: &Receiver<Job>, shared: &Shared, batch: &mut Vec<Job>) -> Option<usize> {
     batch.clear();
     let first = jobs.recv().ok()?;
@@ -103,10 +109,13 @@ fn gather(jobs: &Receiver<Job>, shared: &Shared, batch: &mut Vec<Job>) -> Option
         let job = match jobs.try_recv() {
             Ok(job) => job,
             Err(TryRecvError::Disconnected) => break,
-            Err(TryRecvError::Empty) => match jobs.recv_deadline(deadline) {
-                Ok(job) => job,
-                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
-            },
+            Err(TryRecvError::Empty) => {
+                let until = deadline.min(Instant::now() + ARRIVAL_GAP);
+                match jobs.recv_deadline(until) {
+                    Ok(job) => job,
+                    Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+                }
+            }
         };
         records += job.records.len();
         batch.push(job);

@@ -174,6 +174,12 @@ impl Feedd {
         }
     }
 
+    /// Rewrites the config of a prepared run (same dir and port) with other overrides.
+    pub fn prepare_in(self, db: &Db, overrides: &[&str]) -> Feedd {
+        std::fs::write(self.conf_path(), config_text(db, self.port, overrides)).unwrap();
+        self
+    }
+
     pub fn spawn_foreground(mut self) -> Feedd {
         let log = std::fs::File::create(self.dir.path().join("stderr.log")).unwrap();
         let child = Command::new(feedd_bin())
@@ -505,5 +511,37 @@ impl Feedd {
             "no `{needle}` in the daemon log:\n{}",
             self.log()
         );
+    }
+}
+
+/// A CURVE key pair as Z85 text: (public, secret).
+pub fn curve_pair() -> (String, String) {
+    let pair = zmq::CurveKeyPair::new().unwrap();
+    (
+        zmq::z85_encode(&pair.public_key).unwrap(),
+        zmq::z85_encode(&pair.secret_key).unwrap(),
+    )
+}
+
+impl Dealer {
+    /// A DEALER that authenticates with CURVE: the server's public key, this client's pair.
+    pub fn connect_curve(endpoint: &str, server_public: &str, client: &(String, String)) -> Dealer {
+        let s = context().socket(zmq::DEALER).unwrap();
+        s.set_linger(0).unwrap();
+        s.set_rcvtimeo(3_000).unwrap();
+        s.set_curve_serverkey(&zmq::z85_decode(server_public).unwrap())
+            .unwrap();
+        s.set_curve_publickey(&zmq::z85_decode(&client.0).unwrap())
+            .unwrap();
+        s.set_curve_secretkey(&zmq::z85_decode(&client.1).unwrap())
+            .unwrap();
+        s.connect(endpoint).unwrap();
+        Dealer(s)
+    }
+
+    /// Sends one body and waits (up to the socket's timeout) for its reply.
+    pub fn ask(&self, body: &str) -> Option<String> {
+        self.send(1, body);
+        self.recv().map(|(_, text)| text)
     }
 }

@@ -1,5 +1,5 @@
 # Operator and developer entry points (see README.md).
-.PHONY: setup run test bench lint
+.PHONY: setup run test bench chaos fuzz-build lint
 
 setup:        ## install MariaDB + libzmq if missing, start MariaDB, build feedd
 	bash .ci/setup
@@ -11,9 +11,14 @@ run: setup    ## serve in the foreground on conf/feed.ini
 test:         ## unit + integration tests, then a quick benchmark smoke run (needs `make setup` once)
 	cargo test --quiet --locked -- --test-threads 4
 	cargo bench --locked --bench ingest -- --quick
+	cargo bench --locked --bench chaos -- --secs 15
+	cargo build --locked --manifest-path tests/fuzz/Cargo.toml
 
 bench:        ## the ingest benchmark with its baselines
 	cargo bench --bench ingest
+
+chaos:        ## 10 minutes of random faults under load; prints the invariant counts
+	cargo bench --bench chaos -- --secs 600
 
 lint:
 	cargo fmt --check

@@ -15,7 +15,7 @@ use crossbeam_channel::{Sender, TrySendError};
 
 use crate::config::{Config, CurveKey};
 use crate::metrics::Metrics;
-use crate::record;
+use crate::record::{self, Record};
 use crate::worker::Job;
 
 /// Where workers push their replies.
@@ -182,37 +182,21 @@ impl Receiver {
             if self.metrics.queue_depth.load(Ordering::Relaxed) >= capacity || self.held.is_some() {
                 return Ok(());
             }
-            let mut frames = match self.router.recv_multipart(zmq::DONTWAIT) {
+            let frames = match self.router.recv_multipart(zmq::DONTWAIT) {
                 Ok(frames) => frames,
                 Err(zmq::Error::EAGAIN) => return Ok(()),
                 Err(e) => return Err(e.into()),
             };
             let received = Instant::now();
             self.metrics.messages_received.inc();
-            if frames.len() < 2 {
-                continue; // a ROUTER always adds the identity; nothing to answer without a body
-            }
-            if frames.len() > MAX_FRAMES {
-                frames.truncate(1);
-                self.reply_false(frames, "too many frames");
-                continue;
-            }
-            let body = frames.pop().unwrap_or_default();
-            let size: usize = body.len() + frames.iter().map(Vec::len).sum::<usize>();
-            if size > max_bytes {
-                self.reply_false(frames, "too large");
-                continue;
-            }
-            match record::parse_body(&body) {
-                Err(reason) => self.reply_false(frames, &reason.to_string()),
-                Ok(records) => {
-                    let job = Job {
-                        envelope: frames,
-                        records,
-                        received,
-                    };
-                    self.enqueue(job);
-                }
+            match judge(frames, max_bytes) {
+                Incoming::Ignore => {}
+                Incoming::Refuse { envelope, reason } => self.reply_false(envelope, &reason),
+                Incoming::Accept { envelope, records } => self.enqueue(Job {
+                    envelope,
+                    records,
+                    received,
+                }),
             }
         }
         Ok(())
@@ -300,6 +284,56 @@ impl Receiver {
     }
 }
 
+/// What to do with one message read from the ROUTER.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Incoming {
+    /// Nothing to answer (no body frame after the routing id).
+    Ignore,
+    /// Answer `FALSE <reason>` to `envelope`.
+    Refuse {
+        envelope: Vec<Vec<u8>>,
+        reason: String,
+    },
+    /// Queue these records; reply to `envelope` after COMMIT.
+    Accept {
+        envelope: Vec<Vec<u8>>,
+        records: Vec<Record>,
+    },
+}
+
+/// Judges a message's frames (pure): the last frame is the body, every frame before it the
+/// envelope echoed back. Bounded: too many frames or bytes are refused before parsing.
+pub fn judge(mut frames: Vec<Vec<u8>>, max_bytes: usize) -> Incoming {
+    if frames.len() < 2 {
+        return Incoming::Ignore; // a ROUTER always adds the identity; nothing to answer
+    }
+    if frames.len() > MAX_FRAMES {
+        frames.truncate(1);
+        return Incoming::Refuse {
+            envelope: frames,
+            reason: "too many frames".into(),
+        };
+    }
+    let body = frames.pop().unwrap_or_default();
+    let size: usize = body.len() + frames.iter().map(Vec::len).sum::<usize>();
+    if size > max_bytes {
+        return Incoming::Refuse {
+            envelope: frames,
+            reason: "too large".into(),
+        };
+    }
+    match record::parse_body(&body) {
+        Err(reason) => Incoming::Refuse {
+            envelope: frames,
+            reason: reason.to_string(),
+        },
+        Ok(records) => Incoming::Accept {
+            envelope: frames,
+            records,
+        },
+    }
+}
+
 fn configure_router(router: &zmq::Socket, config: &Config) -> Result<(), zmq::Error> {
     // A peer sending more than this is disconnected by libzmq: a memory guard well above the
     // size answered `FALSE too large`.
@@ -340,5 +374,38 @@ fn unbind(socket: &mut zmq::Socket, endpoint: &str) -> Result<(), zmq::Error> {
         Ok(())
     } else {
         Err(zmq::Error::from_raw(unsafe { zmq_sys::zmq_errno() }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames(parts: &[&[u8]]) -> Vec<Vec<u8>> {
+        parts.iter().map(|p| p.to_vec()).collect()
+    }
+
+    #[test]
+    fn judging_frames() {
+        assert_eq!(judge(frames(&[b"id"]), 100), Incoming::Ignore);
+        match judge(frames(&[b"id", b"", b"1,2,3"]), 100) {
+            Incoming::Accept { envelope, records } => {
+                assert_eq!(envelope, frames(&[b"id", b""]));
+                assert_eq!(records.len(), 1);
+            }
+            other => panic!("{other:?}"),
+        }
+        let too_large = judge(frames(&[b"id", b"", b"1,2,3\n4,5,6"]), 8);
+        assert!(matches!(too_large, Incoming::Refuse { reason, .. } if reason == "too large"));
+        let many: Vec<Vec<u8>> = (0..100).map(|_| b"x".to_vec()).collect();
+        match judge(many, 1 << 20) {
+            Incoming::Refuse { envelope, reason } => {
+                assert_eq!(reason, "too many frames");
+                assert_eq!(envelope.len(), 1, "only the routing id is kept");
+            }
+            other => panic!("{other:?}"),
+        }
+        let bad = judge(frames(&[b"id", b"1,2"]), 100);
+        assert!(matches!(bad, Incoming::Refuse { reason, .. } if reason.starts_with("line 1:")));
     }
 }

@@ -424,6 +424,32 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_parse_or_give_a_reason(body in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            match parse_body(&body) {
+                Ok(records) => proptest::prop_assert!(!records.is_empty()),
+                Err(e) => proptest::prop_assert!(!e.to_string().is_empty()),
+            }
+        }
+
+        #[test]
+        fn text_like_input_never_panics(body in "[0-9, .\r\n+-]{0,200}") {
+            let _ = parse_body(body.as_bytes());
+        }
+
+        #[test]
+        fn format_then_parse_gives_the_same_records(
+            rows in proptest::collection::btree_map(1u64.., (proptest::num::u64::ANY, 0u128..100_000_000_000_000_000_000), 1..50)
+        ) {
+            let records: Vec<Record> = rows
+                .into_iter()
+                .map(|(ticket, (login, v))| Record { ticket, login, volume: Volume(v) })
+                .collect();
+            proptest::prop_assert_eq!(parse_body(format_body(&records).as_bytes()), Ok(records));
+        }
+    }
+
     #[test]
     fn format_round_trip() {
         let records = vec![

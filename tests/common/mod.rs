@@ -5,6 +5,8 @@
 //! with an empty password, as the README's setup leaves it.
 #![allow(dead_code)]
 
+pub mod mariadb;
+
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -36,15 +38,21 @@ pub fn free_port() -> u16 {
 /// A database of the test's own, dropped at the end.
 pub struct Db {
     pub name: String,
+    pub port: u16,
     pool: mysql::Pool,
 }
 
 impl Db {
     pub fn create(test: &str) -> Db {
+        Db::create_on(test, mysql_port())
+    }
+
+    /// A database on the server at 127.0.0.1:`port` (a private mariadbd).
+    pub fn create_on(test: &str, port: u16) -> Db {
         let name = format!("feedd_t_{}_{}", test, std::process::id());
         let opts = mysql::OptsBuilder::new()
             .ip_or_hostname(Some(mysql_host()))
-            .tcp_port(mysql_port())
+            .tcp_port(port)
             .user(Some("root"))
             .prefer_socket(false);
         let pool = mysql::Pool::new(opts)
@@ -54,7 +62,7 @@ impl Db {
             .unwrap();
         conn.query_drop(format!("CREATE DATABASE `{name}`"))
             .unwrap();
-        Db { name, pool }
+        Db { name, port, pool }
     }
 
     pub fn conn(&self) -> mysql::PooledConn {
@@ -104,7 +112,7 @@ pub fn config_text(db: &Db, zmq_port: u16, overrides: &[&str]) -> String {
             "mysql".into(),
             vec![
                 format!("host = {}", mysql_host()),
-                format!("port = {}", mysql_port()),
+                format!("port = {}", db.port),
                 format!("database = {}", db.name),
             ],
         ),
@@ -543,5 +551,101 @@ impl Dealer {
     pub fn ask(&self, body: &str) -> Option<String> {
         self.send(1, body);
         self.recv().map(|(_, text)| text)
+    }
+}
+
+/// A client that keeps resending what was not answered, as feedd's users are told to:
+/// every body is sent with id = its index; unanswered ones are resent after `patience`.
+pub struct Resender {
+    pub acked: std::collections::HashSet<u64>,
+    pub falses: Vec<String>,
+    pub resent: u64,
+}
+
+impl Resender {
+    /// Streams `bodies` (window `window`), resending until all are answered or `deadline`.
+    pub fn run(
+        endpoint: &str,
+        bodies: &[String],
+        window: usize,
+        patience: Duration,
+        deadline: Duration,
+    ) -> Resender {
+        let dealer = Dealer::connect(endpoint);
+        dealer.0.set_rcvtimeo(50).unwrap();
+        let mut r = Resender {
+            acked: Default::default(),
+            falses: Vec::new(),
+            resent: 0,
+        };
+        let mut sent_at: HashMap<u64, Instant> = HashMap::new();
+        let mut next = 0usize;
+        let end = Instant::now() + deadline;
+        while r.acked.len() + r.falses.len() < bodies.len() && Instant::now() < end {
+            while sent_at.len() < window && next < bodies.len() {
+                dealer.send(next as u64, &bodies[next]);
+                sent_at.insert(next as u64, Instant::now());
+                next += 1;
+            }
+            match dealer.recv() {
+                Some((id, text)) => {
+                    if sent_at.remove(&id).is_some() {
+                        if text == "TRUE" {
+                            r.acked.insert(id);
+                        } else {
+                            r.falses.push(text);
+                        }
+                    }
+                }
+                None => {
+                    let stale: Vec<u64> = sent_at
+                        .iter()
+                        .filter(|(_, at)| at.elapsed() > patience)
+                        .map(|(id, _)| *id)
+                        .collect();
+                    for id in stale {
+                        dealer.send(id, &bodies[id as usize]);
+                        sent_at.insert(id, Instant::now());
+                        r.resent += 1;
+                    }
+                }
+            }
+        }
+        r
+    }
+}
+
+/// `n` bodies of `per` records each, tickets from `first`, login/volume derived from the ticket.
+pub fn bodies(first: u64, n: u64, per: u64) -> Vec<String> {
+    (0..n)
+        .map(|m| {
+            (0..per)
+                .map(|i| {
+                    let t = first + m * per + i;
+                    format!("{t},{},{}.5", t % 1000, t % 77)
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .collect()
+}
+
+/// Every record of every acknowledged body is in `rows` with its values.
+pub fn assert_acked_present(
+    bodies: &[String],
+    acked: &std::collections::HashSet<u64>,
+    rows: &HashMap<u64, (u64, String, String)>,
+) {
+    for id in acked {
+        for line in bodies[*id as usize].lines() {
+            let f: Vec<&str> = line.split(',').collect();
+            let t: u64 = f[0].parse().unwrap();
+            let row = rows
+                .get(&t)
+                .unwrap_or_else(|| panic!("acknowledged ticket {t} is missing"));
+            assert_eq!(row.0.to_string(), f[1], "ticket {t} login");
+            assert_eq!(row.1, format!("{}000", f[2]), "ticket {t} volume");
+            assert_eq!(row.2, "Y");
+        }
     }
 }

@@ -1,0 +1,242 @@
+//! The chaos run: `cargo bench --bench chaos -- --secs 600`.
+//!
+//! A supervised feedd daemon on a private mariadbd, a client that streams messages and resends
+//! whatever is not answered, and an injector that, at random every 1–4 s, kills the database
+//! (restarting it 1–3 s later), kills the serving child, reloads with a changed config, or
+//! sends SIGUSR1. Afterwards the client resends until everything it sent is answered, and the
+//! run prints messages sent / acknowledged / resent, faults injected, acknowledged-but-missing
+//! (must be 0) and duplicates (must be 0). Exit status 1 if either is not 0, or on any FALSE.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::mariadb::PrivateMariadb;
+use common::{Db, Dealer, Feedd};
+use mysql::prelude::Queryable;
+
+/// xorshift64: enough randomness to pick faults, no dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self, below: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % below
+    }
+}
+
+const PER_MSG: u64 = 4;
+
+fn body(id: u64) -> String {
+    (0..PER_MSG)
+        .map(|i| {
+            let t = id * PER_MSG + i + 1;
+            format!("{t},{},{}.25", t % 1000, t % 97)
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[derive(Default)]
+struct Faults {
+    db_kills: u64,
+    child_kills: u64,
+    reloads: u64,
+    usr1: u64,
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let secs: u64 = args
+        .iter()
+        .position(|a| a == "--secs")
+        .and_then(|i| args.get(i + 1)?.parse().ok())
+        .unwrap_or(60);
+    let seed = Instant::now().elapsed().as_nanos() as u64 ^ u64::from(std::process::id()) | 1;
+    println!("chaos run: {secs} s of faults, seed {seed}");
+
+    let server = Arc::new(parking_lot::Mutex::new(PrivateMariadb::start()));
+    let port = server.lock().port;
+    let db = Db::create_on("chaos", port);
+    let feedd = Feedd::prepare(
+        &db,
+        &[
+            "daemon.log_level = info",
+            "daemon.shutdown_timeout_ms = 3000",
+        ],
+    );
+    feedd.start_daemon();
+    let conf = std::fs::read_to_string(feedd.conf_path()).unwrap_or_default();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let injector = {
+        let (stop, server) = (Arc::clone(&stop), Arc::clone(&server));
+        let pidfile_pid = feedd.daemon_pid();
+        let conf_path = feedd.conf_path();
+        std::thread::spawn(move || {
+            let mut rng = Rng(seed);
+            let mut f = Faults::default();
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(1000 + rng.next(3000)));
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                match rng.next(4) {
+                    0 => {
+                        server.lock().kill9();
+                        std::thread::sleep(Duration::from_millis(1000 + rng.next(2000)));
+                        server.lock().restart();
+                        f.db_kills += 1;
+                    }
+                    1 => {
+                        if let Some(child) = common::children_of(pidfile_pid).first() {
+                            common::kill(*child, libc::SIGKILL);
+                            f.child_kills += 1;
+                        }
+                    }
+                    2 => {
+                        let batch = [10, 100, 1000][rng.next(3) as usize];
+                        let text = conf.replace(
+                            "[pipeline]\n",
+                            &format!("[pipeline]\nbatch_size = {batch}\n"),
+                        );
+                        let _ = std::fs::write(&conf_path, text);
+                        common::kill(pidfile_pid, libc::SIGHUP);
+                        f.reloads += 1;
+                    }
+                    _ => {
+                        common::kill(pidfile_pid, libc::SIGUSR1);
+                        f.usr1 += 1;
+                    }
+                }
+            }
+            f
+        })
+    };
+
+    // The client: new messages while the faults go on, then only resends until all answered.
+    let dealer = Dealer::connect(&feedd.endpoint());
+    let _ = dealer.0.set_rcvtimeo(20);
+    let window = 64;
+    let patience = Duration::from_secs(3);
+    let mut in_flight: HashMap<u64, Instant> = HashMap::new();
+    let mut acked: HashSet<u64> = HashSet::new();
+    let (mut sent, mut resent, mut falses, mut replies_after_ack) = (0u64, 0u64, Vec::new(), 0u64);
+    let chaos_until = Instant::now() + Duration::from_secs(secs);
+    let give_up = chaos_until + Duration::from_secs(120);
+    let mut stopped = false;
+    while Instant::now() < give_up {
+        if !stopped && Instant::now() >= chaos_until {
+            stop.store(true, Ordering::Relaxed);
+            stopped = true;
+        }
+        if stopped && in_flight.is_empty() {
+            break;
+        }
+        while !stopped && in_flight.len() < window {
+            dealer.send(sent, &body(sent));
+            in_flight.insert(sent, Instant::now());
+            sent += 1;
+        }
+        match dealer.recv() {
+            Some((id, text)) => {
+                if text != "TRUE" {
+                    falses.push(text);
+                } else if in_flight.remove(&id).is_some() {
+                    acked.insert(id);
+                } else {
+                    replies_after_ack += 1; // the answer to an earlier copy of a resent message
+                }
+            }
+            None => {
+                let stale: Vec<u64> = in_flight
+                    .iter()
+                    .filter(|(_, at)| at.elapsed() > patience)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in stale {
+                    dealer.send(id, &body(id));
+                    in_flight.insert(id, Instant::now());
+                    resent += 1;
+                }
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let faults = injector.join().unwrap_or_default();
+
+    // The invariant, read from the table.
+    let mut conn = server.lock().create_db(&db.name);
+    let rows: HashMap<u64, (u64, String)> = conn
+        .query_map(
+            "SELECT ticket, login, CAST(volume AS CHAR) FROM fee WHERE status = 'Y'",
+            |(t, l, v): (u64, u64, String)| (t, (l, v)),
+        )
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    let total: u64 = conn
+        .query_first("SELECT COUNT(*) FROM fee")
+        .ok()
+        .flatten()
+        .unwrap_or(0);
+    let distinct: u64 = conn
+        .query_first("SELECT COUNT(DISTINCT ticket) FROM fee")
+        .ok()
+        .flatten()
+        .unwrap_or(0);
+    let mut missing = 0u64;
+    for id in &acked {
+        for line in body(*id).lines() {
+            let f: Vec<&str> = line.split(',').collect();
+            let t: u64 = f[0].parse().unwrap_or(0);
+            match rows.get(&t) {
+                Some((login, volume))
+                    if login.to_string() == f[1] && *volume == format!("{}00", f[2]) => {}
+                _ => missing += 1,
+            }
+        }
+    }
+    let duplicates = total - distinct;
+    println!(
+        "messages sent:                {sent} ({} records)",
+        sent * PER_MSG
+    );
+    println!("messages acknowledged:        {}", acked.len());
+    println!("messages resent:              {resent} (late answers to earlier copies: {replies_after_ack})");
+    println!("never answered:               {}", in_flight.len());
+    println!(
+        "faults injected:              {} (database kill -9: {}, serving child kill -9: {}, reloads: {}, SIGUSR1: {})",
+        faults.db_kills + faults.child_kills + faults.reloads + faults.usr1,
+        faults.db_kills,
+        faults.child_kills,
+        faults.reloads,
+        faults.usr1
+    );
+    println!("FALSE replies:                {}", falses.len());
+    println!("acknowledged-but-missing:     {missing}");
+    println!("duplicates:                   {duplicates}");
+    let log_errors = feedd
+        .log()
+        .lines()
+        .filter(|l| l.contains("panicked"))
+        .count();
+    println!("panics in the log:            {log_errors}");
+    feedd.stop_daemon();
+    if missing > 0
+        || duplicates > 0
+        || !falses.is_empty()
+        || !in_flight.is_empty()
+        || log_errors > 0
+    {
+        println!("CHAOS RUN FAILED");
+        std::process::exit(1);
+    }
+    println!("chaos run passed");
+}

@@ -1,0 +1,169 @@
+//! A private `mariadbd` for tests that kill, stop or restart the database: its own temp data
+//! dir, a free loopback port, no grant tables (root without password), and the same data dir
+//! and port across restarts. Never touches the shared server on 3306.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use mysql::prelude::Queryable;
+
+use super::{free_port, wait_until};
+
+pub struct PrivateMariadb {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    child: Option<Child>,
+}
+
+fn binary(name: &str) -> String {
+    for dir in ["/usr/sbin", "/usr/bin", "/usr/local/bin", "/usr/local/sbin"] {
+        let p = format!("{dir}/{name}");
+        if std::path::Path::new(&p).exists() {
+            return p;
+        }
+    }
+    name.to_string()
+}
+
+impl PrivateMariadb {
+    /// Initialises a data dir and starts the server; returns once it answers.
+    pub fn start() -> PrivateMariadb {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let tmp = dir.path().join("tmp");
+        std::fs::create_dir_all(&tmp).unwrap();
+        // A tmpdir of its own: parallel bootstraps collide in a shared /tmp.
+        let out = Command::new(binary("mariadb-install-db"))
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--tmpdir={}", tmp.display()))
+            .env("TMPDIR", &tmp)
+            .args([
+                "--user=root",
+                "--auth-root-authentication-method=normal",
+                "--skip-test-db",
+            ])
+            .output()
+            .expect("mariadb-install-db (run the README setup)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut db = PrivateMariadb {
+            dir,
+            port: free_port(),
+            child: None,
+        };
+        db.restart();
+        db
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Starts mariadbd on the same data dir and port (after `kill9` or `stop`).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("mariadbd.log"))
+            .unwrap();
+        let child = Command::new(binary("mariadbd"))
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", self.data_dir().display()))
+            .arg(format!("--port={}", self.port))
+            .arg(format!(
+                "--socket={}",
+                self.dir.path().join("sock").display()
+            ))
+            .arg(format!(
+                "--pid-file={}",
+                self.dir.path().join("pid").display()
+            ))
+            .arg(format!(
+                "--tmpdir={}",
+                self.dir.path().join("tmp").display()
+            ))
+            .args([
+                "--bind-address=127.0.0.1",
+                "--user=root",
+                "--skip-grant-tables",
+                "--skip-name-resolve",
+                "--innodb-buffer-pool-size=32M",
+                "--innodb-log-file-size=16M",
+                "--skip-log-bin",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let port = self.port;
+        assert!(
+            wait_until(Duration::from_secs(30), || Self::answers(port)),
+            "private mariadbd did not start: {}",
+            std::fs::read_to_string(self.dir.path().join("mariadbd.log")).unwrap_or_default()
+        );
+    }
+
+    fn answers(port: u16) -> bool {
+        let opts = mysql::OptsBuilder::new()
+            .ip_or_hostname(Some("127.0.0.1"))
+            .tcp_port(port)
+            .user(Some("root"))
+            .prefer_socket(false)
+            .tcp_connect_timeout(Some(Duration::from_millis(500)));
+        mysql::Conn::new(opts).is_ok()
+    }
+
+    pub fn conn(&self) -> mysql::Conn {
+        let opts = mysql::OptsBuilder::new()
+            .ip_or_hostname(Some("127.0.0.1"))
+            .tcp_port(self.port)
+            .user(Some("root"))
+            .prefer_socket(false);
+        mysql::Conn::new(opts).expect("private mariadbd answers")
+    }
+
+    /// Creates `name` and returns a connection using it.
+    pub fn create_db(&self, name: &str) -> mysql::Conn {
+        let mut c = self.conn();
+        c.query_drop(format!("CREATE DATABASE IF NOT EXISTS `{name}`"))
+            .unwrap();
+        c.query_drop(format!("USE `{name}`")).unwrap();
+        c
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait: a clean shutdown.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGTERM);
+            }
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for PrivateMariadb {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

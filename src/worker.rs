@@ -79,10 +79,11 @@ pub fn run(
                 Verdict::Accept => m.records_committed.inc_by(job.records.len() as u64),
                 Verdict::Conflict(_) => m.messages_rejected.inc(),
             }
+            // Counted before the send, so a client that saw its reply also sees it counted.
+            m.ack_latency_seconds.observe(secs(job.received.elapsed()));
             let mut frames = job.envelope;
             frames.push(verdict.reply_text());
             replies.send_multipart(frames, 0).map_err(socket_error)?;
-            m.ack_latency_seconds.observe(secs(job.received.elapsed()));
         }
     }
     Ok(())

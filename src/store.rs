@@ -62,6 +62,7 @@ impl StoreError {
 }
 
 pub type Pool = r2d2::Pool<MySqlConnectionManager>;
+pub type Connection = r2d2::PooledConnection<MySqlConnectionManager>;
 
 /// One database target: a pool and the table it writes.
 pub struct Store {
@@ -121,6 +122,11 @@ impl Store {
         Ok(store)
     }
 
+    /// A pooled connection (waits up to the pool's connection timeout).
+    pub fn checkout(&self) -> Result<Connection, StoreError> {
+        Ok(self.pool.get()?)
+    }
+
     pub fn config(&self) -> &MysqlConfig {
         &self.config
     }
@@ -160,8 +166,11 @@ impl Store {
     /// Commits one batch (one transaction) and returns a verdict per message.
     /// Any error means nothing of this attempt is committed (or, for a COMMIT whose outcome is
     /// unknown, that a redo will find the rows and accept them).
-    pub fn commit_batch(&self, messages: &[&[Record]]) -> Result<Vec<Verdict>, StoreError> {
-        let mut conn = self.pool.get()?;
+    pub fn commit_batch(
+        &self,
+        conn: &mut Connection,
+        messages: &[&[Record]],
+    ) -> Result<Vec<Verdict>, StoreError> {
         let fast = classify::plan(messages, &HashMap::new());
         {
             let mut tx = conn.start_transaction(TxOpts::default())?;
@@ -174,7 +183,6 @@ impl Store {
                 Err(e) => {
                     if code_of(&e) == Some(ER_NO_SUCH_TABLE) {
                         drop(tx);
-                        drop(conn);
                         // The table was dropped under us: recreate it, then let the caller retry.
                         let _ = self.ensure_table();
                     }

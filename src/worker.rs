@@ -133,7 +133,15 @@ fn commit_with_retry(id: usize, batch: &[Job], shared: &Shared) -> Option<Vec<Ve
     loop {
         // A batch that fails is retried on the newest target, so a reload can heal it.
         let store = shared.store.load_full();
-        match store.commit_batch(&messages) {
+        let waited = Instant::now();
+        let attempt = store.checkout().and_then(|mut conn| {
+            shared
+                .metrics
+                .pool_wait_seconds
+                .observe(secs(waited.elapsed()));
+            store.commit_batch(&mut conn, &messages)
+        });
+        match attempt {
             Ok(verdicts) => {
                 if failures > 0 {
                     log::info!("worker {id}: database is back; batch committed after {failures} failed attempt(s)");

@@ -17,6 +17,7 @@ pub mod privileges;
 pub mod receiver;
 pub mod record;
 pub mod reload;
+pub mod reply;
 pub mod server;
 pub mod signals;
 pub mod store;

@@ -16,6 +16,7 @@ use crossbeam_channel::{Sender, TrySendError};
 use crate::config::{Config, CurveKey};
 use crate::metrics::Metrics;
 use crate::record::{self, Record};
+use crate::reply;
 use crate::worker::Job;
 
 /// Where workers push their replies.
@@ -153,10 +154,16 @@ impl Receiver {
         }
     }
 
+    /// Sends every batch of replies the workers have pushed so far.
     fn forward_replies(&mut self) -> Result<(), ReceiverError> {
+        let mut batch = zmq::Message::new();
         loop {
-            match self.replies.recv_multipart(zmq::DONTWAIT) {
-                Ok(frames) => self.send(frames),
+            match self.replies.recv(&mut batch, zmq::DONTWAIT) {
+                Ok(()) => {
+                    for frames in reply::split(&batch) {
+                        self.send(frames);
+                    }
+                }
                 Err(zmq::Error::EAGAIN) => return Ok(()),
                 Err(e) => return Err(e.into()),
             }
@@ -164,9 +171,16 @@ impl Receiver {
     }
 
     /// Sends on the ROUTER; a reply to a gone or saturated peer is dropped, never waited for.
-    fn send(&self, frames: Vec<Vec<u8>>) {
-        if let Err(e) = self.router.send_multipart(frames, zmq::DONTWAIT) {
-            log::debug!("receiver: reply dropped: {e}");
+    fn send<T: AsRef<[u8]>>(&self, frames: Vec<T>) {
+        let last = frames.len().saturating_sub(1);
+        for (i, frame) in frames.iter().enumerate() {
+            let flags = zmq::DONTWAIT | if i < last { zmq::SNDMORE } else { 0 };
+            if let Err(e) = self.router.send(frame.as_ref(), flags) {
+                // A multipart send fails on its first frame (unroutable peers are dropped
+                // silently by the ROUTER), so nothing half-sent is left behind.
+                log::debug!("receiver: reply dropped: {e}");
+                return;
+            }
         }
     }
 

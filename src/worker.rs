@@ -16,6 +16,7 @@ use crate::classify::Verdict;
 use crate::config::Config;
 use crate::metrics::{secs, Metrics};
 use crate::record::Record;
+use crate::reply;
 use crate::store::{Backoff, Store, StoreError};
 
 /// One parsed message on its way to a worker.
@@ -74,17 +75,18 @@ pub fn run(
         let m = &shared.metrics;
         m.batch_commit_seconds.observe(secs(started.elapsed()));
         m.batch_records.observe(records as f64);
+        // Every reply of the batch in one inproc message; counted before the send, so a
+        // client that saw its reply also sees it counted.
+        let mut out = Vec::with_capacity(batch.len() * 32);
         for (job, verdict) in batch.drain(..).zip(verdicts) {
             match verdict {
                 Verdict::Accept => m.records_committed.inc_by(job.records.len() as u64),
                 Verdict::Conflict(_) => m.messages_rejected.inc(),
             }
-            // Counted before the send, so a client that saw its reply also sees it counted.
             m.ack_latency_seconds.observe(secs(job.received.elapsed()));
-            let mut frames = job.envelope;
-            frames.push(verdict.reply_text());
-            replies.send_multipart(frames, 0).map_err(socket_error)?;
+            reply::push(&mut out, &job.envelope, &verdict.reply_text());
         }
+        replies.send(out, 0).map_err(socket_error)?;
     }
     Ok(())
 }

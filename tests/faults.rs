@@ -26,17 +26,7 @@ fn database_killed_mid_load_and_restarted() {
     let mut server = PrivateMariadb::start();
     let (db, f, metrics) = private_feedd(&server, "kill_db", &[]);
     let data = bodies(1, 20_000, 5);
-    let endpoint = f.endpoint();
-    let streamed = data.clone();
-    let client = std::thread::spawn(move || {
-        Resender::run(
-            &endpoint,
-            &streamed,
-            64,
-            Duration::from_secs(8),
-            Duration::from_secs(90),
-        )
-    });
+    let client = Resender::spawn(f.endpoint(), &data, Duration::from_secs(8));
     std::thread::sleep(Duration::from_millis(150));
     server.kill9();
     std::thread::sleep(Duration::from_secs(3));
@@ -122,17 +112,7 @@ fn connections_killed_from_the_server_side() {
     let server = PrivateMariadb::start();
     let (db, f, _) = private_feedd(&server, "kill_conn", &[]);
     let data = bodies(1, 20_000, 3);
-    let endpoint = f.endpoint();
-    let streamed = data.clone();
-    let client = std::thread::spawn(move || {
-        Resender::run(
-            &endpoint,
-            &streamed,
-            32,
-            Duration::from_secs(8),
-            Duration::from_secs(60),
-        )
-    });
+    let client = Resender::spawn(f.endpoint(), &data, Duration::from_secs(8));
     let mut admin = server.conn();
     for _ in 0..5 {
         std::thread::sleep(Duration::from_millis(150));
@@ -227,17 +207,7 @@ fn whole_daemon_killed_mid_load_then_started_again() {
     let f = Feedd::prepare(&db, &[]);
     f.start_daemon();
     let data = bodies(1, 3000, 2);
-    let endpoint = f.endpoint();
-    let streamed = data.clone();
-    let client = std::thread::spawn(move || {
-        Resender::run(
-            &endpoint,
-            &streamed,
-            64,
-            Duration::from_secs(2),
-            Duration::from_secs(60),
-        )
-    });
+    let client = Resender::spawn(f.endpoint(), &data, Duration::from_secs(2));
     std::thread::sleep(Duration::from_millis(200));
     let pid = f.daemon_pid();
     let child = f.serving_pid();

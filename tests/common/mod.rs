@@ -471,22 +471,9 @@ impl Feedd {
     }
 }
 
+/// The child processes of `parent` (the library's own lookup, used by `feedd status`).
 pub fn children_of(parent: i32) -> Vec<i32> {
-    let mut pids: Vec<i32> = std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|stat| {
-                    let rest = &stat[stat.rfind(')')? + 2..];
-                    rest.split(' ').nth(1)?.parse::<i32>().ok()
-                })
-                == Some(parent)
-        })
-        .collect();
-    pids.sort_unstable();
-    pids
+    feedd::supervisor::children_of(parent)
 }
 
 pub fn kill(pid: i32, sig: i32) {
@@ -563,6 +550,18 @@ pub struct Resender {
 }
 
 impl Resender {
+    /// `run` on a thread of its own, for tests that inject faults meanwhile.
+    pub fn spawn(
+        endpoint: String,
+        bodies: &[String],
+        patience: Duration,
+    ) -> std::thread::JoinHandle<Resender> {
+        let bodies = bodies.to_vec();
+        std::thread::spawn(move || {
+            Resender::run(&endpoint, &bodies, 64, patience, Duration::from_secs(90))
+        })
+    }
+
     /// Streams `bodies` (window `window`), resending until all are answered or `deadline`.
     pub fn run(
         endpoint: &str,

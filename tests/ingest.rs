@@ -321,3 +321,22 @@ fn check_names_file_key_and_reason() {
     let (_, _, stderr) = feedd.command(&["check", "--conf", "feed.ini"]);
     assert!(stderr.contains("[pipeline] bogus: unknown key"), "{stderr}");
 }
+
+#[test]
+fn large_messages_use_full_prepared_chunks_and_text_remainders() {
+    let db = Db::create("chunks");
+    let feedd = Feedd::start(&db, &[]);
+    let req = Req::connect(&feedd.endpoint());
+    // 2,500 records: two full 1,000-row prepared INSERTs and a 500-row text one.
+    let body: Vec<String> = (1..=2500)
+        .map(|t| format!("{t},{},{}.0001", t * 3, t % 10))
+        .collect();
+    assert_eq!(req.ask(&body.join("\n")), "TRUE");
+    let rows = db.rows();
+    assert_eq!(rows.len(), 2500);
+    assert_eq!(rows[&1000], (3000, "0.0001".to_string(), "Y".to_string()));
+    assert_eq!(rows[&2500], (7500, "0.0001".to_string(), "Y".to_string()));
+    // The same again: the prepared INSERT hits duplicates, the careful path answers TRUE.
+    assert_eq!(req.ask(&body.join("\n")), "TRUE");
+    assert_eq!(db.count(), 2500);
+}

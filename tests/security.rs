@@ -58,6 +58,14 @@ fn curve_allowlist_admits_only_listed_keys_and_follows_reload() {
     let plain = Dealer::connect(&f.endpoint());
     plain.0.set_rcvtimeo(1000).unwrap();
     assert_eq!(plain.ask("3,1,1"), None, "a plaintext client gets nothing");
+    let user_pass = context().socket(zmq::DEALER).unwrap();
+    user_pass.set_linger(0).unwrap();
+    user_pass.set_plain_username(Some("feed")).unwrap();
+    user_pass.set_plain_password(Some("feed")).unwrap();
+    user_pass.set_rcvtimeo(1000).unwrap();
+    user_pass.connect(&f.endpoint()).unwrap();
+    let user_pass = Dealer(user_pass);
+    assert_eq!(user_pass.ask("3,1,1"), None, "a PLAIN client gets nothing");
     assert_eq!(db.count(), 1);
     let text = http_get(&metrics_addr, "/metrics");
     assert!(metric(&text, "feedd_curve_refusals_total") >= 1.0);

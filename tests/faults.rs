@@ -111,11 +111,11 @@ fn row_lock_wait_and_deadlock_are_retried_until_true() {
 fn connections_killed_from_the_server_side() {
     let server = PrivateMariadb::start();
     let (db, f, _) = private_feedd(&server, "kill_conn", &[]);
-    let data = bodies(1, 20_000, 3);
+    let data = bodies(1, 40_000, 3);
     let client = Resender::spawn(f.endpoint(), &data, Duration::from_secs(8));
     let mut admin = server.conn();
     for _ in 0..5 {
-        std::thread::sleep(Duration::from_millis(150));
+        std::thread::sleep(Duration::from_millis(60));
         let ids: Vec<u64> = admin
             .query(format!(
                 "SELECT ID FROM information_schema.PROCESSLIST WHERE DB = '{}' AND ID <> CONNECTION_ID()",
@@ -130,7 +130,7 @@ fn connections_killed_from_the_server_side() {
     assert!(r.falses.is_empty(), "{:?}", r.falses.first());
     assert_eq!(r.acked.len(), data.len());
     assert_acked_present(&data, &r.acked, &db.rows());
-    assert_eq!(db.count(), 60_000);
+    assert_eq!(db.count(), 120_000);
     assert!(
         f.stderr_log().contains("retrying with backoff"),
         "the kills hit feedd's connections"

@@ -46,6 +46,8 @@ pub enum ReceiverError {
 }
 
 pub struct Receiver {
+    /// Kept to make a fresh ROUTER when the CURVE settings change.
+    context: zmq::Context,
     router: zmq::Socket,
     replies: zmq::Socket,
     control: zmq::Socket,
@@ -86,6 +88,7 @@ impl Receiver {
             })?;
         let bound = last_endpoint(&router).unwrap_or_else(|| endpoint.clone());
         Ok(Receiver {
+            context: context.clone(),
             router,
             replies,
             control,
@@ -247,8 +250,8 @@ impl Receiver {
     }
 
     /// Applies a reloaded endpoint or CURVE key. A new endpoint is bound before the old one
-    /// is unbound, and a failed bind keeps the old one serving. A new key on the same endpoint
-    /// needs a rebind (a moment without a listener; connected clients keep their sessions).
+    /// is unbound, and a failed bind keeps the old one serving. New CURVE settings replace the
+    /// socket (a moment without a listener; connected clients reconnect).
     fn follow_config(&mut self) {
         let config = self.config.load();
         let endpoint_changed = config.zmq.endpoint != self.endpoint;
@@ -259,24 +262,37 @@ impl Receiver {
         let new = config.zmq.endpoint.clone();
         self.endpoint = new.clone();
         self.curve = config.zmq.curve_secret_key;
-        // Socket options apply to binds made after them.
-        if let Err(e) = configure_router(&self.router, &config) {
+        if curve_changed {
+            // New security settings get a fresh socket: changing the mechanism of a socket with
+            // live sessions crashed libzmq 4.3 here. Replies still due to the old socket's
+            // peers are dropped with it; those clients resend and are answered TRUE.
+            let fresh = match self
+                .context
+                .socket(zmq::ROUTER)
+                .and_then(|s| configure_router(&s, &config).map(|()| s))
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    log::error!("receiver: cannot apply the new [zmq] settings: {e}");
+                    return;
+                }
+            };
+            let old = std::mem::replace(&mut self.router, fresh);
+            let _ = old.set_linger(0);
+            // Closing it releases its listener (asynchronously: the bind below retries).
+            drop(old);
+        } else if let Err(e) = configure_router(&self.router, &config) {
             log::error!("receiver: cannot apply the new [zmq] settings: {e}");
             return;
         }
         drop(config);
-        if !endpoint_changed {
-            if let Err(e) = unbind(&mut self.router, &self.bound) {
-                log::warn!("receiver: cannot unbind {} to rebind it: {e}", self.bound);
-            }
-        }
-        if let Err(e) = self.router.bind(&new) {
+        if let Err(e) = bind_retrying(&self.router, &new, curve_changed) {
             log::error!(
                 "receiver: cannot bind {new}: {e}; still serving {}",
-                if endpoint_changed {
-                    self.bound.as_str()
-                } else {
+                if curve_changed {
                     "nothing"
+                } else {
+                    self.bound.as_str()
                 }
             );
             return;
@@ -285,7 +301,7 @@ impl Receiver {
             &mut self.bound,
             last_endpoint(&self.router).unwrap_or_else(|| new.clone()),
         );
-        if endpoint_changed {
+        if endpoint_changed && !curve_changed {
             if let Err(e) = unbind(&mut self.router, &old) {
                 log::warn!("receiver: cannot unbind old endpoint {old}: {e}");
             }
@@ -373,6 +389,21 @@ fn configure_router(router: &zmq::Socket, config: &Config) -> Result<(), zmq::Er
         }
     }
     Ok(())
+}
+
+/// Binds `endpoint`. Right after an unbind of the same address libzmq may still hold the
+/// listener (the close is asynchronous), so a rebind retries EADDRINUSE for up to 2 s.
+fn bind_retrying(socket: &zmq::Socket, endpoint: &str, rebind: bool) -> Result<(), zmq::Error> {
+    let mut tries = if rebind { 200 } else { 1 };
+    loop {
+        match socket.bind(endpoint) {
+            Err(zmq::Error::EADDRINUSE) if tries > 1 => {
+                tries -= 1;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
 }
 
 fn last_endpoint(socket: &zmq::Socket) -> Option<String> {

@@ -171,6 +171,16 @@ fn supervise(
                 if s == SIGHUP || s == SIGUSR1 {
                     logging.reopen();
                 }
+                if s == SIGHUP {
+                    // The supervisor's own log follows the file too; the child judges the rest.
+                    // `conf` is absolute and the daemon runs in the directory it was started from.
+                    let base = std::env::current_dir().unwrap_or_default();
+                    if let Ok(config) = crate::config::Config::load(conf, &base) {
+                        if let Err(e) = logging.apply(&config) {
+                            log::error!("supervisor: {e}");
+                        }
+                    }
+                }
                 if s == SIGTERM || s == SIGINT {
                     stopping = true;
                     log::info!("supervisor: signal {s}, stopping the serving process {pid}");

@@ -364,3 +364,27 @@ fn reload_under_load_answers_everything_exactly_once() {
     assert!(old.0.recv_bytes(0).is_err(), "the old endpoint is closed");
     f.stop_daemon();
 }
+
+#[test]
+fn reload_to_an_unreachable_database_fails_and_keeps_the_old_target() {
+    let db = Db::create("d_reload_unreachable");
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let listen = format!("metrics.listen = {metrics_addr}");
+    let f = Feedd::start(&db, &[&listen]);
+    let req = Req::connect(&f.endpoint());
+    assert_eq!(req.ask("1,1,1"), "TRUE");
+    let conf = std::fs::read_to_string(f.conf_path()).unwrap();
+    let dead = conf.replace(
+        &format!("port = {}", db.port),
+        &format!("port = {}", free_port()),
+    );
+    assert_ne!(dead, conf);
+    std::fs::write(f.conf_path(), dead).unwrap();
+    f.signal(libc::SIGHUP);
+    f.wait_for_log("new database target not usable", Duration::from_secs(10));
+    assert_eq!(req.ask("2,1,1"), "TRUE", "still writing to the old target");
+    assert_eq!(db.count(), 2);
+    let text = http_get(&metrics_addr, "/metrics");
+    assert_eq!(metric(&text, "feedd_config_reload_failures_total"), 1.0);
+    assert_eq!(metric(&text, "feedd_config_reloads_total"), 0.0);
+}

@@ -255,3 +255,38 @@ fn abusive_clients_do_not_hurt_the_well_behaved_one() {
     assert!(!f.stderr_log().contains("panicked"));
     eprintln!("feedd RSS under abuse: {} KiB", rss);
 }
+
+#[test]
+fn curve_switched_on_by_reload_rebinds_the_endpoint() {
+    let db = Db::create("curve_on_reload");
+    let f = Feedd::start(&db, &[]);
+    assert_eq!(Req::connect(&f.endpoint()).ask("1,1,1"), "TRUE");
+    let server = curve_pair();
+    let conf = std::fs::read_to_string(f.conf_path()).unwrap();
+    std::fs::write(
+        f.conf_path(),
+        conf.replace(
+            "[zmq]\n",
+            &format!("[zmq]\ncurve_secret_key = \"{}\"\n", server.1),
+        ),
+    )
+    .unwrap();
+    f.signal(libc::SIGHUP);
+    f.wait_for_log("CURVE on", Duration::from_secs(10));
+    let client = curve_pair();
+    let curve = Dealer::connect_curve(&f.endpoint(), &server.0, &client);
+    assert_eq!(
+        curve.ask("2,1,1").as_deref(),
+        Some("TRUE"),
+        "no allowlist: any CURVE client"
+    );
+    let plain = Dealer::connect(&f.endpoint());
+    plain.0.set_rcvtimeo(1000).unwrap();
+    assert_eq!(
+        plain.ask("3,1,1"),
+        None,
+        "new plaintext connections are refused"
+    );
+    assert_eq!(db.count(), 2);
+    assert!(!f.stderr_log().contains(&server.1));
+}

@@ -29,8 +29,6 @@ pub struct Readiness {
 }
 
 enum Channel {
-    /// Foreground: nobody is waiting.
-    Nobody,
     Pipe(Option<File>),
     /// A serving child: its stdout is a pipe to the supervisor.
     Stdout(bool),
@@ -40,10 +38,6 @@ const READY: &str = "READY";
 const FAILED: &str = "ERR ";
 
 impl Readiness {
-    pub fn nobody() -> Readiness {
-        Readiness::on(Channel::Nobody)
-    }
-
     /// Reports on stdout (a serving child to its supervisor).
     pub fn stdout() -> Readiness {
         Readiness::on(Channel::Stdout(false))
@@ -75,7 +69,6 @@ impl Readiness {
 
     fn report(&mut self, line: &str) {
         match &mut self.channel {
-            Channel::Nobody => {}
             Channel::Pipe(file) => {
                 if let Some(mut f) = file.take() {
                     let _ = writeln!(f, "{line}");

@@ -133,7 +133,6 @@ impl Metrics {
 
 /// The HTTP listener thread. Dropping it stops and joins the thread.
 pub struct MetricsServer {
-    addr: SocketAddr,
     server: Arc<tiny_http::Server>,
     thread: Option<JoinHandle<()>>,
 }
@@ -155,14 +154,9 @@ impl MetricsServer {
             })?;
         log::info!("metrics on http://{addr}/metrics");
         Ok(MetricsServer {
-            addr,
             server,
             thread: Some(thread),
         })
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
     }
 }
 

@@ -68,7 +68,6 @@ pub type Connection = r2d2::PooledConnection<MySqlConnectionManager>;
 pub struct Store {
     pool: Pool,
     table: String,
-    config: MysqlConfig,
     /// The prepared INSERT of exactly `ROWS_PER_STATEMENT` rows.
     full_chunk_sql: String,
 }
@@ -113,7 +112,6 @@ impl Store {
         let store = Store {
             pool,
             table: config.table.clone(),
-            config: config.clone(),
             full_chunk_sql: format!(
                 "INSERT INTO `{}` (ticket, login, volume, status) VALUES {}",
                 config.table,
@@ -132,14 +130,6 @@ impl Store {
     /// A pooled connection (waits up to the pool's connection timeout).
     pub fn checkout(&self) -> Result<Connection, StoreError> {
         Ok(self.pool.get()?)
-    }
-
-    pub fn config(&self) -> &MysqlConfig {
-        &self.config
-    }
-
-    pub fn pool(&self) -> &Pool {
-        &self.pool
     }
 
     /// `CREATE TABLE IF NOT EXISTS`, then checks the columns feedd writes are there.

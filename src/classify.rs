@@ -3,6 +3,7 @@
 //!
 //! No I/O here; `store.rs` reads the stored rows and carries the plan out in one transaction.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use crate::record::{Record, Volume};
@@ -25,10 +26,11 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    pub fn reply_text(&self) -> Vec<u8> {
+    /// The reply frame; `TRUE`, the common case, is not allocated per message.
+    pub fn reply_text(&self) -> Cow<'static, [u8]> {
         match self {
-            Verdict::Accept => b"TRUE".to_vec(),
-            Verdict::Conflict(reason) => format!("FALSE {reason}").into_bytes(),
+            Verdict::Accept => Cow::Borrowed(b"TRUE"),
+            Verdict::Conflict(reason) => Cow::Owned(format!("FALSE {reason}").into_bytes()),
         }
     }
 }
@@ -174,7 +176,7 @@ mod tests {
 
     #[test]
     fn reply_texts() {
-        assert_eq!(Verdict::Accept.reply_text(), b"TRUE");
-        assert_eq!(Verdict::Conflict("x".into()).reply_text(), b"FALSE x");
+        assert_eq!(Verdict::Accept.reply_text().as_ref(), b"TRUE");
+        assert_eq!(Verdict::Conflict("x".into()).reply_text().as_ref(), b"FALSE x");
     }
 }

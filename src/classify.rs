@@ -177,6 +177,9 @@ mod tests {
     #[test]
     fn reply_texts() {
         assert_eq!(Verdict::Accept.reply_text().as_ref(), b"TRUE");
-        assert_eq!(Verdict::Conflict("x".into()).reply_text().as_ref(), b"FALSE x");
+        assert_eq!(
+            Verdict::Conflict("x".into()).reply_text().as_ref(),
+            b"FALSE x"
+        );
     }
 }

@@ -74,10 +74,29 @@ impl Default for Hooks {
     }
 }
 
+/// Which pipeline thread an exit notice is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Receiver,
+    Worker(usize),
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Role::Receiver => f.write_str("receiver"),
+            Role::Worker(id) => write!(f, "worker-{id}"),
+        }
+    }
+}
+
+/// A pipeline thread's end: who, and its error if it failed.
+type Exit = (Role, Result<(), String>);
+
 /// A thread's end, reported to the main thread (also on panic, from `Drop`).
 struct ExitNotice {
-    name: String,
-    tx: Sender<(String, Result<(), String>)>,
+    role: Role,
+    tx: Sender<Exit>,
     result: Option<Result<(), String>>,
 }
 
@@ -87,14 +106,14 @@ impl Drop for ExitNotice {
             .result
             .take()
             .unwrap_or_else(|| Err("panicked".to_string()));
-        let _ = self.tx.send((self.name.clone(), result));
+        let _ = self.tx.send((self.role, result));
     }
 }
 
 fn spawn_pinned<F>(
-    name: String,
+    role: Role,
     core: Option<core_affinity::CoreId>,
-    exits: &Sender<(String, Result<(), String>)>,
+    exits: &Sender<Exit>,
     body: F,
 ) -> std::io::Result<JoinHandle<()>>
 where
@@ -102,16 +121,16 @@ where
 {
     let tx = exits.clone();
     std::thread::Builder::new()
-        .name(name.clone())
+        .name(role.to_string())
         .spawn(move || {
             let mut notice = ExitNotice {
-                name,
+                role,
                 tx,
                 result: None,
             };
             if let Some(core) = core {
                 if !core_affinity::set_for_current(core) {
-                    log::debug!("{}: could not pin to core {}", notice.name, core.id);
+                    log::debug!("{}: could not pin to core {}", notice.role, core.id);
                 }
             }
             notice.result = Some(body());
@@ -177,7 +196,7 @@ pub fn serve(
     for id in 0..workers {
         let (jobs, ctx, shared) = (jobs_rx.clone(), context.clone(), shared.clone());
         worker_threads.push(spawn_pinned(
-            format!("worker-{id}"),
+            Role::Worker(id),
             core(id + 1),
             &exits_tx,
             move || {
@@ -187,7 +206,7 @@ pub fn serve(
         )?);
     }
     drop(jobs_rx);
-    let receiver_thread = spawn_pinned("receiver".into(), core(0), &exits_tx, move || {
+    let receiver_thread = spawn_pinned(Role::Receiver, core(0), &exits_tx, move || {
         receiver.run().map_err(|e| e.to_string())
     })?;
 
@@ -232,11 +251,9 @@ pub fn serve(
     Ok(outcome)
 }
 
-/// Blocks until a shutdown signal (`None`) or a pipeline thread's unexpected end (its reason).
-fn wait_for_stop(
-    events: &Chan<Event>,
-    exits: &Chan<(String, Result<(), String>)>,
-) -> Option<String> {
+/// Blocks until a shutdown signal (`None`) or a pipeline thread's unexpected end (which one,
+/// and why).
+fn wait_for_stop(events: &Chan<Event>, exits: &Chan<Exit>) -> Option<(Option<Role>, String)> {
     select! {
         recv(events) -> event => {
             if let Ok(Event::Shutdown { signal }) = event {
@@ -245,13 +262,13 @@ fn wait_for_stop(
             None
         }
         recv(exits) -> exit => {
-            let reason = match exit {
-                Ok((name, Ok(()))) => format!("{name} stopped unexpectedly"),
-                Ok((name, Err(e))) => format!("{name} failed: {e}"),
-                Err(_) => "pipeline threads gone".to_string(),
+            let (role, reason) = match exit {
+                Ok((role, Ok(()))) => (Some(role), format!("{role} stopped unexpectedly")),
+                Ok((role, Err(e))) => (Some(role), format!("{role} failed: {e}")),
+                Err(_) => (None, "pipeline threads gone".to_string()),
             };
             log::error!("{reason}; shutting down");
-            Some(reason)
+            Some((role, reason))
         }
     }
 }
@@ -259,32 +276,27 @@ fn wait_for_stop(
 fn shut_down(
     shared: &Shared,
     control: &zmq::Socket,
-    exits: &Chan<(String, Result<(), String>)>,
+    exits: &Chan<Exit>,
     workers: usize,
-    failure: Option<String>,
+    failure: Option<(Option<Role>, String)>,
 ) -> Outcome {
     let timeout = shared.config.load().daemon.shutdown_timeout();
     let deadline = Instant::now() + timeout;
     if let Err(e) = control.send(receiver::STOP, 0) {
         log::error!("cannot tell the receiver to stop: {e}");
     }
-    let mut workers_left = workers;
-    let mut receiver_gone = failure
-        .as_deref()
-        .is_some_and(|f| f.starts_with("receiver"));
-    if failure.as_deref().is_some_and(|f| f.starts_with("worker")) {
-        workers_left -= 1;
-    }
+    let failed_role = failure.as_ref().and_then(|(role, _)| *role);
+    let mut receiver_gone = failed_role == Some(Role::Receiver);
+    let mut workers_left = workers - usize::from(matches!(failed_role, Some(Role::Worker(_))));
     while workers_left > 0 {
         match exits.recv_deadline(deadline) {
-            Ok((name, result)) => {
+            Ok((role, result)) => {
                 if let Err(e) = result {
-                    log::error!("{name} failed during shutdown: {e}");
+                    log::error!("{role} failed during shutdown: {e}");
                 }
-                if name == "receiver" {
-                    receiver_gone = true;
-                } else {
-                    workers_left -= 1;
+                match role {
+                    Role::Receiver => receiver_gone = true,
+                    Role::Worker(_) => workers_left -= 1,
                 }
             }
             Err(_) => break,
@@ -304,14 +316,14 @@ fn shut_down(
         }
         // The receiver only forwards what is already pushed; this wait is short.
         let until = Instant::now() + Duration::from_secs(2);
-        while let Ok((name, _)) = exits.recv_deadline(until) {
-            if name == "receiver" {
+        while let Ok((role, _)) = exits.recv_deadline(until) {
+            if role == Role::Receiver {
                 break;
             }
         }
     }
     match failure {
-        Some(reason) => Outcome::Failed(reason),
+        Some((_, reason)) => Outcome::Failed(reason),
         None if drained => {
             log::info!("drained: every queued message committed and answered");
             Outcome::Drained

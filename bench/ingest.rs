@@ -50,9 +50,10 @@ fn table_sql(table: &str) -> String {
     )
 }
 
-/// The rows feedd-load sends for ticket t, so every way writes the same data.
+/// The row feedd-load sends for ticket t, so every way writes the same data.
 fn row(t: u64) -> (u64, u64, String) {
-    (t, t % 100_000, format!("{}.{:02}", t % 10_000, t % 100))
+    let r = load::record_for(t);
+    (r.ticket, r.login, r.volume.to_string())
 }
 
 /// Messages in flight per client (4 clients): 32 for 1 record per message, 8 otherwise.

@@ -4,6 +4,7 @@
 //! Each client thread owns its socket. A message carries an 8-byte sequence number as its
 //! first envelope frame, which feedd echoes, so replies are matched without ordering.
 
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,6 +12,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 
 use crate::config::CurveKey;
+use crate::record::{Record, Volume};
 
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -164,18 +166,24 @@ fn new_histogram() -> Result<Histogram<u64>, LoadError> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).map_err(|e| LoadError::Histogram(e.to_string()))
 }
 
+/// The record the load sends for `ticket` (the benchmark writes the same rows directly).
+pub fn record_for(ticket: u64) -> Record {
+    Record {
+        ticket,
+        login: ticket % 100_000,
+        // (ticket % 10,000).(ticket % 100), in 1/10,000 units
+        volume: Volume(u128::from(ticket % 10_000) * 10_000 + u128::from(ticket % 100) * 100),
+    }
+}
+
 fn body(first: u64, count: u64) -> Vec<u8> {
     let mut s = String::with_capacity(count as usize * 32);
     for t in first..first + count {
         if t > first {
             s.push('\n');
         }
-        s.push_str(&format!(
-            "{t},{},{}.{:02}",
-            t % 100_000,
-            t % 10_000,
-            t % 100
-        ));
+        let r = record_for(t);
+        let _ = write!(s, "{},{},{}", r.ticket, r.login, r.volume);
     }
     s.into_bytes()
 }

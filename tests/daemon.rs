@@ -265,8 +265,7 @@ fn crash_loop_backs_off() {
 fn reload_under_load_answers_everything_exactly_once() {
     let db_a = Db::create("d_reload_a");
     let db_b = Db::create("d_reload_b");
-    let metrics_addr = format!("127.0.0.1:{}", free_port());
-    let listen = format!("metrics.listen = {metrics_addr}");
+    let (metrics_addr, listen) = metrics_listen();
     let f = Feedd::prepare(&db_a, &[&listen]);
     f.start_daemon();
     let pid = f.daemon_pid();
@@ -368,8 +367,7 @@ fn reload_under_load_answers_everything_exactly_once() {
 #[test]
 fn reload_to_an_unreachable_database_fails_and_keeps_the_old_target() {
     let db = Db::create("d_reload_unreachable");
-    let metrics_addr = format!("127.0.0.1:{}", free_port());
-    let listen = format!("metrics.listen = {metrics_addr}");
+    let (metrics_addr, listen) = metrics_listen();
     let f = Feedd::start(&db, &[&listen]);
     let req = Req::connect(&f.endpoint());
     assert_eq!(req.ask("1,1,1"), "TRUE");

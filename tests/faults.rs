@@ -13,8 +13,7 @@ use mysql::prelude::Queryable;
 
 fn private_feedd(server: &PrivateMariadb, test: &str, overrides: &[&str]) -> (Db, Feedd, String) {
     let db = Db::create_on(test, server.port);
-    let metrics_addr = format!("127.0.0.1:{}", free_port());
-    let listen = format!("metrics.listen = {metrics_addr}");
+    let (metrics_addr, listen) = metrics_listen();
     let mut all = vec![listen.as_str()];
     all.extend_from_slice(overrides);
     let f = Feedd::start(&db, &all);

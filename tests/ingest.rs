@@ -204,8 +204,7 @@ fn sigterm_with_thousands_in_flight_drains_and_exits_0() {
 #[test]
 fn full_queue_stops_reading_and_memory_stays_bounded() {
     let db = Db::create("backpressure");
-    let metrics_addr = format!("127.0.0.1:{}", free_port());
-    let listen = format!("metrics.listen = {metrics_addr}");
+    let (metrics_addr, listen) = metrics_listen();
     let feedd = Feedd::start(
         &db,
         &[

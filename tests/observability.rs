@@ -10,8 +10,7 @@ use common::*;
 #[test]
 fn metrics_count_known_traffic() {
     let db = Db::create("metrics");
-    let addr = format!("127.0.0.1:{}", free_port());
-    let listen = format!("metrics.listen = {addr}");
+    let (addr, listen) = metrics_listen();
     let feedd = Feedd::start(&db, &[&listen]);
     let before = http_get(&addr, "/metrics");
     for name in [

@@ -14,7 +14,7 @@ struct Curve {
     list: std::path::PathBuf,
 }
 
-fn curve_feedd(db: &Db, metrics_addr: &str) -> (Feedd, Curve) {
+fn curve_feedd(db: &Db, listen: &str) -> (Feedd, Curve) {
     let server = curve_pair();
     let allowed = curve_pair();
     let f = Feedd::prepare(db, &[]);
@@ -26,11 +26,10 @@ fn curve_feedd(db: &Db, metrics_addr: &str) -> (Feedd, Curve) {
     .unwrap();
     let secret = format!("zmq.curve_secret_key = \"{}\"", server.1);
     let clients = format!("zmq.curve_allowed_clients = {}", list.display());
-    let listen = format!("metrics.listen = {metrics_addr}");
     let f = Feedd::prepare_in(
         f,
         db,
-        &[&secret, &clients, &listen, "mysql.password = \"\""],
+        &[&secret, &clients, listen, "mysql.password = \"\""],
     );
     std::fs::set_permissions(f.conf_path(), std::fs::Permissions::from_mode(0o600)).unwrap();
     (
@@ -46,8 +45,8 @@ fn curve_feedd(db: &Db, metrics_addr: &str) -> (Feedd, Curve) {
 #[test]
 fn curve_allowlist_admits_only_listed_keys_and_follows_reload() {
     let db = Db::create("curve");
-    let metrics_addr = format!("127.0.0.1:{}", free_port());
-    let (f, c) = curve_feedd(&db, &metrics_addr);
+    let (metrics_addr, listen) = metrics_listen();
+    let (f, c) = curve_feedd(&db, &listen);
 
     let good = Dealer::connect_curve(&f.endpoint(), &c.server.0, &c.allowed);
     assert_eq!(good.ask("1,1,1").as_deref(), Some("TRUE"));

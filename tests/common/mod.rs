@@ -35,6 +35,13 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// A free metrics address and the config override that points feedd at it.
+pub fn metrics_listen() -> (String, String) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let listen = format!("metrics.listen = {addr}");
+    (addr, listen)
+}
+
 /// A database of the test's own, dropped at the end.
 pub struct Db {
     pub name: String,
@@ -636,15 +643,27 @@ pub fn assert_acked_present(
     rows: &HashMap<u64, (u64, String, String)>,
 ) {
     for id in acked {
-        for line in bodies[*id as usize].lines() {
-            let f: Vec<&str> = line.split(',').collect();
-            let t: u64 = f[0].parse().unwrap();
-            let row = rows
-                .get(&t)
-                .unwrap_or_else(|| panic!("acknowledged ticket {t} is missing"));
-            assert_eq!(row.0.to_string(), f[1], "ticket {t} login");
-            assert_eq!(row.1, format!("{}000", f[2]), "ticket {t} volume");
-            assert_eq!(row.2, "Y");
-        }
+        let missing = missing_records(&bodies[*id as usize], rows);
+        assert!(
+            missing.is_empty(),
+            "acknowledged tickets missing or different: {missing:?}"
+        );
     }
+}
+
+/// Tickets of `body` whose row is absent, holds other values, or is not `status = 'Y'`.
+/// `rows`: ticket → (login, volume as stored, status), as `Db::rows` returns them.
+pub fn missing_records(body: &str, rows: &HashMap<u64, (u64, String, String)>) -> Vec<u64> {
+    let records = feedd::record::parse_body(body.as_bytes()).expect("a body the test sent");
+    records
+        .iter()
+        .filter(|r| {
+            !rows.get(&r.ticket).is_some_and(|(login, volume, status)| {
+                *login == r.login
+                    && feedd::record::Volume::parse(volume.as_bytes()) == Ok(r.volume)
+                    && status == "Y"
+            })
+        })
+        .map(|r| r.ticket)
+        .collect()
 }

@@ -56,6 +56,8 @@ pub struct Receiver {
     endpoint: String,
     /// The CURVE secret the ROUTER's listener was bound with.
     curve: Option<CurveKey>,
+    /// The config last looked at, so an unchanged one costs a pointer compare per wake-up.
+    seen: Arc<Config>,
     jobs: Option<Sender<Job>>,
     /// A message that found the channel full; intake pauses until it is queued.
     held: Option<Job>,
@@ -95,6 +97,7 @@ impl Receiver {
             bound,
             endpoint,
             curve: current.zmq.curve_secret_key,
+            seen: Arc::clone(&current),
             jobs: Some(jobs),
             held: None,
             config,
@@ -254,6 +257,10 @@ impl Receiver {
     /// socket (a moment without a listener; connected clients reconnect).
     fn follow_config(&mut self) {
         let config = self.config.load();
+        if Arc::ptr_eq(&config, &self.seen) {
+            return;
+        }
+        self.seen = Arc::clone(&config);
         let endpoint_changed = config.zmq.endpoint != self.endpoint;
         let curve_changed = config.zmq.curve_secret_key != self.curve;
         if !endpoint_changed && !curve_changed {

@@ -26,11 +26,7 @@ fn curve_feedd(db: &Db, listen: &str) -> (Feedd, Curve) {
     .unwrap();
     let secret = format!("zmq.curve_secret_key = \"{}\"", server.1);
     let clients = format!("zmq.curve_allowed_clients = {}", list.display());
-    let f = Feedd::prepare_in(
-        f,
-        db,
-        &[&secret, &clients, listen, "mysql.password = \"\""],
-    );
+    let f = Feedd::prepare_in(f, db, &[&secret, &clients, listen, "mysql.password = \"\""]);
     std::fs::set_permissions(f.conf_path(), std::fs::Permissions::from_mode(0o600)).unwrap();
     (
         f.spawn_foreground(),

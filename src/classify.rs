@@ -4,7 +4,7 @@
 //! No I/O here; `store.rs` reads the stored rows and carries the plan out in one transaction.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::record::{Record, Volume};
 
@@ -51,6 +51,8 @@ pub fn plan(messages: &[&[Record]], stored: &HashMap<u64, StoredRow>) -> Plan {
     let mut plan = Plan::default();
     // tickets accepted earlier in this batch and not yet in the table
     let mut pending: HashMap<u64, Record> = HashMap::new();
+    // tickets already in `mark_committed` (a set: a batch may hold thousands of them)
+    let mut marked: HashSet<u64> = HashSet::new();
     for records in messages {
         match conflict(records, stored, &pending) {
             Some(reason) => plan.verdicts.push(Verdict::Conflict(reason)),
@@ -58,7 +60,7 @@ pub fn plan(messages: &[&[Record]], stored: &HashMap<u64, StoredRow>) -> Plan {
                 for r in records.iter() {
                     match stored.get(&r.ticket) {
                         Some(row) if !row.committed => {
-                            if !plan.mark_committed.contains(&r.ticket) {
+                            if marked.insert(r.ticket) {
                                 plan.mark_committed.push(r.ticket);
                             }
                         }

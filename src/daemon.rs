@@ -9,6 +9,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use daemonize::{Daemonize, Outcome};
 
@@ -138,7 +139,12 @@ pub fn detach(base: &Path, umask: u32) -> Result<Detached, DaemonError> {
         Outcome::Parent(Ok(_)) => {
             // Our copy of the write end must go, or EOF never comes if the daemon dies.
             drop(write_end);
-            Ok(Detached::Invoker(read_report(File::from(read_end))))
+            let mut pipe = File::from(read_end);
+            let report = read_report(&mut pipe);
+            if matches!(report, Report::Failed(_)) {
+                await_exit(&mut pipe);
+            }
+            Ok(Detached::Invoker(report))
         }
         Outcome::Parent(Err(e)) => Err(DaemonError::Detach(e)),
         Outcome::Child(Ok(_)) => {
@@ -152,6 +158,28 @@ pub fn detach(base: &Path, umask: u32) -> Result<Detached, DaemonError> {
             let mut r = Readiness::on(Channel::Pipe(Some(File::from(write_end))));
             r.failed(&format!("cannot detach: {e}"));
             std::process::exit(1);
+        }
+    }
+}
+
+/// After a failure report, waits (up to 5 s) for the pipe's end of file, which comes when the
+/// failed daemon has exited: `start` then returns with no process left behind.
+fn await_exit(pipe: &mut File) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut buf = [0u8; 256];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let timeout = PollTimeout::from(u16::try_from(left.as_millis()).unwrap_or(u16::MAX));
+        let mut fds = [PollFd::new(pipe.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, timeout) {
+            Ok(n) if n > 0 => {}
+            _ => return, // timed out (a stuck daemon must not hang `start`) or failed
+        }
+        match pipe.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
         }
     }
 }

@@ -14,13 +14,13 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use crate::config::Config;
-use crate::daemon::{self, Detached, Readiness, Report};
 use crate::logging::Logging;
-use crate::pidfile::{self, Pidfile};
-use crate::privileges;
+use crate::process::daemon::{self, Detached, Readiness, Report};
+use crate::process::pidfile::{self, Pidfile};
+use crate::process::privileges;
+use crate::process::signals::Signals;
+use crate::process::supervisor;
 use crate::server::{self, Hooks, Outcome};
-use crate::signals::Signals;
-use crate::supervisor;
 
 /// Exit statuses.
 pub const EXIT_OK: i32 = 0;

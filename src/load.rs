@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 
 use crate::config::CurveKey;
-use crate::record::{Record, Volume};
+use crate::input::record::{Record, Volume};
 
 #[derive(Debug, Clone)]
 pub struct LoadOptions {

@@ -11,10 +11,10 @@ use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 
 use crate::config::{self, Config};
+use crate::input::receiver;
 use crate::logging::Logging;
 use crate::metrics::{Metrics, MetricsServer};
-use crate::receiver;
-use crate::store::Store;
+use crate::pipeline::store::Store;
 
 pub struct Reloader {
     pub config_file: PathBuf,

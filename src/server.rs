@@ -20,14 +20,14 @@ use crossbeam_channel::{select, Receiver as Chan, Sender};
 use parking_lot::Mutex;
 
 use crate::config::Config;
+use crate::input::receiver::{self, Receiver, ReceiverError};
+use crate::input::zap::ZapHandler;
 use crate::logging::Logging;
 use crate::metrics::{Metrics, MetricsError, MetricsServer};
-use crate::receiver::{self, Receiver, ReceiverError};
+use crate::pipeline::store::{Store, StoreError};
+use crate::pipeline::worker::{self, Shared};
+use crate::process::signals::{Event, SignalThread, Signals};
 use crate::reload::Reloader;
-use crate::signals::{Event, SignalThread, Signals};
-use crate::store::{Store, StoreError};
-use crate::worker::{self, Shared};
-use crate::zap::ZapHandler;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {

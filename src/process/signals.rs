@@ -55,7 +55,10 @@ impl SignalThread {
                 // The control socket is created here: it belongs to this thread alone.
                 reloader.control = control_context
                     .socket(zmq::PUSH)
-                    .and_then(|s| s.connect(crate::receiver::CONTROL_ENDPOINT).map(|()| s))
+                    .and_then(|s| {
+                        s.connect(crate::input::receiver::CONTROL_ENDPOINT)
+                            .map(|()| s)
+                    })
                     .map_err(|e| log::error!("signals: no control socket: {e}"))
                     .ok();
                 for signal in signals.forever() {

@@ -16,9 +16,9 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 
-use crate::daemon::{self, Readiness, Report};
 use crate::logging::Logging;
-use crate::signals::Signals;
+use crate::process::daemon::{self, Readiness, Report};
+use crate::process::signals::Signals;
 
 /// The hidden flag that makes `feedd` a serving child.
 pub const SERVE_CHILD_FLAG: &str = "--serve-child";

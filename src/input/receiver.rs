@@ -14,10 +14,10 @@ use arc_swap::ArcSwap;
 use crossbeam_channel::{Sender, TrySendError};
 
 use crate::config::{Config, CurveKey};
+use crate::input::record::{self, Record};
+use crate::input::reply;
 use crate::metrics::Metrics;
-use crate::record::{self, Record};
-use crate::reply;
-use crate::worker::Job;
+use crate::pipeline::worker::Job;
 
 /// Where workers push their replies.
 pub const REPLY_ENDPOINT: &str = "inproc://feedd-replies";

@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 
-use crate::classify::Verdict;
 use crate::config::Config;
+use crate::input::record::Record;
+use crate::input::reply;
 use crate::metrics::{secs, Metrics};
-use crate::record::Record;
-use crate::reply;
-use crate::store::{Backoff, Store, StoreError};
+use crate::pipeline::classify::Verdict;
+use crate::pipeline::store::{Backoff, Store, StoreError};
 
 /// One parsed message on its way to a worker.
 #[derive(Debug)]

@@ -16,9 +16,9 @@ use mysql::prelude::Queryable;
 use mysql::{OptsBuilder, TxOpts};
 use r2d2_mysql::MySqlConnectionManager;
 
-use crate::classify::{self, StoredRow, Verdict};
 use crate::config::MysqlConfig;
-use crate::record::{Record, Volume};
+use crate::input::record::{Record, Volume};
+use crate::pipeline::classify::{self, StoredRow, Verdict};
 
 const ER_DUP_ENTRY: u16 = 1062;
 const ER_NO_SUCH_TABLE: u16 = 1146;

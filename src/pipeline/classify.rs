@@ -6,7 +6,7 @@
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 
-use crate::record::{Record, Volume};
+use crate::input::record::{Record, Volume};
 
 /// A row as it is in the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

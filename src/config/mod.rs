@@ -646,7 +646,7 @@ mod tests {
 
     #[test]
     fn shipped_config_is_valid_and_default() {
-        let text = include_str!("../conf/feed.ini");
+        let text = include_str!("../../conf/feed.ini");
         let shipped = parse(text).unwrap();
         assert_eq!(shipped, parse("").unwrap());
     }

@@ -1,0 +1,10 @@
+//! Inputs: where records come from and where their verdicts go back to.
+//!
+//! - `record`: the wire body → records (pure; shared by every input).
+//! - `receiver`: the ZeroMQ ROUTER thread (owns the socket; replies after COMMIT).
+//! - `zap`: the CURVE authentication handler thread for the ROUTER.
+
+pub mod receiver;
+pub mod record;
+pub mod reply;
+pub mod zap;

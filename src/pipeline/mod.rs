@@ -1,0 +1,9 @@
+//! The pipeline between inputs and the database.
+//!
+//! - `worker`: pinned threads that batch queued messages and commit them.
+//! - `store`: the MySQL side (schema check, one transaction per batch, retry policy).
+//! - `classify`: which records to insert and which message gets which verdict (pure).
+
+pub mod classify;
+pub mod store;
+pub mod worker;

@@ -1,0 +1,8 @@
+//! The process around the pipeline: detaching, the pidfile lock, privileges, signals and
+//! the supervisor that restarts the serving process.
+
+pub mod daemon;
+pub mod pidfile;
+pub mod privileges;
+pub mod signals;
+pub mod supervisor;

@@ -1,11 +1,14 @@
 //! What each command of the command line does (SPEC §2), for `main.rs` to call.
 //!
+//! Every serving mode walks the same layers: the process is held (signal handlers first, the
+//! pidfile lock, the log), then `serve` binds everything that can fail, drops privileges and
+//! runs. A failure anywhere releases what was held (the pidfile goes) *before* the failure is
+//! reported, so an invoker that hears of it finds nothing left behind.
+//!
 //! Errors leave here as `anyhow` with context; `main` prints them on one line and picks the
 //! exit status.
 
-use std::cell::RefCell;
 use std::path::Path;
-use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,7 +23,7 @@ use crate::process::pidfile::{self, Pidfile};
 use crate::process::privileges;
 use crate::process::signals::Signals;
 use crate::process::supervisor;
-use crate::server::{self, Hooks, Outcome};
+use crate::server::{Outcome, Server};
 
 /// Exit statuses.
 pub const EXIT_OK: i32 = 0;
@@ -34,17 +37,97 @@ pub fn load_config(conf: &Path) -> anyhow::Result<Config> {
     Ok(Config::load(conf, &base)?)
 }
 
+/// What a serving process holds for its whole life, taken in this order.
+struct Held {
+    signals: Signals,
+    pidfile: Option<Pidfile>,
+    logging: Arc<Logging>,
+}
+
+/// Registers the signal handlers (first, so a signal during start-up waits instead of
+/// killing us), takes the pidfile lock when asked, starts the log.
+fn hold(config: &Config, signals: Signals, pidfile: bool, daemon: bool) -> anyhow::Result<Held> {
+    let pidfile = if pidfile {
+        Some(Pidfile::acquire(
+            &config.daemon.pidfile,
+            std::process::id(),
+        )?)
+    } else {
+        None
+    };
+    let logging = Arc::new(Logging::start(config, daemon)?);
+    if let Some(warning) = crate::config::exposure_warning(config) {
+        log::warn!("{warning}");
+    }
+    Ok(Held {
+        signals,
+        pidfile,
+        logging,
+    })
+}
+
+/// How the serving process makes sure it never outlives its supervisor.
+#[derive(Clone, Copy)]
+enum Parent {
+    /// Nobody to follow (foreground, or a daemon without a supervisor).
+    None,
+    /// A serving child: stop when this pid (the supervisor) dies.
+    Supervisor(i32),
+}
+
+/// Binds, drops privileges, then serves until told to stop. `serving` runs once it serves.
+fn serve(
+    config: Config,
+    held: Held,
+    parent: Parent,
+    serving: impl FnOnce(),
+) -> anyhow::Result<Outcome> {
+    let target = if nix::unistd::geteuid().is_root() {
+        privileges::resolve(
+            config.daemon.user.as_deref(),
+            config.daemon.group.as_deref(),
+        )?
+    } else {
+        None
+    };
+    let log_path =
+        config.log_path(held.pidfile.is_some() || matches!(parent, Parent::Supervisor(_)));
+    let bound = Server::bind(config, held.signals, Arc::clone(&held.logging))?;
+    if let Some(target) = target {
+        if let Some(log) = &log_path {
+            let mut paths: Vec<&Path> = vec![log.as_path()];
+            if let Some(dir) = log.parent() {
+                paths.push(dir);
+            }
+            privileges::hand_over(&target, &paths);
+        }
+        privileges::drop_to(&target)?;
+    }
+    if let Parent::Supervisor(ppid) = parent {
+        // After the drop: the kernel clears the parent-death signal on a uid/gid change.
+        nix::sys::prctl::set_pdeathsig(Signal::SIGTERM)
+            .context("cannot set the parent-death signal")?;
+        if nix::unistd::getppid().as_raw() != ppid {
+            bail!("the supervisor (pid {ppid}) is gone; not serving unsupervised");
+        }
+    }
+    Ok(bound.run(serving)?)
+}
+
 /// `feedd [--conf F]`: serve in the foreground until SIGTERM/SIGINT.
 pub fn foreground(conf: &Path) -> anyhow::Result<i32> {
-    // First of all, so a signal during start-up is queued rather than fatal.
     let signals = Signals::register().context("cannot install signal handlers")?;
     let config = load_config(conf)?;
     set_umask(config.daemon.umask);
-    let logging = Arc::new(Logging::start(&config, false)?);
-    warn_if_exposed(&config);
-    let outcome = server::serve(config, signals, Arc::clone(&logging), Hooks::default())?;
+    // One instance per pidfile, whatever the mode: `status` and `reload` work on it too.
+    let held = hold(&config, signals, true, false)?;
+    let logging = Arc::clone(&held.logging);
+    let result = serve(config, held, Parent::None, || {});
+    if let Err(e) = &result {
+        log::error!("start-up failed: {e:#}");
+    }
     logging.flush();
-    Ok(exit_status(&outcome))
+    Ok(exit_status(&result?))
 }
 
 /// The process exit status for how serving ended.
@@ -108,129 +191,65 @@ pub fn start(conf: &Path) -> anyhow::Result<i32> {
     }
 }
 
-/// The detached process: take the pidfile, open the log, then supervise or serve.
+/// The detached process: hold the process, then supervise or serve; one failure path.
 fn run_daemon(config: Config, mut readiness: Readiness) -> i32 {
-    // First, so a `reload` right after the pidfile appears cannot kill us.
-    let signals = match Signals::register() {
-        Ok(s) => s,
+    let result = Signals::register()
+        .context("cannot install signal handlers")
+        .and_then(|signals| hold(&config, signals, true, true))
+        .and_then(|held| {
+            let logging = Arc::clone(&held.logging);
+            let result = if config.daemon.supervise {
+                let Held {
+                    signals, pidfile, ..
+                } = held;
+                let status =
+                    supervisor::run(config.file.clone(), signals, &logging, &mut readiness);
+                drop(pidfile);
+                status.map_err(anyhow::Error::msg)
+            } else {
+                // `held` (and its pidfile) is gone once `serve` returns: nothing is left
+                // behind when the failure is reported below.
+                serve(config, held, Parent::None, || readiness.ready())
+                    .map(|outcome| exit_status(&outcome))
+            };
+            logging.flush();
+            result
+        });
+    match result {
+        Ok(status) => status,
         Err(e) => {
-            readiness.failed(&format!("cannot install signal handlers: {e}"));
-            return EXIT_FAILURE;
+            log::error!("start-up failed: {e:#}");
+            readiness.failed(&format!("{e:#}"));
+            EXIT_FAILURE
         }
-    };
-    let pidfile = match Pidfile::acquire(&config.daemon.pidfile, std::process::id()) {
-        Ok(p) => Rc::new(RefCell::new(Some(p))),
-        Err(e) => {
-            readiness.failed(&e.to_string());
-            return EXIT_FAILURE;
-        }
-    };
-    let held = Rc::clone(&pidfile);
-    readiness.set_cleanup(Box::new(move || drop(held.borrow_mut().take())));
-    let logging = match Logging::start(&config, true) {
-        Ok(l) => Arc::new(l),
-        Err(e) => {
-            readiness.failed(&e.to_string());
-            return EXIT_FAILURE;
-        }
-    };
-    let status = if config.daemon.supervise {
-        supervisor::run(
-            config.file.clone(),
-            signals,
-            Arc::clone(&logging),
-            readiness,
-        )
-    } else {
-        serve_detached(config, signals, Arc::clone(&logging), readiness)
-    };
-    drop(pidfile.borrow_mut().take());
-    logging.flush();
-    status
+    }
 }
 
 /// `feedd --serve-child` (hidden): the supervisor's serving process, reporting on stdout.
 pub fn serve_child(conf: &Path) -> i32 {
     let mut readiness = Readiness::stdout();
-    // If the supervisor dies (even by SIGKILL), stop too rather than serve unsupervised.
-    if let Err(e) = nix::sys::prctl::set_pdeathsig(Signal::SIGTERM) {
-        readiness.failed(&format!("cannot set the parent-death signal: {e}"));
-        return EXIT_FAILURE;
-    }
-    let signals = match Signals::register() {
-        Ok(s) => s,
-        Err(e) => {
-            readiness.failed(&format!("cannot install signal handlers: {e}"));
-            return EXIT_FAILURE;
-        }
-    };
-    let config = match load_config(conf) {
-        Ok(c) => c,
-        Err(e) => {
-            readiness.failed(&format!("{e:#}"));
-            return EXIT_FAILURE;
-        }
-    };
-    set_umask(config.daemon.umask);
-    let logging = match Logging::start(&config, true) {
-        Ok(l) => Arc::new(l),
-        Err(e) => {
-            readiness.failed(&e.to_string());
-            return EXIT_FAILURE;
-        }
-    };
-    warn_if_exposed(&config);
-    let status = serve_detached(config, signals, Arc::clone(&logging), readiness);
-    logging.flush();
-    status
-}
-
-fn warn_if_exposed(config: &Config) {
-    if let Some(warning) = crate::config::exposure_warning(config) {
-        log::warn!("{warning}");
-    }
-}
-
-/// Serves as a daemon: privilege drop before the first message, readiness once serving.
-fn serve_detached(
-    config: Config,
-    signals: Signals,
-    logging: Arc<Logging>,
-    readiness: Readiness,
-) -> i32 {
-    let readiness = Rc::new(RefCell::new(readiness));
-    let target = match privileges::resolve(
-        config.daemon.user.as_deref(),
-        config.daemon.group.as_deref(),
-    ) {
-        Ok(t) => t,
-        Err(e) => {
-            readiness.borrow_mut().failed(&e.to_string());
-            return EXIT_FAILURE;
-        }
-    };
-    let log_path = config.log_path(true);
-    let ready = Rc::clone(&readiness);
-    let hooks = Hooks {
-        before_serving: Box::new(move || {
-            let Some(target) = target else { return Ok(()) };
-            if let Some(log) = &log_path {
-                let dir = log.parent().map(Path::to_path_buf);
-                let mut paths: Vec<&Path> = vec![log.as_path()];
-                if let Some(d) = &dir {
-                    paths.push(d.as_path());
-                }
-                privileges::hand_over(&target, &paths);
-            }
-            privileges::drop_to(&target).map_err(|e| e.to_string())
-        }),
-        ready: Box::new(move || ready.borrow_mut().ready()),
-    };
-    match server::serve(config, signals, logging, hooks) {
+    let parent = nix::unistd::getppid().as_raw();
+    let result = Signals::register()
+        .context("cannot install signal handlers")
+        .and_then(|signals| {
+            // Until the privilege drop re-arms it, the supervisor's death stops us too.
+            nix::sys::prctl::set_pdeathsig(Signal::SIGTERM)
+                .context("cannot set the parent-death signal")?;
+            let config = load_config(conf)?;
+            set_umask(config.daemon.umask);
+            let held = hold(&config, signals, false, true)?;
+            let logging = Arc::clone(&held.logging);
+            let served = serve(config, held, Parent::Supervisor(parent), || {
+                readiness.ready()
+            });
+            logging.flush();
+            served
+        });
+    match result {
         Ok(outcome) => exit_status(&outcome),
         Err(e) => {
-            log::error!("start-up failed: {e}");
-            readiness.borrow_mut().failed(&e.to_string());
+            log::error!("start-up failed: {e:#}");
+            readiness.failed(&format!("{e:#}"));
             EXIT_FAILURE
         }
     }

@@ -13,7 +13,6 @@ pub mod logging;
 pub mod metrics;
 pub mod pipeline;
 pub mod process;
-pub mod reload;
 pub mod server;
 
 // Short paths kept for the tests, benches and fuzz targets.

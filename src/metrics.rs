@@ -4,11 +4,11 @@
 //! The pipeline only bumps counters; nothing outside this file knows the exposition format.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crate::pipeline::queue::DepthReader;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -35,8 +35,8 @@ pub struct Metrics {
     pub config_reload_failures: IntCounter,
     pub curve_refusals: IntCounter,
     queue_depth_gauge: IntGauge,
-    /// Records between receiver and workers; the receiver's back-pressure reads it too.
-    pub queue_depth: Arc<AtomicUsize>,
+    /// The queue's own depth, read when the gauge is rendered (the queue owns it).
+    queue_depth: DepthReader,
     pub batch_commit_seconds: Histogram,
     pub batch_records: Histogram,
     pub pool_wait_seconds: Histogram,
@@ -44,7 +44,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new() -> Result<Metrics, MetricsError> {
+    pub fn new(queue_depth: DepthReader) -> Result<Metrics, MetricsError> {
         let registry = Registry::new();
         let counter = |name: &str, help: &str| -> Result<IntCounter, MetricsError> {
             let c = IntCounter::new(name, help)?;
@@ -93,7 +93,7 @@ impl Metrics {
                 "CURVE handshakes refused by the allowlist",
             )?,
             queue_depth_gauge,
-            queue_depth: Arc::new(AtomicUsize::new(0)),
+            queue_depth,
             batch_commit_seconds: histogram(
                 "feedd_batch_commit_seconds",
                 "Time to commit one batch (all attempts)",
@@ -120,7 +120,7 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> Vec<u8> {
-        let depth = self.queue_depth.load(Ordering::Relaxed);
+        let depth = self.queue_depth.records();
         self.queue_depth_gauge
             .set(i64::try_from(depth).unwrap_or(i64::MAX));
         let mut out = Vec::new();

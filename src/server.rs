@@ -1,15 +1,25 @@
-//! The serving process: builds the pipeline, runs it, and shuts it down in order.
+//! The serving process in two steps: `Server::bind` makes everything that can fail (database
+//! pool, sockets, listeners) and `Bound::run` starts the threads and serves until told to
+//! stop. Between the two the caller drops privileges; `run` reports readiness through the
+//! closure it is given once the threads serve.
 //!
-//! Threads and owners (all started and joined here):
-//! - receiver (pinned): owns the ROUTER; stops intake on `stop`, returns on `finish`;
-//! - N workers (pinned): end when the channel is closed and drained;
-//! - signals: reload / reopen, and shutdown requests to this thread;
-//! - metrics: the HTTP listener (owned through the reloader's slot).
+//! Threads (all owned and joined here):
+//! - main (the caller's): signal events, reloads, thread failures, the drain;
+//! - receiver (pinned): owns the ROUTER; applies its part of a reload and answers;
+//! - N workers (pinned): end when the queue is closed and drained;
+//! - signals: turns signals into events for the main thread, nothing more;
+//! - a reload preparer, while a reload is being prepared (parse, new pool, new listener);
+//! - zap (CURVE handler) and metrics (HTTP listener), owned through their handles.
+//!
+//! A reload walks one way: signal → main → preparer (everything that can fail, off to the
+//! side, so a SIGTERM is never kept waiting) → main → each owner applies its part and answers
+//! → only when every part took is the new config published and the reload counted.
 //!
 //! Shutdown: stop intake → workers drain and commit → receiver sends the last replies →
 //! join. If `shutdown_timeout_ms` passes first, workers abandon what is uncommitted (never
 //! answered, so clients resend) and the process exits anyway.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -17,17 +27,16 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use crossbeam_channel::{select, Receiver as Chan, Sender};
-use parking_lot::Mutex;
 
-use crate::config::Config;
-use crate::input::receiver::{self, Receiver, ReceiverError};
+use crate::config::{self, Config};
+use crate::input::receiver::{Receiver, ReceiverError, ReceiverHandle, ZmqSettings};
 use crate::input::zap::ZapHandler;
 use crate::logging::Logging;
 use crate::metrics::{Metrics, MetricsError, MetricsServer};
+use crate::pipeline::queue::Queue;
 use crate::pipeline::store::{Store, StoreError};
 use crate::pipeline::worker::{self, Shared};
 use crate::process::signals::{Event, SignalThread, Signals};
-use crate::reload::Reloader;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -37,8 +46,6 @@ pub enum ServeError {
     Receiver(#[from] ReceiverError),
     #[error(transparent)]
     Metrics(#[from] MetricsError),
-    #[error("{0}")]
-    Startup(String),
     #[error("cannot start a thread: {0}")]
     Thread(#[from] std::io::Error),
     #[error("CURVE authentication handler: {0}")]
@@ -54,24 +61,6 @@ pub enum Outcome {
     Abandoned,
     /// A pipeline thread died; the process should exit non-zero (a supervisor restarts it).
     Failed(String),
-}
-
-/// Steps the daemon wraps around start-up.
-pub struct Hooks {
-    /// Runs once sockets are bound and the database checked, before any message is read
-    /// (privilege drop).
-    pub before_serving: Box<dyn FnOnce() -> Result<(), String>>,
-    /// Runs once serving has begun (readiness report to the invoking process).
-    pub ready: Box<dyn FnOnce()>,
-}
-
-impl Default for Hooks {
-    fn default() -> Self {
-        Hooks {
-            before_serving: Box::new(|| Ok(())),
-            ready: Box::new(|| {}),
-        }
-    }
 }
 
 /// Which pipeline thread an exit notice is about.
@@ -137,154 +126,369 @@ where
         })
 }
 
-/// Runs the pipeline until SIGTERM/SIGINT (or a thread failure), then drains.
-pub fn serve(
-    config: Config,
+/// Everything bound and proven, no thread serving yet.
+pub struct Bound {
+    shared: Shared,
+    queue: Queue,
+    context: zmq::Context,
+    zap: ZapHandler,
+    receiver: Receiver,
+    receiver_handle: ReceiverHandle,
+    metrics_server: Option<MetricsServer>,
     signals: Signals,
     logging: Arc<Logging>,
-    hooks: Hooks,
-) -> Result<Outcome, ServeError> {
-    let metrics = Metrics::new()?;
-    let workers = config.pipeline.worker_count();
-    let pool_size = config.mysql.pool_size_for(workers);
-    let store = Store::connect(&config.mysql, pool_size)?;
-    log::info!(
-        "database {}:{}/{} table `{}` ready (pool of {pool_size})",
-        config.mysql.host,
-        config.mysql.port,
-        config.mysql.database,
-        config.mysql.table
-    );
-    let shared = Shared {
-        config: Arc::new(ArcSwap::from_pointee(config.clone())),
-        store: Arc::new(ArcSwap::from_pointee(store)),
-        metrics: metrics.clone(),
-        abandon: Arc::new(AtomicBool::new(false)),
-    };
-
-    let context = zmq::Context::new();
-    let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(config.pipeline.queue_capacity);
-    // Bound before the ROUTER, so no CURVE handshake is ever unjudged.
-    let zap = ZapHandler::start(&context, Arc::clone(&shared.config), metrics.clone())
-        .map_err(ServeError::Zap)?;
-    let receiver = Receiver::bind(
-        &context,
-        Arc::clone(&shared.config),
-        jobs_tx,
-        metrics.clone(),
-    )?;
-    log::info!("listening on {}", receiver.bound_endpoint());
-    let metrics_server = match config.metrics.listen {
-        Some(addr) => Some(MetricsServer::start(addr, metrics.clone())?),
-        None => None,
-    };
-    let control = context.socket(zmq::PUSH).map_err(ReceiverError::from)?;
-    control
-        .connect(receiver::CONTROL_ENDPOINT)
-        .map_err(ReceiverError::from)?;
-
-    (hooks.before_serving)().map_err(ServeError::Startup)?;
-
-    let cores = if config.pipeline.pin_threads {
-        core_affinity::get_core_ids().unwrap_or_default()
-    } else {
-        Vec::new()
-    };
-    let core = |i: usize| (!cores.is_empty()).then(|| cores[i % cores.len()]);
-    let (exits_tx, exits_rx) = crossbeam_channel::unbounded();
-    let mut worker_threads = Vec::with_capacity(workers);
-    for id in 0..workers {
-        let (jobs, ctx, shared) = (jobs_rx.clone(), context.clone(), shared.clone());
-        worker_threads.push(spawn_pinned(
-            Role::Worker(id),
-            core(id + 1),
-            &exits_tx,
-            move || {
-                worker::run(id, jobs, &ctx, receiver::REPLY_ENDPOINT, &shared)
-                    .map_err(|e| e.to_string())
-            },
-        )?);
-    }
-    drop(jobs_rx);
-    let receiver_thread = spawn_pinned(Role::Receiver, core(0), &exits_tx, move || {
-        receiver.run().map_err(|e| e.to_string())
-    })?;
-
-    let (events_tx, events_rx) = crossbeam_channel::unbounded();
-    let reloader = Reloader {
-        config_file: config.file.clone(),
-        base_dir: config.base_dir.clone(),
-        config: Arc::clone(&shared.config),
-        store: Arc::clone(&shared.store),
-        logging: Arc::clone(&logging),
-        metrics: metrics.clone(),
-        metrics_server: Arc::new(Mutex::new(metrics_server)),
-        workers,
-        control: None,
-    };
-    let metrics_slot = Arc::clone(&reloader.metrics_server);
-    let signal_thread =
-        SignalThread::spawn(signals, reloader, logging, context.clone(), events_tx)?;
-    log::info!(
-        "serving with {workers} worker(s), pid {}",
-        std::process::id()
-    );
-    (hooks.ready)();
-
-    let failure = wait_for_stop(&events_rx, &exits_rx);
-    let outcome = shut_down(&shared, &control, &exits_rx, workers, failure);
-    signal_thread.stop();
-    *metrics_slot.lock() = None;
-    drop(zap);
-    if outcome == Outcome::Drained {
-        for t in worker_threads {
-            let _ = t.join();
-        }
-        let _ = receiver_thread.join();
-        drop(control);
-        drop(context);
-    } else {
-        // Threads may still hold sockets: terminating the context would wait for them forever.
-        std::mem::forget(control);
-        std::mem::forget(context);
-    }
-    Ok(outcome)
+    workers: usize,
 }
 
-/// Blocks until a shutdown signal (`None`) or a pipeline thread's unexpected end (which one,
-/// and why).
-fn wait_for_stop(events: &Chan<Event>, exits: &Chan<Exit>) -> Option<(Option<Role>, String)> {
-    select! {
-        recv(events) -> event => {
-            if let Ok(Event::Shutdown { signal }) = event {
-                log::info!("signal {signal}: shutting down, draining the queue");
-            }
-            None
+pub struct Server;
+
+impl Server {
+    /// Connects the database, binds the sockets and the metrics listener. Nothing reads a
+    /// message yet, so the caller can still drop privileges.
+    pub fn bind(
+        config: Config,
+        signals: Signals,
+        logging: Arc<Logging>,
+    ) -> Result<Bound, ServeError> {
+        let queue = Queue::new(config.pipeline.queue_capacity);
+        let metrics = Metrics::new(queue.depth_reader())?;
+        let workers = config.pipeline.worker_count();
+        let pool_size = config.mysql.pool_size_for(workers);
+        let store = Store::connect(&config.mysql, pool_size)?;
+        log::info!(
+            "database {}:{}/{} table `{}` ready (pool of {pool_size})",
+            config.mysql.host,
+            config.mysql.port,
+            config.mysql.database,
+            config.mysql.table
+        );
+        let metrics_server = match config.metrics.listen {
+            Some(addr) => Some(MetricsServer::start(addr, metrics.clone())?),
+            None => None,
+        };
+        let shared = Shared {
+            config: Arc::new(ArcSwap::from_pointee(config)),
+            store: Arc::new(ArcSwap::from_pointee(store)),
+            metrics: metrics.clone(),
+            abandon: Arc::new(AtomicBool::new(false)),
+        };
+        let context = zmq::Context::new();
+        // Bound before the ROUTER, so no CURVE handshake is ever unjudged.
+        let zap = ZapHandler::start(&context, Arc::clone(&shared.config), metrics.clone())
+            .map_err(ServeError::Zap)?;
+        let settings = ZmqSettings::of(&shared.config.load());
+        let (receiver, receiver_handle) = Receiver::bind(&context, settings, &queue, metrics)?;
+        log::info!("listening on {}", receiver.bound_endpoint());
+        Ok(Bound {
+            shared,
+            queue,
+            context,
+            zap,
+            receiver,
+            receiver_handle,
+            metrics_server,
+            signals,
+            logging,
+            workers,
+        })
+    }
+}
+
+/// A reload made ready off to the side: the new config and the parts that had to be proven.
+struct Prepared {
+    config: Config,
+    /// A new pool, when `[mysql]` changed.
+    store: Option<Store>,
+    /// A new listener (or none), when `[metrics] listen` changed.
+    metrics_server: Option<Option<MetricsServer>>,
+}
+
+/// The preparer thread of the reload under way.
+struct Preparing {
+    thread: JoinHandle<()>,
+    done: Chan<Result<Prepared, String>>,
+    /// Another SIGHUP came meanwhile: prepare again once this one is through.
+    again: bool,
+}
+
+impl Bound {
+    /// The endpoint bound (with a wildcard port resolved).
+    pub fn endpoint(&self) -> &str {
+        self.receiver.bound_endpoint()
+    }
+
+    /// Starts the threads, calls `serving` once they run, and serves until SIGTERM/SIGINT or
+    /// a thread failure; then drains.
+    pub fn run(self, serving: impl FnOnce()) -> Result<Outcome, ServeError> {
+        let Bound {
+            shared,
+            mut queue,
+            context,
+            zap,
+            receiver,
+            receiver_handle,
+            mut metrics_server,
+            signals,
+            logging,
+            workers,
+        } = self;
+        let config = shared.config.load_full();
+        let cores = if config.pipeline.pin_threads {
+            core_affinity::get_core_ids().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let core = |i: usize| (!cores.is_empty()).then(|| cores[i % cores.len()]);
+        let (exits_tx, exits_rx) = crossbeam_channel::unbounded();
+        let mut worker_threads = Vec::with_capacity(workers);
+        for id in 0..workers {
+            let (take, shared) = (queue.take(), shared.clone());
+            worker_threads.push(spawn_pinned(
+                Role::Worker(id),
+                core(id + 1),
+                &exits_tx,
+                move || {
+                    worker::run(id, take, &shared);
+                    Ok(())
+                },
+            )?);
         }
-        recv(exits) -> exit => {
-            let (role, reason) = match exit {
-                Ok((role, Ok(()))) => (Some(role), format!("{role} stopped unexpectedly")),
-                Ok((role, Err(e))) => (Some(role), format!("{role} failed: {e}")),
-                Err(_) => (None, "pipeline threads gone".to_string()),
-            };
-            log::error!("{reason}; shutting down");
-            Some((role, reason))
+        // From here only the inputs' intakes keep the queue open.
+        queue.seal();
+        let receiver_thread = spawn_pinned(Role::Receiver, core(0), &exits_tx, move || {
+            receiver.run(&|| {}).map_err(|e| e.to_string())
+        })?;
+        let (events_tx, events_rx) = crossbeam_channel::unbounded();
+        let signal_thread = SignalThread::spawn(signals, events_tx)?;
+        log::info!(
+            "serving with {workers} worker(s), pid {}",
+            std::process::id()
+        );
+        serving();
+
+        let mut main = Main {
+            shared: &shared,
+            queue: &queue,
+            receiver: &receiver_handle,
+            metrics_server: &mut metrics_server,
+            logging: &logging,
+            workers,
+            file: config.file.clone(),
+            base: config.base_dir.clone(),
+        };
+        drop(config);
+        let (failure, preparing) = main.serve(&events_rx, &exits_rx);
+        let outcome = shut_down(&shared, &receiver_handle, &exits_rx, workers, failure);
+        signal_thread.stop();
+        if let Some(p) = preparing {
+            // Bounded by the connect timeout of the pool it is proving.
+            let _ = p.thread.join();
+        }
+        drop(metrics_server);
+        drop(zap);
+        let _ = receiver_thread.join();
+        if outcome == Outcome::Drained {
+            for t in worker_threads {
+                let _ = t.join();
+            }
+        }
+        // A worker abandoned mid-query holds no socket: the context can close regardless.
+        drop(context);
+        Ok(outcome)
+    }
+}
+
+/// The main thread's view while serving: what it owns for applying reloads.
+struct Main<'a> {
+    shared: &'a Shared,
+    queue: &'a Queue,
+    receiver: &'a ReceiverHandle,
+    metrics_server: &'a mut Option<MetricsServer>,
+    logging: &'a Logging,
+    workers: usize,
+    file: PathBuf,
+    base: PathBuf,
+}
+
+impl Main<'_> {
+    /// Handles events until a shutdown signal (failure `None`) or a pipeline thread's
+    /// unexpected end (which one, and why). Returns a reload still being prepared.
+    fn serve(
+        &mut self,
+        events: &Chan<Event>,
+        exits: &Chan<Exit>,
+    ) -> (Option<(Option<Role>, String)>, Option<Preparing>) {
+        let mut preparing: Option<Preparing> = None;
+        loop {
+            let done = preparing
+                .as_ref()
+                .map_or_else(crossbeam_channel::never, |p| p.done.clone());
+            select! {
+                recv(events) -> event => match event {
+                    Ok(Event::Reload) => {
+                        self.logging.reopen();
+                        log::info!("SIGHUP: reloading");
+                        match &mut preparing {
+                            Some(p) => p.again = true,
+                            None => preparing = self.prepare(),
+                        }
+                    }
+                    Ok(Event::ReopenLog) => {
+                        self.logging.reopen();
+                        log::info!("SIGUSR1: log file reopened");
+                    }
+                    Ok(Event::Shutdown { signal }) => {
+                        log::info!("signal {signal}: shutting down, draining the queue");
+                        if preparing.is_some() {
+                            log::info!("the reload under way is abandoned");
+                        }
+                        return (None, preparing);
+                    }
+                    Err(_) => return (Some((None, "signal thread gone".into())), preparing),
+                },
+                recv(done) -> result => {
+                    let again = preparing.take().is_some_and(|p| {
+                        let _ = p.thread.join();
+                        p.again
+                    });
+                    let result = result.unwrap_or_else(|_| Err("the reload preparer died".into()));
+                    match result.and_then(|prepared| self.apply(prepared)) {
+                        Ok(()) => {
+                            self.shared.metrics.config_reloads.inc();
+                            log::info!("config reloaded from {}", self.file.display());
+                        }
+                        Err(reason) => {
+                            self.shared.metrics.config_reload_failures.inc();
+                            log::error!("reload failed, keeping the running config: {reason}");
+                        }
+                    }
+                    if again {
+                        preparing = self.prepare();
+                    }
+                }
+                recv(exits) -> exit => {
+                    let (role, reason) = match exit {
+                        Ok((role, Ok(()))) => (Some(role), format!("{role} stopped unexpectedly")),
+                        Ok((role, Err(e))) => (Some(role), format!("{role} failed: {e}")),
+                        Err(_) => (None, "pipeline threads gone".to_string()),
+                    };
+                    log::error!("{reason}; shutting down");
+                    return (Some((role, reason)), preparing);
+                }
+            }
         }
     }
+
+    /// Starts preparing a reload on its own thread (it may wait on an unreachable database).
+    fn prepare(&self) -> Option<Preparing> {
+        let (tx, done) = crossbeam_channel::bounded(1);
+        let (file, base) = (self.file.clone(), self.base.clone());
+        let old = self.shared.config.load_full();
+        let metrics = self.shared.metrics.clone();
+        let workers = self.workers;
+        let spawned = std::thread::Builder::new()
+            .name("reload".into())
+            .spawn(move || {
+                let _ = tx.send(prepare(&file, &base, &old, workers, &metrics));
+            });
+        match spawned {
+            Ok(thread) => Some(Preparing {
+                thread,
+                done,
+                again: false,
+            }),
+            Err(e) => {
+                self.shared.metrics.config_reload_failures.inc();
+                log::error!("reload failed: cannot start its thread: {e}");
+                None
+            }
+        }
+    }
+
+    /// Each owner applies its part; the new config is published only when every part took.
+    fn apply(&mut self, prepared: Prepared) -> Result<(), String> {
+        let Prepared {
+            config: new,
+            store,
+            metrics_server,
+        } = prepared;
+        let old = self.shared.config.load_full();
+        let settings = ZmqSettings::of(&new);
+        if settings != ZmqSettings::of(&old) {
+            self.receiver.apply(settings)?;
+        }
+        // Nothing below can fail: from here the reload is applied whole.
+        if let Some(store) = store {
+            self.shared.store.store(Arc::new(store));
+            log::info!(
+                "database target now {}:{}/{}.{}",
+                new.mysql.host,
+                new.mysql.port,
+                new.mysql.database,
+                new.mysql.table
+            );
+        }
+        if let Some(server) = metrics_server {
+            // Dropping the old listener stops it; the new one is already bound.
+            *self.metrics_server = server;
+        }
+        if let Err(e) = self.logging.apply(&new) {
+            log::error!("reload: {e}; keeping the old log file");
+        }
+        self.queue.set_capacity(new.pipeline.queue_capacity);
+        self.shared.config.store(Arc::new(new));
+        Ok(())
+    }
+}
+
+/// Everything of a reload that can fail, done without touching the running daemon.
+fn prepare(
+    file: &std::path::Path,
+    base: &std::path::Path,
+    old: &Config,
+    workers: usize,
+    metrics: &Metrics,
+) -> Result<Prepared, String> {
+    let mut new = Config::load(file, base).map_err(|e| e.to_string())?;
+    for key in config::keep_restart_only(old, &mut new) {
+        log::warn!("{key} changed: takes effect only after a restart; keeping the old value");
+    }
+    let metrics_server = if new.metrics.listen != old.metrics.listen {
+        match new.metrics.listen {
+            None => Some(None),
+            Some(addr) => Some(Some(
+                MetricsServer::start(addr, metrics.clone()).map_err(|e| e.to_string())?,
+            )),
+        }
+    } else {
+        None
+    };
+    let store = if new.mysql != old.mysql {
+        let pool_size = new.mysql.pool_size_for(workers);
+        Some(
+            Store::connect(&new.mysql, pool_size)
+                .map_err(|e| format!("new database target not usable: {e}"))?,
+        )
+    } else {
+        None
+    };
+    Ok(Prepared {
+        config: new,
+        store,
+        metrics_server,
+    })
 }
 
 fn shut_down(
     shared: &Shared,
-    control: &zmq::Socket,
+    receiver: &ReceiverHandle,
     exits: &Chan<Exit>,
     workers: usize,
     failure: Option<(Option<Role>, String)>,
 ) -> Outcome {
     let timeout = shared.config.load().daemon.shutdown_timeout();
     let deadline = Instant::now() + timeout;
-    if let Err(e) = control.send(receiver::STOP, 0) {
-        log::error!("cannot tell the receiver to stop: {e}");
-    }
+    receiver.stop_intake();
     let failed_role = failure.as_ref().and_then(|(role, _)| *role);
     let mut receiver_gone = failed_role == Some(Role::Receiver);
     let mut workers_left = workers - usize::from(matches!(failed_role, Some(Role::Worker(_))));
@@ -311,10 +515,8 @@ fn shut_down(
         shared.abandon.store(true, Ordering::Relaxed);
     }
     if !receiver_gone {
-        if let Err(e) = control.send(receiver::FINISH, 0) {
-            log::error!("cannot tell the receiver to finish: {e}");
-        }
-        // The receiver only forwards what is already pushed; this wait is short.
+        receiver.finish();
+        // The receiver only sends what is already delivered; this wait is short.
         let until = Instant::now() + Duration::from_secs(2);
         while let Ok((role, _)) = exits.recv_deadline(until) {
             if role == Role::Receiver {

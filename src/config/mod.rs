@@ -240,6 +240,18 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     changed
 }
 
+/// Applies the restart-only policy to a reloaded config: those keys keep their running
+/// values in `new`. Returns the keys that changed in the file (to log that a restart is due).
+pub fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
+    let changed = restart_only_changes(old, new);
+    new.daemon.pidfile = old.daemon.pidfile.clone();
+    new.daemon.user = old.daemon.user.clone();
+    new.daemon.group = old.daemon.group.clone();
+    new.pipeline.workers = old.pipeline.workers;
+    new.pipeline.pin_threads = old.pipeline.pin_threads;
+    changed
+}
+
 /// One section's raw values, consumed key by key so leftovers are reported as unknown.
 struct Section<'a> {
     file: &'a Path,

@@ -4,7 +4,7 @@
 //! - `receiver`: the ZeroMQ ROUTER thread (owns the socket; replies after COMMIT).
 //! - `zap`: the CURVE authentication handler thread for the ROUTER.
 
+pub mod mailbox;
 pub mod receiver;
 pub mod record;
-pub mod reply;
 pub mod zap;

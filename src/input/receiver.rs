@@ -1,38 +1,35 @@
 //! The receiver thread: the only owner of the ROUTER socket.
 //!
-//! It polls three sockets together: the ROUTER (client messages; polled only while the queue
-//! has room, which is the back-pressure), the inproc PULL where workers push replies (written
-//! to the ROUTER as they arrive, so replies never wait on a timer), and an inproc PULL for
-//! control (`stop` intake, `finish`). Parsing happens here, so malformed and oversized messages
+//! It polls the ROUTER (client messages; only while the queue has room, which is the
+//! back-pressure) beside its mailbox's doorbell, rung by workers when verdicts are ready, by
+//! the queue when room frees, and by the main thread with a command (apply a reload, stop
+//! intake, finish). Parsing happens here (`judge`, pure), so malformed and oversized messages
 //! are answered at once and never occupy the queue.
+//!
+//! The receiver owns its settings (endpoint, CURVE key, size limit): a reload is a command it
+//! applies and answers `Ok` or the error, and nothing of a failed one stays applied. A new
+//! endpoint is bound beside the old one; the old one is unbound only once every message
+//! received before the change has been answered (or `shutdown_timeout_ms` passed), because
+//! unbinding closes the connections accepted through it and their replies would be lost.
 
-use std::sync::atomic::Ordering;
+use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
-use crossbeam_channel::{Sender, TrySendError};
+use crossbeam_channel::{Receiver as Chan, Sender};
 
 use crate::config::{Config, CurveKey};
+use crate::input::mailbox::Doorbell;
 use crate::input::record::{self, Record};
-use crate::input::reply;
 use crate::metrics::Metrics;
-use crate::pipeline::worker::Job;
+use crate::pipeline::queue::{Full, Intake, Job, Outbox, Queue, ReplyTo, Verdicts, Wake};
 
-/// Where workers push their replies.
-pub const REPLY_ENDPOINT: &str = "inproc://feedd-replies";
-/// Where the main and signal threads send control words.
-pub const CONTROL_ENDPOINT: &str = "inproc://feedd-control";
-
-/// Control words understood by the receiver.
-pub const STOP: &[u8] = b"stop";
-pub const FINISH: &[u8] = b"finish";
-pub const RELOAD: &[u8] = b"reload";
-
-/// Most messages read in one go before the reply socket gets a turn (fairness to replies).
+/// Most messages read in one go before the mailbox gets a turn (fairness to replies).
 const READ_BURST: usize = 256;
 /// Most frames in one message; beyond that it is answered FALSE (bounded envelopes).
 const MAX_FRAMES: usize = 64;
+/// Longest idle wait, so the thread turns (and shows it is alive) at least this often.
+const IDLE_WAKE: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReceiverError {
@@ -41,27 +38,128 @@ pub enum ReceiverError {
         endpoint: String,
         source: zmq::Error,
     },
+    #[error("cannot bind {endpoint}: a socket is already listening on {path}")]
+    IpcInUse { endpoint: String, path: String },
     #[error("receiver socket: {0}")]
     Socket(#[from] zmq::Error),
+    #[error("receiver mailbox: {0}")]
+    Mailbox(#[from] std::io::Error),
+}
+
+/// The receiver's part of the config: what it applies itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ZmqSettings {
+    pub endpoint: String,
+    pub max_message_bytes: usize,
+    pub curve_secret_key: Option<CurveKey>,
+    /// How long an old endpoint stays bound after a change, for replies still due through it.
+    pub drain: Duration,
+}
+
+impl ZmqSettings {
+    pub fn of(config: &Config) -> ZmqSettings {
+        ZmqSettings {
+            endpoint: config.zmq.endpoint.clone(),
+            max_message_bytes: config.zmq.max_message_bytes,
+            curve_secret_key: config.zmq.curve_secret_key,
+            drain: config.daemon.shutdown_timeout(),
+        }
+    }
+}
+
+/// What the main thread asks of the receiver.
+enum Command {
+    /// Apply these settings; answer whether they took (nothing changes if not).
+    Apply(ZmqSettings, Sender<Result<(), String>>),
+    /// Stop reading messages; keep sending replies.
+    Stop,
+    /// Send the replies already delivered, then return.
+    Finish,
+}
+
+/// A message's reply address: its envelope on the socket (generation) it came through, and
+/// the epoch (endpoint changes) it arrived in.
+struct Envelope {
+    frames: Vec<Vec<u8>>,
+    socket: u64,
+    epoch: u64,
+}
+
+/// Verdicts from workers, for the receiver to send.
+struct ZmqOutbox {
+    verdicts: Sender<Verdicts>,
+    bell: Arc<Doorbell>,
+}
+
+impl Outbox for ZmqOutbox {
+    fn deliver(&self, verdicts: Verdicts) {
+        // Fails only once the receiver has returned; the clients then resend.
+        if self.verdicts.send(verdicts).is_ok() {
+            self.bell.wake();
+        }
+    }
+}
+
+/// The main thread's handle on the running receiver.
+pub struct ReceiverHandle {
+    commands: Sender<Command>,
+    bell: Arc<Doorbell>,
+}
+
+impl ReceiverHandle {
+    fn send(&self, command: Command) {
+        if self.commands.send(command).is_ok() {
+            self.bell.wake();
+        }
+    }
+
+    /// Applies new settings; `Ok` once bound, or why not (the old settings keep serving).
+    pub fn apply(&self, settings: ZmqSettings) -> Result<(), String> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.send(Command::Apply(settings, tx));
+        // A bind retry loop is the longest thing the receiver does (about 2 s).
+        rx.recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| Err("the receiver did not answer".into()))
+    }
+
+    pub fn stop_intake(&self) {
+        self.send(Command::Stop);
+    }
+
+    pub fn finish(&self) {
+        self.send(Command::Finish);
+    }
+}
+
+/// An old endpoint kept bound until the messages received before the change are answered.
+struct Retiring {
+    endpoint: String,
+    /// Messages of epochs below this one were received while it was the endpoint.
+    before_epoch: u64,
+    deadline: Instant,
 }
 
 pub struct Receiver {
     /// Kept to make a fresh ROUTER when the CURVE settings change.
     context: zmq::Context,
     router: zmq::Socket,
-    replies: zmq::Socket,
-    control: zmq::Socket,
-    /// The endpoint actually bound (wildcards resolved), for unbinding on an endpoint change.
+    /// Bumped when the socket is replaced: replies for an older one are dropped.
+    generation: u64,
+    /// Bumped at each endpoint change.
+    epoch: u64,
+    settings: ZmqSettings,
+    /// The endpoint actually bound (wildcards resolved), for unbinding.
     bound: String,
-    endpoint: String,
-    /// The CURVE secret the ROUTER's listener was bound with.
-    curve: Option<CurveKey>,
-    /// The config last looked at, so an unchanged one costs a pointer compare per wake-up.
-    seen: Arc<Config>,
-    jobs: Option<Sender<Job>>,
-    /// A message that found the channel full; intake pauses until it is queued.
+    retiring: Vec<Retiring>,
+    /// Accepted messages not answered yet, per epoch.
+    in_flight: BTreeMap<u64, usize>,
+    bell: Arc<Doorbell>,
+    commands: Chan<Command>,
+    verdicts: Chan<Verdicts>,
+    outbox: Arc<dyn Outbox>,
+    intake: Option<Intake>,
+    /// A message that found the queue full; intake pauses until it is queued.
     held: Option<Job>,
-    config: Arc<ArcSwap<Config>>,
     metrics: Metrics,
 }
 
@@ -69,40 +167,52 @@ impl Receiver {
     /// Creates and binds every socket, so a bind failure is a start-up error.
     pub fn bind(
         context: &zmq::Context,
-        config: Arc<ArcSwap<Config>>,
-        jobs: Sender<Job>,
+        settings: ZmqSettings,
+        queue: &Queue,
         metrics: Metrics,
-    ) -> Result<Receiver, ReceiverError> {
-        let replies = context.socket(zmq::PULL)?;
-        replies.set_rcvhwm(0)?;
-        replies.bind(REPLY_ENDPOINT)?;
-        let control = context.socket(zmq::PULL)?;
-        control.bind(CONTROL_ENDPOINT)?;
-        let current = config.load_full();
+    ) -> Result<(Receiver, ReceiverHandle), ReceiverError> {
+        let bell = Arc::new(Doorbell::new()?);
+        let intake = queue.intake(Arc::clone(&bell) as Arc<dyn Wake>);
         let router = context.socket(zmq::ROUTER)?;
-        configure_router(&router, &current)?;
-        let endpoint = current.zmq.endpoint.clone();
+        configure_router(&router, &settings)?;
+        refuse_live_ipc(&settings.endpoint)?;
         router
-            .bind(&endpoint)
+            .bind(&settings.endpoint)
             .map_err(|source| ReceiverError::Bind {
-                endpoint: endpoint.clone(),
+                endpoint: settings.endpoint.clone(),
                 source,
             })?;
-        let bound = last_endpoint(&router).unwrap_or_else(|| endpoint.clone());
-        Ok(Receiver {
-            context: context.clone(),
-            router,
-            replies,
-            control,
-            bound,
-            endpoint,
-            curve: current.zmq.curve_secret_key,
-            seen: Arc::clone(&current),
-            jobs: Some(jobs),
-            held: None,
-            config,
-            metrics,
-        })
+        let bound = last_endpoint(&router).unwrap_or_else(|| settings.endpoint.clone());
+        let (commands_tx, commands) = crossbeam_channel::unbounded();
+        let (verdicts_tx, verdicts) = crossbeam_channel::unbounded();
+        let outbox = Arc::new(ZmqOutbox {
+            verdicts: verdicts_tx,
+            bell: Arc::clone(&bell),
+        });
+        let handle = ReceiverHandle {
+            commands: commands_tx,
+            bell: Arc::clone(&bell),
+        };
+        Ok((
+            Receiver {
+                context: context.clone(),
+                router,
+                generation: 0,
+                epoch: 0,
+                settings,
+                bound,
+                retiring: Vec::new(),
+                in_flight: BTreeMap::new(),
+                bell,
+                commands,
+                verdicts,
+                outbox,
+                intake,
+                held: None,
+                metrics,
+            },
+            handle,
+        ))
     }
 
     /// The endpoint bound (with a wildcard port resolved).
@@ -110,96 +220,120 @@ impl Receiver {
         &self.bound
     }
 
-    /// Serves until told `finish`; then drains the replies already pushed and returns.
-    pub fn run(mut self) -> Result<(), ReceiverError> {
+    /// Serves until told `finish`; then sends the replies already delivered and returns.
+    /// `turned` is called once per loop (a liveness heartbeat).
+    pub fn run(mut self, turned: &dyn Fn()) -> Result<(), ReceiverError> {
+        let result = self.serve(turned);
+        // Whatever is left bound goes now; an ipc:// file of ours is removed.
+        for old in std::mem::take(&mut self.retiring) {
+            let _ = unbind(&mut self.router, &old.endpoint);
+            remove_ipc_file(&old.endpoint);
+        }
+        let _ = self.router.set_linger(1000);
+        let _ = unbind(&mut self.router, &self.bound);
+        remove_ipc_file(&self.bound);
+        result
+    }
+
+    fn serve(&mut self, turned: &dyn Fn()) -> Result<(), ReceiverError> {
         loop {
-            self.follow_config();
-            let capacity = self.config.load().pipeline.queue_capacity;
-            if self.held.is_some() {
-                self.retry_held();
-            }
-            let intake = self.jobs.is_some()
-                && self.held.is_none()
-                && self.metrics.queue_depth.load(Ordering::Relaxed) < capacity;
-            let router_events = if intake {
+            turned();
+            let reading =
+                self.intake.as_ref().is_some_and(|i| i.has_room(1)) && self.held.is_none();
+            let router_events = if reading {
                 zmq::POLLIN
             } else {
                 zmq::PollEvents::empty()
             };
+            let timeout = self.poll_timeout();
             let mut items = [
                 self.router.as_poll_item(router_events),
-                self.replies.as_poll_item(zmq::POLLIN),
-                self.control.as_poll_item(zmq::POLLIN),
+                zmq::PollItem::from_fd(self.bell.fd(), zmq::POLLIN),
             ];
-            // While paused, wake now and then: workers free queue room before they reply.
-            let timeout = if intake { 1000 } else { 5 };
             zmq::poll(&mut items, timeout)?;
-            let (router_ready, replies_ready, control_ready) = (
-                items[0].is_readable(),
-                items[1].is_readable(),
-                items[2].is_readable(),
-            );
-            if replies_ready {
-                self.forward_replies()?;
-            }
-            if control_ready {
-                let word = self.control.recv_bytes(0)?;
-                if word == STOP {
-                    log::info!("receiver: intake stopped, draining");
-                    // Dropping the sender lets workers finish the queue and exit.
-                    self.jobs = None;
-                } else if word == FINISH {
-                    self.forward_replies()?;
-                    self.router.set_linger(1000)?;
+            let (router_ready, mail) = (items[0].is_readable(), items[1].is_readable());
+            if mail {
+                self.bell.clear();
+                self.send_verdicts();
+                if self.obey()? {
+                    self.send_verdicts();
                     return Ok(());
                 }
+                self.retry_held();
             }
-            if router_ready && intake {
-                self.read_messages(capacity)?;
+            self.retire_endpoints(Instant::now());
+            if router_ready && reading {
+                self.read_messages()?;
             }
         }
     }
 
-    /// Sends every batch of replies the workers have pushed so far.
-    fn forward_replies(&mut self) -> Result<(), ReceiverError> {
-        let mut batch = zmq::Message::new();
-        loop {
-            match self.replies.recv(&mut batch, zmq::DONTWAIT) {
-                Ok(()) => {
-                    for frames in reply::split(&batch) {
-                        self.send(frames);
+    /// Milliseconds to wait: the idle wake, or sooner for an old endpoint's deadline.
+    fn poll_timeout(&self) -> i64 {
+        let now = Instant::now();
+        let wait = self
+            .retiring
+            .iter()
+            .map(|r| r.deadline.saturating_duration_since(now))
+            .fold(IDLE_WAKE, Duration::min);
+        i64::try_from(wait.as_millis()).unwrap_or(i64::MAX).max(1)
+    }
+
+    /// Carries out the main thread's commands; true when told to finish.
+    fn obey(&mut self) -> Result<bool, ReceiverError> {
+        while let Ok(command) = self.commands.try_recv() {
+            match command {
+                Command::Apply(settings, answer) => {
+                    let result = self.apply(settings);
+                    let _ = answer.send(result);
+                }
+                Command::Stop => {
+                    log::info!("receiver: intake stopped, draining");
+                    // Dropping the intake lets workers finish the queue and exit.
+                    self.intake = None;
+                    if let Some(job) = self.held.take() {
+                        self.answered(job_epoch(&job));
                     }
                 }
-                Err(zmq::Error::EAGAIN) => return Ok(()),
-                Err(e) => return Err(e.into()),
+                Command::Finish => return Ok(true),
+            }
+        }
+        Ok(false)
+    }
+
+    /// Sends every verdict delivered so far.
+    fn send_verdicts(&mut self) {
+        while let Ok(verdicts) = self.verdicts.try_recv() {
+            for (tag, verdict) in verdicts {
+                let Ok(envelope) = tag.downcast::<Envelope>() else {
+                    continue;
+                };
+                self.answered(envelope.epoch);
+                if envelope.socket != self.generation {
+                    continue; // its socket was replaced: the client resends
+                }
+                send(&self.router, &envelope.frames, &verdict.reply_text());
             }
         }
     }
 
-    /// Sends on the ROUTER; a reply to a gone or saturated peer is dropped, never waited for.
-    fn send<T: AsRef<[u8]>>(&self, frames: Vec<T>) {
-        let last = frames.len().saturating_sub(1);
-        for (i, frame) in frames.iter().enumerate() {
-            let flags = zmq::DONTWAIT | if i < last { zmq::SNDMORE } else { 0 };
-            if let Err(e) = self.router.send(frame.as_ref(), flags) {
-                // A multipart send fails on its first frame (unroutable peers are dropped
-                // silently by the ROUTER), so nothing half-sent is left behind.
-                log::debug!("receiver: reply dropped: {e}");
-                return;
+    fn answered(&mut self, epoch: u64) {
+        if let Some(n) = self.in_flight.get_mut(&epoch) {
+            *n -= 1;
+            if *n == 0 {
+                self.in_flight.remove(&epoch);
             }
         }
     }
 
-    fn reply_false(&self, mut envelope: Vec<Vec<u8>>, reason: &str) {
+    fn reply_false(&self, envelope: &[Vec<u8>], reason: &str) {
         self.metrics.messages_rejected.inc();
-        envelope.push(format!("FALSE {reason}").into_bytes());
-        self.send(envelope);
+        send(&self.router, envelope, format!("FALSE {reason}").as_bytes());
     }
 
-    fn read_messages(&mut self, capacity: usize) -> Result<(), ReceiverError> {
-        let max_bytes = self.config.load().zmq.max_message_bytes;
+    fn read_messages(&mut self) -> Result<(), ReceiverError> {
         for _ in 0..READ_BURST {
-            if self.metrics.queue_depth.load(Ordering::Relaxed) >= capacity || self.held.is_some() {
+            if self.held.is_some() || !self.intake.as_ref().is_some_and(|i| i.has_room(1)) {
                 return Ok(());
             }
             let frames = match self.router.recv_multipart(zmq::DONTWAIT) {
@@ -209,115 +343,255 @@ impl Receiver {
             };
             let received = Instant::now();
             self.metrics.messages_received.inc();
-            match judge(frames, max_bytes) {
+            match judge(frames, self.settings.max_message_bytes) {
                 Incoming::Ignore => {}
-                Incoming::Refuse { envelope, reason } => self.reply_false(envelope, &reason),
-                Incoming::Accept { envelope, records } => self.enqueue(Job {
-                    envelope,
-                    records,
-                    received,
-                }),
+                Incoming::Refuse { envelope, reason } => self.reply_false(&envelope, &reason),
+                Incoming::Accept { envelope, records } => self.enqueue(envelope, records, received),
             }
         }
         Ok(())
     }
 
-    fn enqueue(&mut self, job: Job) {
-        let Some(jobs) = &self.jobs else { return };
-        let n = job.records.len();
-        self.metrics.queue_depth.fetch_add(n, Ordering::Relaxed);
-        match jobs.try_send(job) {
-            Ok(()) => {}
-            Err(TrySendError::Full(job)) => self.held = Some(job),
-            Err(TrySendError::Disconnected(_)) => {
-                // Every worker is gone; the message stays unanswered and the client resends.
-                self.metrics.queue_depth.fetch_sub(n, Ordering::Relaxed);
-                log::error!("receiver: no worker left to take messages");
-            }
+    fn enqueue(&mut self, frames: Vec<Vec<u8>>, records: Vec<Record>, received: Instant) {
+        let Some(intake) = &self.intake else { return };
+        *self.in_flight.entry(self.epoch).or_insert(0) += 1;
+        let job = Job {
+            records,
+            received,
+            reply: ReplyTo {
+                outbox: Arc::clone(&self.outbox),
+                tag: Box::new(Envelope {
+                    frames,
+                    socket: self.generation,
+                    epoch: self.epoch,
+                }),
+            },
+        };
+        if let Err(Full(job)) = intake.push(job) {
+            self.held = Some(job);
         }
     }
 
     fn retry_held(&mut self) {
-        let (Some(jobs), Some(job)) = (&self.jobs, self.held.take()) else {
+        let (Some(intake), Some(job)) = (&self.intake, self.held.take()) else {
             return;
         };
-        match jobs.try_send(job) {
+        if let Err(Full(job)) = intake.push(job) {
+            self.held = Some(job);
+        }
+    }
+
+    /// Unbinds old endpoints whose messages are all answered, or whose time is up.
+    fn retire_endpoints(&mut self, now: Instant) {
+        let mut i = 0;
+        while i < self.retiring.len() {
+            let r = &self.retiring[i];
+            let pending = self.in_flight.range(..r.before_epoch).next().is_some();
+            if pending && now < r.deadline {
+                i += 1;
+                continue;
+            }
+            let old = self.retiring.swap_remove(i);
+            match unbind(&mut self.router, &old.endpoint) {
+                Ok(()) => log::info!(
+                    "receiver: old endpoint {} unbound{}",
+                    old.endpoint,
+                    if pending {
+                        " (drain time up; unanswered clients resend)"
+                    } else {
+                        ", every message received through it answered"
+                    }
+                ),
+                Err(e) => log::warn!("receiver: cannot unbind old endpoint {}: {e}", old.endpoint),
+            }
+            remove_ipc_file(&old.endpoint);
+        }
+    }
+
+    /// Applies reloaded settings, all or nothing.
+    fn apply(&mut self, new: ZmqSettings) -> Result<(), String> {
+        let old = self.settings.clone();
+        if new == old {
+            return Ok(());
+        }
+        if new.curve_secret_key != old.curve_secret_key {
+            self.replace_socket(&new)?;
+        } else {
+            // The guard applies to connections made from now on (see the README).
+            configure_router(&self.router, &new).map_err(|e| format!("[zmq]: {e}"))?;
+            if new.endpoint != old.endpoint {
+                if let Err(e) = self.move_endpoint(&new.endpoint, new.drain) {
+                    let _ = configure_router(&self.router, &old);
+                    return Err(e);
+                }
+            }
+        }
+        self.settings = new;
+        Ok(())
+    }
+
+    /// Binds `endpoint` beside the current one; the current one retires once drained.
+    fn move_endpoint(&mut self, endpoint: &str, drain: Duration) -> Result<(), String> {
+        refuse_live_ipc(endpoint).map_err(|e| e.to_string())?;
+        match self.router.bind(endpoint) {
             Ok(()) => {}
-            Err(TrySendError::Full(job)) => self.held = Some(job),
-            Err(TrySendError::Disconnected(job)) => {
-                self.metrics
-                    .queue_depth
-                    .fetch_sub(job.records.len(), Ordering::Relaxed);
+            Err(zmq::Error::EADDRINUSE) if same_port(endpoint, &self.bound) => {
+                // Widening `tcp://127.0.0.1:P` to `tcp://*:P` cannot be bound beside the old
+                // listener: swap them, and put the old one back if the new one fails.
+                return self.swap_endpoint(endpoint);
+            }
+            Err(e) => return Err(format!("[zmq] endpoint: cannot bind {endpoint}: {e}")),
+        }
+        let old = std::mem::replace(
+            &mut self.bound,
+            last_endpoint(&self.router).unwrap_or_else(|| endpoint.to_string()),
+        );
+        self.epoch += 1;
+        self.retiring.push(Retiring {
+            endpoint: old.clone(),
+            before_epoch: self.epoch,
+            deadline: Instant::now() + drain,
+        });
+        log::info!(
+            "receiver: now serving {} (was {old}; kept until its messages are answered)",
+            self.bound
+        );
+        Ok(())
+    }
+
+    fn swap_endpoint(&mut self, endpoint: &str) -> Result<(), String> {
+        let old = self.bound.clone();
+        unbind(&mut self.router, &old).map_err(|e| format!("cannot unbind {old}: {e}"))?;
+        match bind_retrying(&self.router, endpoint) {
+            Ok(()) => {
+                self.bound = last_endpoint(&self.router).unwrap_or_else(|| endpoint.to_string());
+                self.epoch += 1;
+                log::info!(
+                    "receiver: now serving {} (was {old}; its connections were closed, clients reconnect)",
+                    self.bound
+                );
+                Ok(())
+            }
+            Err(e) => {
+                if let Err(back) = bind_retrying(&self.router, &old) {
+                    log::error!("receiver: cannot bind {old} again: {back}; serving nothing");
+                }
+                Err(format!("[zmq] endpoint: cannot bind {endpoint}: {e}"))
             }
         }
     }
 
-    /// Applies a reloaded endpoint or CURVE key. A new endpoint is bound before the old one
-    /// is unbound, and a failed bind keeps the old one serving. New CURVE settings replace the
-    /// socket (a moment without a listener; connected clients reconnect).
-    fn follow_config(&mut self) {
-        let config = self.config.load();
-        if Arc::ptr_eq(&config, &self.seen) {
-            return;
+    /// New CURVE settings get a fresh socket: changing the mechanism of a socket with live
+    /// sessions crashed libzmq 4.3 here. Replies still due on the old socket are dropped with
+    /// it; those clients resend and are answered TRUE.
+    fn replace_socket(&mut self, new: &ZmqSettings) -> Result<(), String> {
+        let fresh = self
+            .context
+            .socket(zmq::ROUTER)
+            .and_then(|s| configure_router(&s, new).map(|()| s))
+            .map_err(|e| format!("[zmq]: cannot make a socket: {e}"))?;
+        refuse_live_ipc(&new.endpoint).map_err(|e| e.to_string())?;
+        if new.endpoint != self.settings.endpoint {
+            // A different address can be bound before the old socket closes: no gap.
+            fresh
+                .bind(&new.endpoint)
+                .map_err(|e| format!("[zmq] endpoint: cannot bind {}: {e}", new.endpoint))?;
         }
-        self.seen = Arc::clone(&config);
-        let endpoint_changed = config.zmq.endpoint != self.endpoint;
-        let curve_changed = config.zmq.curve_secret_key != self.curve;
-        if !endpoint_changed && !curve_changed {
-            return;
+        let old = std::mem::replace(&mut self.router, fresh);
+        let _ = old.set_linger(0);
+        // Closing it releases its listener (asynchronously: the bind below retries).
+        drop(old);
+        for r in std::mem::take(&mut self.retiring) {
+            remove_ipc_file(&r.endpoint);
         }
-        let new = config.zmq.endpoint.clone();
-        self.endpoint = new.clone();
-        self.curve = config.zmq.curve_secret_key;
-        if curve_changed {
-            // New security settings get a fresh socket: changing the mechanism of a socket with
-            // live sessions crashed libzmq 4.3 here. Replies still due to the old socket's
-            // peers are dropped with it; those clients resend and are answered TRUE.
-            let fresh = match self
-                .context
-                .socket(zmq::ROUTER)
-                .and_then(|s| configure_router(&s, &config).map(|()| s))
-            {
-                Ok(s) => s,
-                Err(e) => {
-                    log::error!("receiver: cannot apply the new [zmq] settings: {e}");
-                    return;
+        if new.endpoint == self.settings.endpoint {
+            if let Err(e) = bind_retrying(&self.router, &new.endpoint) {
+                // Back to the old settings on a fresh socket, so nothing of the reload stays.
+                let restored = self
+                    .context
+                    .socket(zmq::ROUTER)
+                    .and_then(|s| configure_router(&s, &self.settings).map(|()| s))
+                    .and_then(|s| bind_retrying(&s, &self.settings.endpoint).map(|()| s));
+                match restored {
+                    Ok(s) => self.router = s,
+                    Err(back) => log::error!("receiver: cannot restore the old socket: {back}"),
                 }
-            };
-            let old = std::mem::replace(&mut self.router, fresh);
-            let _ = old.set_linger(0);
-            // Closing it releases its listener (asynchronously: the bind below retries).
-            drop(old);
-        } else if let Err(e) = configure_router(&self.router, &config) {
-            log::error!("receiver: cannot apply the new [zmq] settings: {e}");
-            return;
-        }
-        drop(config);
-        if let Err(e) = bind_retrying(&self.router, &new, curve_changed) {
-            log::error!(
-                "receiver: cannot bind {new}: {e}; still serving {}",
-                if curve_changed {
-                    "nothing"
-                } else {
-                    self.bound.as_str()
-                }
-            );
-            return;
-        }
-        let old = std::mem::replace(
-            &mut self.bound,
-            last_endpoint(&self.router).unwrap_or_else(|| new.clone()),
-        );
-        if endpoint_changed && !curve_changed {
-            if let Err(e) = unbind(&mut self.router, &old) {
-                log::warn!("receiver: cannot unbind old endpoint {old}: {e}");
+                self.generation += 1;
+                return Err(format!("[zmq] endpoint: cannot bind {}: {e}", new.endpoint));
             }
         }
+        self.generation += 1;
+        self.epoch += 1;
+        self.bound = last_endpoint(&self.router).unwrap_or_else(|| new.endpoint.clone());
         log::info!(
-            "receiver: now serving {} (was {old}), CURVE {}",
+            "receiver: now serving {}, CURVE {}",
             self.bound,
-            if self.curve.is_some() { "on" } else { "off" }
+            if new.curve_secret_key.is_some() {
+                "on"
+            } else {
+                "off"
+            }
         );
+        Ok(())
+    }
+}
+
+fn job_epoch(job: &Job) -> u64 {
+    job.reply
+        .tag
+        .downcast_ref::<Envelope>()
+        .map_or(0, |e| e.epoch)
+}
+
+/// Sends a reply on the ROUTER; to a gone or saturated peer it is dropped, never waited for.
+fn send(router: &zmq::Socket, envelope: &[Vec<u8>], text: &[u8]) {
+    for frame in envelope {
+        if let Err(e) = router.send(frame.as_slice(), zmq::DONTWAIT | zmq::SNDMORE) {
+            // A multipart send fails on its first frame (unroutable peers are dropped
+            // silently by the ROUTER), so nothing half-sent is left behind.
+            log::debug!("receiver: reply dropped: {e}");
+            return;
+        }
+    }
+    if let Err(e) = router.send(text, zmq::DONTWAIT) {
+        log::debug!("receiver: reply dropped: {e}");
+    }
+}
+
+/// Both TCP endpoints on the same port (the new one cannot be bound beside the old one).
+fn same_port(a: &str, b: &str) -> bool {
+    let port = |e: &str| {
+        e.strip_prefix("tcp://")
+            .and_then(|rest| rest.rsplit_once(':'))
+            .map(|(_, p)| p.to_string())
+    };
+    matches!((port(a), port(b)), (Some(x), Some(y)) if x == y)
+}
+
+/// libzmq unlinks an existing `ipc://` socket file on bind, silently stealing the address of
+/// another running instance: refuse when something answers on it.
+fn refuse_live_ipc(endpoint: &str) -> Result<(), ReceiverError> {
+    let Some(path) = endpoint.strip_prefix("ipc://") else {
+        return Ok(());
+    };
+    if path.starts_with('@') || path == "*" {
+        return Ok(()); // abstract namespace or a generated name: no file to steal
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(ReceiverError::IpcInUse {
+            endpoint: endpoint.to_string(),
+            path: path.to_string(),
+        }),
+        Err(_) => Ok(()),
+    }
+}
+
+/// Removes our `ipc://` socket file after our listener is gone (nothing answers on it).
+fn remove_ipc_file(endpoint: &str) {
+    if let Some(path) = endpoint.strip_prefix("ipc://") {
+        if !path.starts_with('@') && refuse_live_ipc(endpoint).is_ok() {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
@@ -371,18 +645,17 @@ pub fn judge(mut frames: Vec<Vec<u8>>, max_bytes: usize) -> Incoming {
     }
 }
 
-fn configure_router(router: &zmq::Socket, config: &Config) -> Result<(), zmq::Error> {
+fn configure_router(router: &zmq::Socket, settings: &ZmqSettings) -> Result<(), zmq::Error> {
     // A peer sending more than this is disconnected by libzmq: a memory guard well above the
     // size answered `FALSE too large`.
-    let guard = config
-        .zmq
+    let guard = settings
         .max_message_bytes
         .saturating_mul(4)
         .saturating_add(65_536);
     router.set_maxmsgsize(i64::try_from(guard).unwrap_or(i64::MAX))?;
     router.set_rcvhwm(1000)?;
     router.set_sndhwm(1000)?;
-    match &config.zmq.curve_secret_key {
+    match &settings.curve_secret_key {
         Some(key) => {
             router.set_zap_domain("feedd")?;
             router.set_curve_server(true)?;
@@ -400,8 +673,8 @@ fn configure_router(router: &zmq::Socket, config: &Config) -> Result<(), zmq::Er
 
 /// Binds `endpoint`. Right after an unbind of the same address libzmq may still hold the
 /// listener (the close is asynchronous), so a rebind retries EADDRINUSE for up to 2 s.
-fn bind_retrying(socket: &zmq::Socket, endpoint: &str, rebind: bool) -> Result<(), zmq::Error> {
-    let mut tries = if rebind { 200 } else { 1 };
+fn bind_retrying(socket: &zmq::Socket, endpoint: &str) -> Result<(), zmq::Error> {
+    let mut tries = 200;
     loop {
         match socket.bind(endpoint) {
             Err(zmq::Error::EADDRINUSE) if tries > 1 => {

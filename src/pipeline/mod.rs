@@ -5,5 +5,6 @@
 //! - `classify`: which records to insert and which message gets which verdict (pure).
 
 pub mod classify;
+pub mod queue;
 pub mod store;
 pub mod worker;

@@ -1,8 +1,9 @@
-//! A worker thread: takes parsed messages off the channel, gathers a batch (up to
+//! A worker thread: takes parsed messages off the queue, gathers a batch (up to
 //! `batch_size` records or `batch_timeout_ms`), commits it through the store with retries,
-//! and hands the replies back to the receiver through its own inproc PUSH socket.
+//! and hands each message's verdict back to the input it came from (`ReplyTo`), grouped per
+//! input so a ZeroMQ receiver gets one wake-up per batch. It knows no input's wire format.
 //!
-//! It stops when the channel is closed and empty (graceful drain), or gives up a batch
+//! It stops when the queue is closed and empty (graceful drain), or gives up a batch
 //! without replying when told to abandon (shutdown deadline passed).
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,19 +15,10 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 
 use crate::config::Config;
 use crate::input::record::Record;
-use crate::input::reply;
 use crate::metrics::{secs, Metrics};
 use crate::pipeline::classify::Verdict;
+use crate::pipeline::queue::{Job, Outbox, Take, Verdicts};
 use crate::pipeline::store::{Backoff, Store, StoreError};
-
-/// One parsed message on its way to a worker.
-#[derive(Debug)]
-pub struct Job {
-    /// Every frame before the body (routing id, any further envelope, delimiter), echoed back.
-    pub envelope: Vec<Vec<u8>>,
-    pub records: Vec<Record>,
-    pub received: Instant,
-}
 
 /// What every worker shares.
 #[derive(Clone)]
@@ -38,32 +30,11 @@ pub struct Shared {
     pub abandon: Arc<AtomicBool>,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum WorkerError {
-    #[error("worker {id}: reply socket: {source}")]
-    Socket { id: usize, source: zmq::Error },
-}
-
-/// Runs one worker until the channel is closed and drained (or abandoned).
-pub fn run(
-    id: usize,
-    jobs: Receiver<Job>,
-    zmq_context: &zmq::Context,
-    reply_endpoint: &str,
-    shared: &Shared,
-) -> Result<(), WorkerError> {
-    let socket_error = |source| WorkerError::Socket { id, source };
-    let replies = zmq_context.socket(zmq::PUSH).map_err(socket_error)?;
-    replies.set_sndhwm(0).map_err(socket_error)?;
-    replies.set_linger(-1).map_err(socket_error)?;
-    replies.connect(reply_endpoint).map_err(socket_error)?;
-
+/// Runs one worker until the queue is closed and drained (or abandoned).
+pub fn run(id: usize, take: Take, shared: &Shared) {
     let mut batch: Vec<Job> = Vec::new();
-    while let Some(records) = gather(&jobs, shared, &mut batch) {
-        shared
-            .metrics
-            .queue_depth
-            .fetch_sub(records, Ordering::Relaxed);
+    while let Some(records) = gather(&take.rx, shared, &mut batch) {
+        take.taken(records);
         let started = Instant::now();
         let Some(verdicts) = commit_with_retry(id, &batch, shared) else {
             log::warn!(
@@ -75,20 +46,37 @@ pub fn run(
         let m = &shared.metrics;
         m.batch_commit_seconds.observe(secs(started.elapsed()));
         m.batch_records.observe(records as f64);
-        // Every reply of the batch in one inproc message; counted before the send, so a
-        // client that saw its reply also sees it counted.
-        let mut out = Vec::with_capacity(batch.len() * 32);
-        for (job, verdict) in batch.drain(..).zip(verdicts) {
-            match verdict {
-                Verdict::Accept => m.records_committed.inc_by(job.records.len() as u64),
-                Verdict::Conflict(_) => m.messages_rejected.inc(),
-            }
-            m.ack_latency_seconds.observe(secs(job.received.elapsed()));
-            reply::push(&mut out, &job.envelope, &verdict.reply_text());
-        }
-        replies.send(out, 0).map_err(socket_error)?;
+        deliver(batch.drain(..).zip(verdicts), m);
     }
-    Ok(())
+}
+
+/// Hands verdicts back, one `deliver` per input. Counted before delivery, so a client that
+/// saw its reply also sees it counted.
+fn deliver(answered: impl Iterator<Item = (Job, Verdict)>, m: &Metrics) {
+    let mut groups: Vec<(Arc<dyn Outbox>, Verdicts)> = Vec::new();
+    for (job, verdict) in answered {
+        match verdict {
+            Verdict::Accept => m.records_committed.inc_by(job.records.len() as u64),
+            Verdict::Conflict(_) => m.messages_rejected.inc(),
+        }
+        m.ack_latency_seconds.observe(secs(job.received.elapsed()));
+        let reply = job.reply;
+        match groups
+            .iter_mut()
+            .find(|(outbox, _)| same_outbox(outbox, &reply.outbox))
+        {
+            Some((_, list)) => list.push((reply.tag, verdict)),
+            None => groups.push((reply.outbox, vec![(reply.tag, verdict)])),
+        }
+    }
+    for (outbox, verdicts) in groups {
+        outbox.deliver(verdicts);
+    }
+}
+
+/// The same input (addresses only: vtable pointers of one type may differ between units).
+fn same_outbox(a: &Arc<dyn Outbox>, b: &Arc<dyn Outbox>) -> bool {
+    std::ptr::eq(Arc::as_ptr(a).cast::<()>(), Arc::as_ptr(b).cast::<()>())
 }
 
 /// A batch also closes when no message has arrived for this long: with closed-loop clients

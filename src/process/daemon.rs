@@ -24,9 +24,6 @@ pub enum DaemonError {
 /// Where a starting daemon reports `READY` or its failure. Reporting twice is a no-op.
 pub struct Readiness {
     channel: Channel,
-    /// Runs before a failure is reported (removes the pidfile), so the invoker, once told,
-    /// finds nothing left behind.
-    cleanup: Option<Box<dyn FnOnce()>>,
 }
 
 enum Channel {
@@ -45,25 +42,16 @@ impl Readiness {
     }
 
     fn on(channel: Channel) -> Readiness {
-        Readiness {
-            channel,
-            cleanup: None,
-        }
-    }
-
-    pub fn set_cleanup(&mut self, cleanup: Box<dyn FnOnce()>) {
-        self.cleanup = Some(cleanup);
+        Readiness { channel }
     }
 
     pub fn ready(&mut self) {
-        self.cleanup = None;
         self.report(READY);
     }
 
+    /// Reports a start-up failure. The caller releases what it held (the pidfile) first, so
+    /// the invoker, once told, finds nothing left behind.
     pub fn failed(&mut self, reason: &str) {
-        if let Some(cleanup) = self.cleanup.take() {
-            cleanup();
-        }
         // One line: the reason may hold newlines from a server message.
         self.report(&format!("{FAILED}{}", reason.replace('\n', " ")));
     }

@@ -1,5 +1,5 @@
-//! The signal thread: SIGHUP reloads (and reopens the log), SIGUSR1 reopens the log,
-//! SIGTERM/SIGINT ask the main thread to shut down.
+//! The signal thread: turns SIGHUP, SIGUSR1, SIGTERM and SIGINT into events for the main
+//! thread, and does nothing else (it never connects to anything, so it never blocks).
 //!
 //! Handlers are registered by `Signals::register` as the very first step of start-up, so a
 //! signal that arrives during a slow start waits instead of killing the process.
@@ -10,12 +10,14 @@ use crossbeam_channel::Sender;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::{Handle, Signals as HookSignals};
 
-use crate::logging::Logging;
-use crate::reload::Reloader;
-
-/// What the signal thread asks of the main thread.
+/// What a signal asks of the main thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
+    /// SIGHUP: reopen the log, re-read the config and apply it.
+    Reload,
+    /// SIGUSR1: reopen the log file only.
+    ReopenLog,
+    /// SIGTERM or SIGINT: drain and exit.
     Shutdown { signal: i32 },
 }
 
@@ -40,46 +42,21 @@ pub struct SignalThread {
 }
 
 impl SignalThread {
-    pub fn spawn(
-        signals: Signals,
-        mut reloader: Reloader,
-        logging: std::sync::Arc<Logging>,
-        control_context: zmq::Context,
-        events: Sender<Event>,
-    ) -> std::io::Result<SignalThread> {
+    pub fn spawn(signals: Signals, events: Sender<Event>) -> std::io::Result<SignalThread> {
         let mut signals = signals.0;
         let handle = signals.handle();
         let thread = std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
-                // The control socket is created here: it belongs to this thread alone.
-                reloader.control = control_context
-                    .socket(zmq::PUSH)
-                    .and_then(|s| {
-                        s.connect(crate::input::receiver::CONTROL_ENDPOINT)
-                            .map(|()| s)
-                    })
-                    .map_err(|e| log::error!("signals: no control socket: {e}"))
-                    .ok();
                 for signal in signals.forever() {
-                    match signal {
-                        SIGHUP => {
-                            logging.reopen();
-                            log::info!("SIGHUP: reloading");
-                            reloader.reload();
-                        }
-                        SIGUSR1 => {
-                            logging.reopen();
-                            log::info!("SIGUSR1: log file reopened");
-                        }
-                        SIGTERM | SIGINT => {
-                            let _ = events.send(Event::Shutdown { signal });
-                        }
-                        _ => {}
+                    let event = match signal {
+                        SIGHUP => Event::Reload,
+                        SIGUSR1 => Event::ReopenLog,
+                        _ => Event::Shutdown { signal },
+                    };
+                    if events.send(event).is_err() {
+                        return;
                     }
-                }
-                if let Some(s) = reloader.control.take() {
-                    let _ = s.set_linger(0);
                 }
             })?;
         Ok(SignalThread {

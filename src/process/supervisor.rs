@@ -5,10 +5,12 @@
 //!
 //! Threads: the main loop; a signal thread; one waiter per child (reads its readiness line,
 //! then waits for its exit). All report through one channel.
+//!
+//! HUP and USR1 reach a child only once it reported ready: before it has installed its
+//! handlers their default action would kill it. Until then they are held (and merged).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
@@ -108,19 +110,16 @@ fn forward(pid: u32, signal: i32) {
 
 /// Runs the supervisor until the serving process exits cleanly (after TERM/INT, or on its
 /// own with status 0). Returns the process exit status.
+///
+/// A failure to start the first serving process comes back as `Err(reason)`, for the caller
+/// to report once it has released the pidfile.
 pub fn run(
     conf: PathBuf,
     signals: Signals,
-    logging: Arc<Logging>,
-    mut readiness: Readiness,
-) -> i32 {
-    let exe = match std::env::current_exe() {
-        Ok(e) => e,
-        Err(e) => {
-            readiness.failed(&format!("cannot find my own executable: {e}"));
-            return 1;
-        }
-    };
+    logging: &Logging,
+    readiness: &mut Readiness,
+) -> Result<i32, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find my own executable: {e}"))?;
     let (tx, rx) = crossbeam_channel::unbounded();
     let signals = signals.into_inner();
     let handle = signals.handle();
@@ -133,7 +132,7 @@ pub fn run(
                 let _ = signal_tx.send(Event::Signal(s));
             }
         });
-    let status = supervise(&exe, &conf, &logging, &mut readiness, &tx, &rx);
+    let status = supervise(&exe, &conf, logging, readiness, &tx, &rx);
     handle.close();
     if let Ok(t) = signal_thread {
         let _ = t.join();
@@ -148,24 +147,23 @@ fn supervise(
     readiness: &mut Readiness,
     tx: &Sender<Event>,
     rx: &Receiver<Event>,
-) -> i32 {
+) -> Result<i32, String> {
     let mut policy = RestartPolicy::new();
     let mut stopping = false;
     let mut first_start = true;
     let mut restarts = 0u64;
-    let (mut pid, mut started) = match spawn_child(exe, conf, tx) {
-        Ok(c) => c,
-        Err(e) => {
-            readiness.failed(&format!("cannot start the serving process: {e}"));
-            return 1;
-        }
-    };
+    // Whether the current child reported ready, and the HUP/USR1 held until it does.
+    let mut child_ready = false;
+    let mut held: Vec<i32> = Vec::new();
+    let mut first_failure: Option<String> = None;
+    let (mut pid, mut started) =
+        spawn_child(exe, conf, tx).map_err(|e| format!("cannot start the serving process: {e}"))?;
     log::info!(
         "supervisor pid {}: serving process pid {pid} started",
         std::process::id()
     );
     loop {
-        let Ok(event) = rx.recv() else { return 1 };
+        let Ok(event) = rx.recv() else { return Ok(1) };
         match event {
             Event::Signal(s) => {
                 if s == SIGHUP || s == SIGUSR1 {
@@ -185,10 +183,18 @@ fn supervise(
                     stopping = true;
                     log::info!("supervisor: signal {s}, stopping the serving process {pid}");
                 }
-                forward(pid, s);
+                if child_ready || s == SIGTERM || s == SIGINT {
+                    forward(pid, s);
+                } else if !held.contains(&s) {
+                    held.push(s);
+                }
             }
             Event::Report { pid: p, report } if p == pid => match report {
                 Report::Ready => {
+                    child_ready = true;
+                    for s in held.drain(..) {
+                        forward(pid, s);
+                    }
                     if first_start {
                         first_start = false;
                         readiness.ready();
@@ -198,7 +204,7 @@ fn supervise(
                 }
                 Report::Failed(reason) if first_start => {
                     // Start-up failed: the invoker hears the reason, nothing is restarted.
-                    readiness.failed(&reason);
+                    first_failure = Some(reason);
                     stopping = true;
                 }
                 Report::Failed(reason) => {
@@ -211,14 +217,15 @@ fn supervise(
                 let lived = started.elapsed();
                 if stopping || status.success() {
                     if first_start {
-                        readiness.failed("the serving process exited during start-up; see the log");
-                        return 1;
+                        return Err(first_failure.take().unwrap_or_else(|| {
+                            "the serving process exited during start-up; see the log".into()
+                        }));
                     }
                     log::info!(
                         "supervisor: serving process {pid} {}; exiting",
                         describe(&status)
                     );
-                    return if status.success() { 0 } else { 1 };
+                    return Ok(if status.success() { 0 } else { 1 });
                 }
                 let delay = policy.next_delay(lived);
                 restarts += 1;
@@ -230,16 +237,17 @@ fn supervise(
                 );
                 if wait_or_stop(rx, delay) {
                     log::info!("supervisor: stopped while waiting to restart");
-                    return 0;
+                    return Ok(0);
                 }
                 match spawn_child(exe, conf, tx) {
                     Ok((p, s)) => {
                         (pid, started) = (p, s);
+                        child_ready = false;
                         log::info!("supervisor: serving process pid {pid} started");
                     }
                     Err(e) => {
                         log::error!("supervisor: cannot start the serving process: {e}");
-                        return 1;
+                        return Ok(1);
                     }
                 }
             }

@@ -7,12 +7,12 @@
 //! are answered at once and never occupy the queue.
 //!
 //! The receiver owns its settings (endpoint, CURVE key, size limit): a reload is a command it
-//! applies and answers `Ok` or the error, and nothing of a failed one stays applied. A new
-//! endpoint is bound beside the old one; the old one is unbound only once every message
-//! received before the change has been answered (or `shutdown_timeout_ms` passed), because
-//! unbinding closes the connections accepted through it and their replies would be lost.
+//! applies and answers `Ok` or the error, and nothing of a failed one stays applied. A change
+//! moves serving to a fresh socket, bound to a new address before the old socket stops; the
+//! old socket is read no more, answers every message it read (bounded by
+//! `shutdown_timeout_ms`), then closes. What clients sent it that was not read yet is neither
+//! stored nor answered: they reconnect and resend.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -77,12 +77,10 @@ enum Command {
     Finish,
 }
 
-/// A message's reply address: its envelope on the socket (generation) it came through, and
-/// the epoch (endpoint changes) it arrived in.
+/// A message's reply address: its envelope on the socket (generation) it came through.
 struct Envelope {
     frames: Vec<Vec<u8>>,
     socket: u64,
-    epoch: u64,
 }
 
 /// Verdicts from workers, for the receiver to send.
@@ -116,9 +114,10 @@ impl ReceiverHandle {
     /// Applies new settings; `Ok` once bound, or why not (the old settings keep serving).
     pub fn apply(&self, settings: ZmqSettings) -> Result<(), String> {
         let (tx, rx) = crossbeam_channel::bounded(1);
+        // Bounded by the drain of the messages in flight, then a bind retry loop (about 2 s).
+        let wait = settings.drain + Duration::from_secs(10);
         self.send(Command::Apply(settings, tx));
-        // A bind retry loop is the longest thing the receiver does (about 2 s).
-        rx.recv_timeout(Duration::from_secs(10))
+        rx.recv_timeout(wait)
             .unwrap_or_else(|_| Err("the receiver did not answer".into()))
     }
 
@@ -131,28 +130,17 @@ impl ReceiverHandle {
     }
 }
 
-/// An old endpoint kept bound until the messages received before the change are answered.
-struct Retiring {
-    endpoint: String,
-    /// Messages of epochs below this one were received while it was the endpoint.
-    before_epoch: u64,
-    deadline: Instant,
-}
-
 pub struct Receiver {
     /// Kept to make a fresh ROUTER when the CURVE settings change.
     context: zmq::Context,
     router: zmq::Socket,
     /// Bumped when the socket is replaced: replies for an older one are dropped.
     generation: u64,
-    /// Bumped at each endpoint change.
-    epoch: u64,
     settings: ZmqSettings,
     /// The endpoint actually bound (wildcards resolved), for unbinding.
     bound: String,
-    retiring: Vec<Retiring>,
-    /// Accepted messages not answered yet, per epoch.
-    in_flight: BTreeMap<u64, usize>,
+    /// Messages read and accepted, not answered yet.
+    in_flight: usize,
     bell: Arc<Doorbell>,
     commands: Chan<Command>,
     verdicts: Chan<Verdicts>,
@@ -198,11 +186,9 @@ impl Receiver {
                 context: context.clone(),
                 router,
                 generation: 0,
-                epoch: 0,
                 settings,
                 bound,
-                retiring: Vec::new(),
-                in_flight: BTreeMap::new(),
+                in_flight: 0,
                 bell,
                 commands,
                 verdicts,
@@ -224,14 +210,11 @@ impl Receiver {
     /// `turned` is called once per loop (a liveness heartbeat).
     pub fn run(mut self, turned: &dyn Fn()) -> Result<(), ReceiverError> {
         let result = self.serve(turned);
-        // Whatever is left bound goes now; an ipc:// file of ours is removed.
-        for old in std::mem::take(&mut self.retiring) {
-            let _ = unbind(&mut self.router, &old.endpoint);
-            remove_ipc_file(&old.endpoint);
-        }
+        // Time for the last replies to leave; then the socket (and an ipc:// file) goes.
         let _ = self.router.set_linger(1000);
-        let _ = unbind(&mut self.router, &self.bound);
-        remove_ipc_file(&self.bound);
+        let bound = self.bound.clone();
+        drop(self);
+        remove_ipc_file(&bound);
         result
     }
 
@@ -245,7 +228,7 @@ impl Receiver {
             } else {
                 zmq::PollEvents::empty()
             };
-            let timeout = self.poll_timeout();
+            let timeout = i64::try_from(IDLE_WAKE.as_millis()).unwrap_or(1000);
             let mut items = [
                 self.router.as_poll_item(router_events),
                 zmq::PollItem::from_fd(self.bell.fd(), zmq::POLLIN),
@@ -261,22 +244,10 @@ impl Receiver {
                 }
                 self.retry_held();
             }
-            self.retire_endpoints(Instant::now());
             if router_ready && reading {
                 self.read_messages()?;
             }
         }
-    }
-
-    /// Milliseconds to wait: the idle wake, or sooner for an old endpoint's deadline.
-    fn poll_timeout(&self) -> i64 {
-        let now = Instant::now();
-        let wait = self
-            .retiring
-            .iter()
-            .map(|r| r.deadline.saturating_duration_since(now))
-            .fold(IDLE_WAKE, Duration::min);
-        i64::try_from(wait.as_millis()).unwrap_or(i64::MAX).max(1)
     }
 
     /// Carries out the main thread's commands; true when told to finish.
@@ -291,8 +262,8 @@ impl Receiver {
                     log::info!("receiver: intake stopped, draining");
                     // Dropping the intake lets workers finish the queue and exit.
                     self.intake = None;
-                    if let Some(job) = self.held.take() {
-                        self.answered(job_epoch(&job));
+                    if self.held.take().is_some() {
+                        self.in_flight -= 1;
                     }
                 }
                 Command::Finish => return Ok(true),
@@ -308,20 +279,11 @@ impl Receiver {
                 let Ok(envelope) = tag.downcast::<Envelope>() else {
                     continue;
                 };
-                self.answered(envelope.epoch);
+                self.in_flight = self.in_flight.saturating_sub(1);
                 if envelope.socket != self.generation {
                     continue; // its socket was replaced: the client resends
                 }
                 send(&self.router, &envelope.frames, &verdict.reply_text());
-            }
-        }
-    }
-
-    fn answered(&mut self, epoch: u64) {
-        if let Some(n) = self.in_flight.get_mut(&epoch) {
-            *n -= 1;
-            if *n == 0 {
-                self.in_flight.remove(&epoch);
             }
         }
     }
@@ -354,7 +316,7 @@ impl Receiver {
 
     fn enqueue(&mut self, frames: Vec<Vec<u8>>, records: Vec<Record>, received: Instant) {
         let Some(intake) = &self.intake else { return };
-        *self.in_flight.entry(self.epoch).or_insert(0) += 1;
+        self.in_flight += 1;
         let job = Job {
             records,
             received,
@@ -363,7 +325,6 @@ impl Receiver {
                 tag: Box::new(Envelope {
                     frames,
                     socket: self.generation,
-                    epoch: self.epoch,
                 }),
             },
         };
@@ -381,132 +342,83 @@ impl Receiver {
         }
     }
 
-    /// Unbinds old endpoints whose messages are all answered, or whose time is up.
-    fn retire_endpoints(&mut self, now: Instant) {
-        let mut i = 0;
-        while i < self.retiring.len() {
-            let r = &self.retiring[i];
-            let pending = self.in_flight.range(..r.before_epoch).next().is_some();
-            if pending && now < r.deadline {
-                i += 1;
-                continue;
+    /// Sends verdicts (and queues the held message) until every message read so far is
+    /// answered, or `drain` passes. Nothing is read from the ROUTER meanwhile.
+    fn quiesce(&mut self, drain: Duration) {
+        let deadline = Instant::now() + drain;
+        while self.in_flight > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                log::warn!(
+                    "receiver: {} message(s) still unanswered after {} ms; their clients resend",
+                    self.in_flight,
+                    drain.as_millis()
+                );
+                return;
             }
-            let old = self.retiring.swap_remove(i);
-            match unbind(&mut self.router, &old.endpoint) {
-                Ok(()) => log::info!(
-                    "receiver: old endpoint {} unbound{}",
-                    old.endpoint,
-                    if pending {
-                        " (drain time up; unanswered clients resend)"
-                    } else {
-                        ", every message received through it answered"
-                    }
-                ),
-                Err(e) => log::warn!("receiver: cannot unbind old endpoint {}: {e}", old.endpoint),
+            let mut items = [zmq::PollItem::from_fd(self.bell.fd(), zmq::POLLIN)];
+            let ms = i64::try_from(left.as_millis())
+                .unwrap_or(i64::MAX)
+                .clamp(1, 100);
+            if zmq::poll(&mut items, ms).is_err() {
+                return;
             }
-            remove_ipc_file(&old.endpoint);
+            self.bell.clear();
+            self.send_verdicts();
+            self.retry_held();
         }
     }
 
-    /// Applies reloaded settings, all or nothing.
+    /// Applies reloaded settings, all or nothing. Any change takes a fresh socket: libzmq
+    /// copies a socket's options (CURVE key, size guard) into each listener when it is bound,
+    /// and unbinding an endpoint may still leave messages of its closed connections to be read
+    /// (and committed) with nobody to answer. A fresh socket lets the old one answer what it
+    /// read and close without being read again.
     fn apply(&mut self, new: ZmqSettings) -> Result<(), String> {
-        let old = self.settings.clone();
-        if new == old {
+        if new == self.settings {
             return Ok(());
         }
-        if new.curve_secret_key != old.curve_secret_key {
+        let same_listener = new.endpoint == self.settings.endpoint
+            && new.curve_secret_key == self.settings.curve_secret_key
+            && new.max_message_bytes == self.settings.max_message_bytes;
+        if !same_listener {
             self.replace_socket(&new)?;
-        } else {
-            // The guard applies to connections made from now on (see the README).
-            configure_router(&self.router, &new).map_err(|e| format!("[zmq]: {e}"))?;
-            if new.endpoint != old.endpoint {
-                if let Err(e) = self.move_endpoint(&new.endpoint, new.drain) {
-                    let _ = configure_router(&self.router, &old);
-                    return Err(e);
-                }
-            }
         }
         self.settings = new;
         Ok(())
     }
 
-    /// Binds `endpoint` beside the current one; the current one retires once drained.
-    fn move_endpoint(&mut self, endpoint: &str, drain: Duration) -> Result<(), String> {
-        refuse_live_ipc(endpoint).map_err(|e| e.to_string())?;
-        match self.router.bind(endpoint) {
-            Ok(()) => {}
-            Err(zmq::Error::EADDRINUSE) if same_port(endpoint, &self.bound) => {
-                // Widening `tcp://127.0.0.1:P` to `tcp://*:P` cannot be bound beside the old
-                // listener: swap them, and put the old one back if the new one fails.
-                return self.swap_endpoint(endpoint);
-            }
-            Err(e) => return Err(format!("[zmq] endpoint: cannot bind {endpoint}: {e}")),
-        }
-        let old = std::mem::replace(
-            &mut self.bound,
-            last_endpoint(&self.router).unwrap_or_else(|| endpoint.to_string()),
-        );
-        self.epoch += 1;
-        self.retiring.push(Retiring {
-            endpoint: old.clone(),
-            before_epoch: self.epoch,
-            deadline: Instant::now() + drain,
-        });
-        log::info!(
-            "receiver: now serving {} (was {old}; kept until its messages are answered)",
-            self.bound
-        );
-        Ok(())
-    }
-
-    fn swap_endpoint(&mut self, endpoint: &str) -> Result<(), String> {
-        let old = self.bound.clone();
-        unbind(&mut self.router, &old).map_err(|e| format!("cannot unbind {old}: {e}"))?;
-        match bind_retrying(&self.router, endpoint) {
-            Ok(()) => {
-                self.bound = last_endpoint(&self.router).unwrap_or_else(|| endpoint.to_string());
-                self.epoch += 1;
-                log::info!(
-                    "receiver: now serving {} (was {old}; its connections were closed, clients reconnect)",
-                    self.bound
-                );
-                Ok(())
-            }
-            Err(e) => {
-                if let Err(back) = bind_retrying(&self.router, &old) {
-                    log::error!("receiver: cannot bind {old} again: {back}; serving nothing");
-                }
-                Err(format!("[zmq] endpoint: cannot bind {endpoint}: {e}"))
-            }
-        }
-    }
-
-    /// New CURVE settings get a fresh socket: changing the mechanism of a socket with live
-    /// sessions crashed libzmq 4.3 here. Replies still due on the old socket are dropped with
-    /// it; those clients resend and are answered TRUE.
+    /// Moves serving to a fresh socket with `new` settings. A different address is bound
+    /// before the old socket stops (no gap); the same address, or the same port widened to
+    /// every interface, only once the old socket has closed, and on failure the old settings
+    /// are bound again. Either way the old socket first answers every message it read.
     fn replace_socket(&mut self, new: &ZmqSettings) -> Result<(), String> {
         let fresh = self
             .context
             .socket(zmq::ROUTER)
             .and_then(|s| configure_router(&s, new).map(|()| s))
             .map_err(|e| format!("[zmq]: cannot make a socket: {e}"))?;
-        refuse_live_ipc(&new.endpoint).map_err(|e| e.to_string())?;
-        if new.endpoint != self.settings.endpoint {
-            // A different address can be bound before the old socket closes: no gap.
-            fresh
-                .bind(&new.endpoint)
-                .map_err(|e| format!("[zmq] endpoint: cannot bind {}: {e}", new.endpoint))?;
-        }
+        let bind_error =
+            |e: zmq::Error| format!("[zmq] endpoint: cannot bind {}: {e}", new.endpoint);
+        let bound_early = if new.endpoint == self.settings.endpoint {
+            false
+        } else {
+            refuse_live_ipc(&new.endpoint).map_err(|e| e.to_string())?;
+            match fresh.bind(&new.endpoint) {
+                Ok(()) => true,
+                Err(zmq::Error::EADDRINUSE) if same_port(&new.endpoint, &self.bound) => false,
+                Err(e) => return Err(bind_error(e)),
+            }
+        };
+        self.quiesce(new.drain);
         let old = std::mem::replace(&mut self.router, fresh);
-        let _ = old.set_linger(0);
-        // Closing it releases its listener (asynchronously: the bind below retries).
+        // Time for the replies just sent to leave; the listener closes at once regardless.
+        let _ = old.set_linger(1000);
         drop(old);
-        for r in std::mem::take(&mut self.retiring) {
-            remove_ipc_file(&r.endpoint);
-        }
-        if new.endpoint == self.settings.endpoint {
+        self.generation += 1;
+        if !bound_early {
             if let Err(e) = bind_retrying(&self.router, &new.endpoint) {
-                // Back to the old settings on a fresh socket, so nothing of the reload stays.
+                // Back to the old settings, so nothing of the reload stays applied.
                 let restored = self
                     .context
                     .socket(zmq::ROUTER)
@@ -514,33 +426,33 @@ impl Receiver {
                     .and_then(|s| bind_retrying(&s, &self.settings.endpoint).map(|()| s));
                 match restored {
                     Ok(s) => self.router = s,
-                    Err(back) => log::error!("receiver: cannot restore the old socket: {back}"),
+                    Err(back) => log::error!(
+                        "receiver: cannot bind {} again: {back}; serving nothing",
+                        self.settings.endpoint
+                    ),
                 }
-                self.generation += 1;
-                return Err(format!("[zmq] endpoint: cannot bind {}: {e}", new.endpoint));
+                return Err(bind_error(e));
             }
         }
-        self.generation += 1;
-        self.epoch += 1;
-        self.bound = last_endpoint(&self.router).unwrap_or_else(|| new.endpoint.clone());
+        let old_bound = std::mem::replace(
+            &mut self.bound,
+            last_endpoint(&self.router).unwrap_or_else(|| new.endpoint.clone()),
+        );
+        if old_bound != self.bound {
+            remove_ipc_file(&old_bound);
+        }
         log::info!(
-            "receiver: now serving {}, CURVE {}",
+            "receiver: now serving {} (was {old_bound}) on a new socket (CURVE {}, size guard {} bytes); clients of the old one reconnect",
             self.bound,
             if new.curve_secret_key.is_some() {
                 "on"
             } else {
                 "off"
-            }
+            },
+            guard_bytes(new.max_message_bytes)
         );
         Ok(())
     }
-}
-
-fn job_epoch(job: &Job) -> u64 {
-    job.reply
-        .tag
-        .downcast_ref::<Envelope>()
-        .map_or(0, |e| e.epoch)
 }
 
 /// Sends a reply on the ROUTER; to a gone or saturated peer it is dropped, never waited for.
@@ -645,14 +557,18 @@ pub fn judge(mut frames: Vec<Vec<u8>>, max_bytes: usize) -> Incoming {
     }
 }
 
+/// libzmq's per-frame limit: a peer sending more is disconnected without a reply. Well above
+/// `max_message_bytes`, so messages up to there are answered `FALSE too large`.
+fn guard_bytes(max_message_bytes: usize) -> usize {
+    max_message_bytes.saturating_mul(4).saturating_add(65_536)
+}
+
 fn configure_router(router: &zmq::Socket, settings: &ZmqSettings) -> Result<(), zmq::Error> {
     // A peer sending more than this is disconnected by libzmq: a memory guard well above the
     // size answered `FALSE too large`.
-    let guard = settings
-        .max_message_bytes
-        .saturating_mul(4)
-        .saturating_add(65_536);
-    router.set_maxmsgsize(i64::try_from(guard).unwrap_or(i64::MAX))?;
+    router.set_maxmsgsize(
+        i64::try_from(guard_bytes(settings.max_message_bytes)).unwrap_or(i64::MAX),
+    )?;
     router.set_rcvhwm(1000)?;
     router.set_sndhwm(1000)?;
     match &settings.curve_secret_key {
@@ -688,18 +604,6 @@ fn bind_retrying(socket: &zmq::Socket, endpoint: &str) -> Result<(), zmq::Error>
 
 fn last_endpoint(socket: &zmq::Socket) -> Option<String> {
     socket.get_last_endpoint().ok().and_then(Result::ok)
-}
-
-/// `zmq` 0.9 has no safe `unbind`; the libzmq call is used directly on the socket we own.
-fn unbind(socket: &mut zmq::Socket, endpoint: &str) -> Result<(), zmq::Error> {
-    let c = std::ffi::CString::new(endpoint).map_err(|_| zmq::Error::EINVAL)?;
-    // SAFETY: the pointer is this live socket's, used only from its owning thread.
-    let rc = unsafe { zmq_sys::zmq_unbind(socket.as_mut_ptr(), c.as_ptr()) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(zmq::Error::from_raw(unsafe { zmq_sys::zmq_errno() }))
-    }
 }
 
 #[cfg(test)]

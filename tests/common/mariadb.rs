@@ -16,7 +16,7 @@ pub struct PrivateMariadb {
     child: Option<Child>,
 }
 
-fn binary(name: &str) -> String {
+pub fn binary(name: &str) -> String {
     for dir in ["/usr/sbin", "/usr/bin", "/usr/local/bin", "/usr/local/sbin"] {
         let p = format!("{dir}/{name}");
         if std::path::Path::new(&p).exists() {

@@ -5,6 +5,7 @@
 //! with an empty password, as the README's setup leaves it.
 #![allow(dead_code)]
 
+pub mod galera;
 pub mod mariadb;
 
 use std::collections::HashMap;

@@ -14,6 +14,8 @@ pub struct PrivateMariadb {
     pub dir: tempfile::TempDir,
     pub port: u16,
     child: Option<Child>,
+    /// Server options beyond the defaults (e.g. TLS); with them the grant tables are on.
+    extra: Vec<String>,
 }
 
 pub fn binary(name: &str) -> String {
@@ -29,6 +31,12 @@ pub fn binary(name: &str) -> String {
 impl PrivateMariadb {
     /// Initialises a data dir and starts the server; returns once it answers.
     pub fn start() -> PrivateMariadb {
+        PrivateMariadb::start_with(&[])
+    }
+
+    /// Like `start`, with extra server options; non-empty `extra` also turns the grant
+    /// tables on (root@127.0.0.1 without password, accounts and REQUIRE clauses enforced).
+    pub fn start_with(extra: &[String]) -> PrivateMariadb {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         let tmp = dir.path().join("tmp");
@@ -55,6 +63,7 @@ impl PrivateMariadb {
             dir,
             port: free_port(),
             child: None,
+            extra: extra.to_vec(),
         };
         db.restart();
         db
@@ -88,10 +97,11 @@ impl PrivateMariadb {
                 "--tmpdir={}",
                 self.dir.path().join("tmp").display()
             ))
+            .args(self.extra.is_empty().then_some("--skip-grant-tables"))
+            .args(&self.extra)
             .args([
                 "--bind-address=127.0.0.1",
                 "--user=root",
-                "--skip-grant-tables",
                 "--skip-name-resolve",
                 "--innodb-buffer-pool-size=32M",
                 "--innodb-log-file-size=16M",
@@ -118,7 +128,11 @@ impl PrivateMariadb {
             .user(Some("root"))
             .prefer_socket(false)
             .tcp_connect_timeout(Some(Duration::from_millis(500)));
-        mysql::Conn::new(opts).is_ok()
+        // A server error (e.g. TLS required) still means the server is up.
+        matches!(
+            mysql::Conn::new(opts),
+            Ok(_) | Err(mysql::Error::MySqlError(_))
+        )
     }
 
     pub fn conn(&self) -> mysql::Conn {

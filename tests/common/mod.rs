@@ -7,6 +7,7 @@
 
 pub mod galera;
 pub mod mariadb;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};

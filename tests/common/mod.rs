@@ -334,6 +334,21 @@ impl Dealer {
         Dealer(s)
     }
 
+    /// One DEALER connected to several feedd: messages spread round-robin over the live ones.
+    /// `ZMQ_IMMEDIATE` keeps messages off a peer that is down (else they queue there).
+    pub fn connect_all(endpoints: &[String]) -> Dealer {
+        let s = context().socket(zmq::DEALER).unwrap();
+        s.set_linger(0).unwrap();
+        s.set_rcvtimeo(30_000).unwrap();
+        s.set_sndhwm(0).unwrap();
+        s.set_rcvhwm(0).unwrap();
+        s.set_immediate(true).unwrap();
+        for e in endpoints {
+            s.connect(e).unwrap();
+        }
+        Dealer(s)
+    }
+
     /// Sends `body` tagged with `id`: frames [id, "", body].
     pub fn send(&self, id: u64, body: &str) {
         self.0
@@ -579,7 +594,23 @@ impl Resender {
         patience: Duration,
         deadline: Duration,
     ) -> Resender {
-        let dealer = Dealer::connect(endpoint);
+        Resender::run_on(
+            Dealer::connect(endpoint),
+            bodies,
+            window,
+            patience,
+            deadline,
+        )
+    }
+
+    /// `run` on a DEALER of the caller's (e.g. one connected to several feedd).
+    pub fn run_on(
+        dealer: Dealer,
+        bodies: &[String],
+        window: usize,
+        patience: Duration,
+        deadline: Duration,
+    ) -> Resender {
         dealer.0.set_rcvtimeo(50).unwrap();
         let mut r = Resender {
             acked: Default::default(),

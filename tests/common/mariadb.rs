@@ -98,7 +98,6 @@ impl PrivateMariadb {
                 self.dir.path().join("tmp").display()
             ))
             .args(self.extra.is_empty().then_some("--skip-grant-tables"))
-            .args(&self.extra)
             .args([
                 "--bind-address=127.0.0.1",
                 "--user=root",
@@ -107,6 +106,8 @@ impl PrivateMariadb {
                 "--innodb-log-file-size=16M",
                 "--skip-log-bin",
             ])
+            // Last, so they override the defaults above.
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -278,11 +278,18 @@ impl Bound {
         };
         drop(config);
         let (failure, preparing) = main.serve(&events_rx, &exits_rx);
+        let shutdown_started = Instant::now();
         let outcome = shut_down(&shared, &receiver_handle, &exits_rx, workers, failure);
         signal_thread.stop();
         if let Some(p) = preparing {
-            // Bounded by the connect timeout of the pool it is proving.
-            let _ = p.thread.join();
+            // It may be waiting on a database that does not answer (up to the pool's connect
+            // timeout): joined if it finishes within the drain time, else left to the exit.
+            let left = shutdown_started + shared.config.load().daemon.shutdown_timeout();
+            if p.done.recv_deadline(left).is_ok() {
+                let _ = p.thread.join();
+            } else {
+                log::debug!("the abandoned reload is still connecting; exiting without it");
+            }
         }
         drop(metrics_server);
         drop(zap);

@@ -27,7 +27,9 @@ pub struct Readiness {
 }
 
 enum Channel {
-    Pipe(Option<File>),
+    /// The pipe to the invoker, and whether the report was written. The write end stays open
+    /// until the process exits, so the invoker's end of file after a failure means "exited".
+    Pipe(File, bool),
     /// A serving child: its stdout is a pipe to the supervisor.
     Stdout(bool),
 }
@@ -58,9 +60,10 @@ impl Readiness {
 
     fn report(&mut self, line: &str) {
         match &mut self.channel {
-            Channel::Pipe(file) => {
-                if let Some(mut f) = file.take() {
-                    let _ = writeln!(f, "{line}");
+            Channel::Pipe(file, done) => {
+                if !*done {
+                    *done = true;
+                    let _ = writeln!(file, "{line}");
                 }
             }
             Channel::Stdout(done) => {
@@ -137,13 +140,14 @@ pub fn detach(base: &Path, umask: u32) -> Result<Detached, DaemonError> {
         Outcome::Parent(Err(e)) => Err(DaemonError::Detach(e)),
         Outcome::Child(Ok(_)) => {
             drop(read_end);
-            Ok(Detached::Daemon(Readiness::on(Channel::Pipe(Some(
+            Ok(Detached::Daemon(Readiness::on(Channel::Pipe(
                 File::from(write_end),
-            )))))
+                false,
+            ))))
         }
         Outcome::Child(Err(e)) => {
             // The half-made daemon cannot return to a caller that thinks it is the invoker.
-            let mut r = Readiness::on(Channel::Pipe(Some(File::from(write_end))));
+            let mut r = Readiness::on(Channel::Pipe(File::from(write_end), false));
             r.failed(&format!("cannot detach: {e}"));
             std::process::exit(1);
         }

@@ -210,11 +210,7 @@ fn main() {
         .count();
     println!("panics in the log:            {log_errors}");
     feedd.stop_daemon();
-    if missing > 0
-        || !falses.is_empty()
-        || !in_flight.is_empty()
-        || log_errors > 0
-    {
+    if missing > 0 || !falses.is_empty() || !in_flight.is_empty() || log_errors > 0 {
         println!("CHAOS RUN FAILED");
         std::process::exit(1);
     }

@@ -75,12 +75,12 @@ enum Parent {
     Supervisor(i32),
 }
 
-/// Binds, drops privileges, then serves until told to stop. `serving` runs once it serves.
+/// Binds, drops privileges, reports readiness, then serves until told to stop.
 fn serve(
     config: Config,
     held: Held,
     parent: Parent,
-    serving: impl FnOnce(),
+    readiness: &mut Readiness,
 ) -> anyhow::Result<Outcome> {
     let target = if nix::unistd::geteuid().is_root() {
         privileges::resolve(
@@ -111,7 +111,8 @@ fn serve(
             bail!("the supervisor (pid {ppid}) is gone; not serving unsupervised");
         }
     }
-    Ok(bound.run(serving)?)
+    readiness.ready();
+    Ok(bound.run()?)
 }
 
 /// `feedd [--conf F]`: serve in the foreground until SIGTERM/SIGINT.
@@ -122,7 +123,7 @@ pub fn foreground(conf: &Path) -> anyhow::Result<i32> {
     // One instance per pidfile, whatever the mode: `status` and `reload` work on it too.
     let held = hold(&config, signals, true, false)?;
     let logging = Arc::clone(&held.logging);
-    let result = serve(config, held, Parent::None, || {});
+    let result = serve(config, held, Parent::None, &mut Readiness::none());
     if let Err(e) = &result {
         log::error!("start-up failed: {e:#}");
     }
@@ -209,7 +210,7 @@ fn run_daemon(config: Config, mut readiness: Readiness) -> i32 {
             } else {
                 // `held` (and its pidfile) is gone once `serve` returns: nothing is left
                 // behind when the failure is reported below.
-                serve(config, held, Parent::None, || readiness.ready())
+                serve(config, held, Parent::None, &mut readiness)
                     .map(|outcome| exit_status(&outcome))
             };
             logging.flush();
@@ -239,9 +240,7 @@ pub fn serve_child(conf: &Path) -> i32 {
             set_umask(config.daemon.umask);
             let held = hold(&config, signals, false, true)?;
             let logging = Arc::clone(&held.logging);
-            let served = serve(config, held, Parent::Supervisor(parent), || {
-                readiness.ready()
-            });
+            let served = serve(config, held, Parent::Supervisor(parent), &mut readiness);
             logging.flush();
             served
         });

@@ -1,7 +1,7 @@
 //! The serving process in two steps: `Server::bind` makes everything that can fail (database
 //! pool, sockets, listeners) and `Bound::run` starts the threads and serves until told to
-//! stop. Between the two the caller drops privileges; `run` reports readiness through the
-//! closure it is given once the threads serve.
+//! stop. Between the two the caller drops privileges and reports readiness: from the bind
+//! on, messages wait in the socket's buffers until the receiver thread reads them.
 //!
 //! Threads (all owned and joined here):
 //! - main (the caller's): signal events, reloads, thread failures, the drain;
@@ -217,9 +217,8 @@ impl Bound {
         self.receiver.bound_endpoint()
     }
 
-    /// Starts the threads, calls `serving` once they run, and serves until SIGTERM/SIGINT or
-    /// a thread failure; then drains.
-    pub fn run(self, serving: impl FnOnce()) -> Result<Outcome, ServeError> {
+    /// Starts the threads and serves until SIGTERM/SIGINT or a thread failure; then drains.
+    pub fn run(self) -> Result<Outcome, ServeError> {
         let Bound {
             shared,
             mut queue,
@@ -264,7 +263,6 @@ impl Bound {
             "serving with {workers} worker(s), pid {}",
             std::process::id()
         );
-        serving();
 
         let mut main = Main {
             shared: &shared,

@@ -32,12 +32,19 @@ enum Channel {
     Pipe(File, bool),
     /// A serving child: its stdout is a pipe to the supervisor.
     Stdout(bool),
+    /// Nobody waits (the foreground): the failure reaches stderr as the command's error.
+    None,
 }
 
 const READY: &str = "READY";
 const FAILED: &str = "ERR ";
 
 impl Readiness {
+    /// Reports to nobody (a foreground run).
+    pub fn none() -> Readiness {
+        Readiness::on(Channel::None)
+    }
+
     /// Reports on stdout (a serving child to its supervisor).
     pub fn stdout() -> Readiness {
         Readiness::on(Channel::Stdout(false))
@@ -66,6 +73,7 @@ impl Readiness {
                     let _ = writeln!(file, "{line}");
                 }
             }
+            Channel::None => {}
             Channel::Stdout(done) => {
                 if !*done {
                     *done = true;

@@ -39,11 +39,8 @@ const MAX_ENVELOPE_BYTES: usize = 64 * 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReceiverError {
-    #[error("cannot bind {endpoint}: {source}")]
-    Bind {
-        endpoint: String,
-        source: zmq::Error,
-    },
+    #[error("cannot bind {endpoint}: {}", bind_reason(error))]
+    Bind { endpoint: String, error: zmq::Error },
     #[error("receiver socket: {0}")]
     Socket(#[from] zmq::Error),
 }
@@ -87,9 +84,9 @@ impl Receiver {
         let endpoint = current.zmq.endpoint.clone();
         router
             .bind(&endpoint)
-            .map_err(|source| ReceiverError::Bind {
+            .map_err(|error| ReceiverError::Bind {
                 endpoint: endpoint.clone(),
-                source,
+                error,
             })?;
         let bound = last_endpoint(&router).unwrap_or_else(|| endpoint.clone());
         Ok(Receiver {
@@ -435,6 +432,16 @@ fn bind_retrying(socket: &zmq::Socket, endpoint: &str, rebind: bool) -> Result<(
             }
             other => return other,
         }
+    }
+}
+
+/// The bind error in words; libzmq says ENODEV ("No such device") for a host it cannot resolve.
+fn bind_reason(error: &zmq::Error) -> String {
+    match error {
+        zmq::Error::ENODEV => {
+            "the host is not a local address, an interface, or a name that resolves".to_string()
+        }
+        other => other.to_string(),
     }
 }
 

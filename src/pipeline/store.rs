@@ -29,11 +29,11 @@ const RACE_REDOS: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("database {host}:{port}: {source}")]
+    #[error("database {host}:{port}: {error}")]
     Connect {
         host: String,
         port: u16,
-        source: r2d2::Error,
+        error: r2d2::Error,
     },
     #[error(transparent)]
     Pool(#[from] r2d2::Error),
@@ -118,10 +118,10 @@ impl Store {
                 vec!["(?,?,?,'Y')"; ROWS_PER_STATEMENT].join(",")
             ),
         };
-        store.pool.get().map_err(|source| StoreError::Connect {
+        store.pool.get().map_err(|error| StoreError::Connect {
             host: config.host.clone(),
             port: config.port,
-            source,
+            error,
         })?;
         store.ensure_table()?;
         Ok(store)

@@ -40,8 +40,8 @@ pub struct Shared {
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
-    #[error("worker {id}: reply socket: {source}")]
-    Socket { id: usize, source: zmq::Error },
+    #[error("worker {id}: reply socket: {error}")]
+    Socket { id: usize, error: zmq::Error },
 }
 
 /// Runs one worker until the channel is closed and drained (or abandoned).
@@ -52,7 +52,7 @@ pub fn run(
     reply_endpoint: &str,
     shared: &Shared,
 ) -> Result<(), WorkerError> {
-    let socket_error = |source| WorkerError::Socket { id, source };
+    let socket_error = |error| WorkerError::Socket { id, error };
     let replies = zmq_context.socket(zmq::PUSH).map_err(socket_error)?;
     replies.set_sndhwm(0).map_err(socket_error)?;
     replies.set_linger(-1).map_err(socket_error)?;

@@ -29,6 +29,7 @@ pub struct Metrics {
     pub messages_received: IntCounter,
     pub messages_rejected: IntCounter,
     pub records_committed: IntCounter,
+    pub records_acknowledged: IntCounter,
     pub db_errors: IntCounter,
     pub batch_retries: IntCounter,
     pub config_reloads: IntCounter,
@@ -79,7 +80,11 @@ impl Metrics {
             )?,
             records_committed: counter(
                 "feedd_records_committed_total",
-                "Records of accepted messages committed (resends included)",
+                "Rows inserted by committed batches (resends of stored records add none)",
+            )?,
+            records_acknowledged: counter(
+                "feedd_records_acknowledged_total",
+                "Records of messages answered TRUE (resends included)",
             )?,
             db_errors: counter("feedd_db_errors_total", "Failed batch attempts")?,
             batch_retries: counter("feedd_batch_retries_total", "Batch attempts retried")?,

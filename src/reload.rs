@@ -73,8 +73,17 @@ impl Reloader {
                 .map_err(|e| format!("new database target not usable: {e}"))?;
             Some(store)
         } else {
+            // Same target: the table is judged again all the same (it may have been altered).
+            // An outage does not fail the reload; a table that no longer fits does.
+            if let Err(e) = self.store.load().ensure_table() {
+                if !e.is_transient() {
+                    return Err(e.to_string());
+                }
+                log::warn!("reload: table not checked: {e}");
+            }
             None
         };
+        self.logging.check(&new).map_err(|e| e.to_string())?;
 
         if let Some(store) = new_store {
             self.store.store(Arc::new(store));

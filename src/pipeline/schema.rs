@@ -125,6 +125,13 @@ pub fn judge(columns: &[Column], unique_columns: &[String]) -> Vec<String> {
     problems
 }
 
+/// The engine must be InnoDB: a batch is all-or-nothing only in a transactional table (a
+/// rolled-back MyISAM insert stays), and Galera replicates InnoDB only.
+pub fn judge_engine(engine: &str) -> Option<String> {
+    (!engine.eq_ignore_ascii_case("innodb"))
+        .then(|| format!("the engine is {engine}, needs InnoDB (transactions)"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -312,6 +319,15 @@ mod tests {
         assert_eq!(
             p,
             vec!["`login` is a generated column (STORED GENERATED); feedd writes it"]
+        );
+    }
+
+    #[test]
+    fn engine() {
+        assert_eq!(judge_engine("InnoDB"), None);
+        assert_eq!(
+            judge_engine("MyISAM").as_deref(),
+            Some("the engine is MyISAM, needs InnoDB (transactions)")
         );
     }
 

@@ -237,10 +237,17 @@ impl Store {
              GROUP BY INDEX_NAME HAVING COUNT(*) = 1",
             (&self.table,),
         )?;
+        let engine: Option<String> = conn.exec_first(
+            "SELECT ENGINE FROM information_schema.TABLES
+             WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?",
+            (&self.table,),
+        )?;
         let problems = if columns.is_empty() {
             vec!["it does not exist".to_string()]
         } else {
-            schema::judge(&columns, &unique)
+            let mut problems = schema::judge(&columns, &unique);
+            problems.extend(engine.as_deref().and_then(schema::judge_engine));
+            problems
         };
         if problems.is_empty() {
             Ok(())

@@ -15,6 +15,26 @@ use mysql::prelude::Queryable;
 const FEE: &str = "ticket BIGINT UNSIGNED NOT NULL PRIMARY KEY, login BIGINT UNSIGNED NOT NULL,
                    volume DECIMAL(20,4) NOT NULL, status CHAR(1) NOT NULL DEFAULT 'N'";
 
+/// Stops a daemon started by a test and kills helper processes, even when the test fails.
+struct Cleanup<'a> {
+    daemon: Option<&'a Feedd>,
+    children: Vec<std::process::Child>,
+}
+
+impl Drop for Cleanup<'_> {
+    fn drop(&mut self) {
+        if let Some(f) = self.daemon {
+            if !f.processes().is_empty() {
+                let _ = f.command(&["stop", "--conf", "feed.ini"]);
+            }
+        }
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// `feedd start`, which must fail; a daemon that started anyway is stopped before panicking.
 fn start_must_fail(f: &Feedd) -> String {
     let (status, out, err) = f.command(&["start", "--conf", "feed.ini"]);
@@ -95,7 +115,10 @@ fn a_reload_judges_the_table_again() {
 #[test]
 fn strict_sessions_hold_what_an_altered_table_cannot_take() {
     let server = PrivateMariadb::start();
-    server.conn().query_drop("SET GLOBAL sql_mode = ''").unwrap();
+    server
+        .conn()
+        .query_drop("SET GLOBAL sql_mode = ''")
+        .unwrap();
     let db = Db::create_on("hostile_strict", server.port);
     let f = Feedd::start(&db, &["pipeline.workers = 1"]);
     db.conn()
@@ -125,11 +148,15 @@ fn signals_go_to_the_lock_holder_only() {
     f.start_daemon();
     let holder = f.daemon_pid();
     assert!(holder > 0);
-    let mut decoy = std::process::Command::new("sleep")
+    let decoy = std::process::Command::new("sleep")
         .arg("300")
         .spawn()
         .unwrap();
     let decoy_pid = decoy.id() as i32;
+    let mut cleanup = Cleanup {
+        daemon: Some(&f),
+        children: vec![decoy],
+    };
     // Rewritten in place: the same inode, still locked by the daemon.
     let mut file = std::fs::OpenOptions::new()
         .write(true)
@@ -147,18 +174,22 @@ fn signals_go_to_the_lock_holder_only() {
 
     let (status, out, err) = f.command(&["reload", "--conf", "feed.ini"]);
     assert_eq!(status.code(), Some(0), "{out}{err}");
-    assert!(out.contains(&format!("reload sent (pid {holder})")), "{out}");
+    assert!(
+        out.contains(&format!("reload sent (pid {holder})")),
+        "{out}"
+    );
     assert!(err.contains(&disagreement), "{err}");
     f.wait_for_daemon_log("config reloaded");
+    let decoy = &mut cleanup.children[0];
     assert!(decoy.try_wait().unwrap().is_none(), "the decoy got no HUP");
 
     let (status, out, err) = f.command(&["stop", "--conf", "feed.ini"]);
     assert_eq!(status.code(), Some(0), "{out}{err}");
     assert!(out.contains(&format!("stopped (pid {holder})")), "{out}");
     assert!(decoy.try_wait().unwrap().is_none(), "the decoy got no TERM");
-    assert!(wait_until(Duration::from_secs(5), || f.processes().is_empty()));
-    let _ = decoy.kill();
-    let _ = decoy.wait();
+    assert!(wait_until(Duration::from_secs(5), || f
+        .processes()
+        .is_empty()));
 }
 
 #[test]
@@ -219,6 +250,10 @@ fn log_file_is_checked_at_start_and_on_reload() {
 
     let f = f.prepare_in(&db, &[]);
     f.start_daemon();
+    let _cleanup = Cleanup {
+        daemon: Some(&f),
+        children: Vec::new(),
+    };
     let missing = f.dir.path().join("nonexistent");
     let wanted = missing.join("dir/x.log");
     let conf = config_text(
@@ -252,7 +287,9 @@ fn frames_and_sizes_as_the_spec_says() {
     assert_eq!(req.ask(&format!("{exact} ")), "FALSE too large");
     // SPEC §4: spaces only, and `\r` only before `\n`.
     assert!(req.ask("1004,1,5\r").starts_with("FALSE line 1: volume"));
-    assert!(req.ask("1005,1,5\r\r\n").starts_with("FALSE line 1: volume"));
+    assert!(req
+        .ask("1005,1,5\r\r\n")
+        .starts_with("FALSE line 1: volume"));
     assert!(req.ask("1006,1,\t5").starts_with("FALSE line 1: volume"));
     assert_eq!(req.ask("1007 , 1 , 5\r\n"), "TRUE");
 }
@@ -273,13 +310,22 @@ fn config_mistakes_are_named_and_secrets_never_echoed() {
     assert!(text.contains("[zmq] curve_secret_key"), "{text}");
     let (ok, text) = check("[mysql]\ntable = a\n\ntable = b\n");
     assert!(!ok);
-    assert!(text.contains("[mysql] table: set twice, on lines 2 and 4"), "{text}");
+    assert!(
+        text.contains("[mysql] table: set twice, on lines 2 and 4"),
+        "{text}"
+    );
     let (ok, text) = check("[mysql]\n[zmq]\n[mysql]\n");
     assert!(!ok);
-    assert!(text.contains("section [mysql] appears twice, on lines 1 and 3"), "{text}");
+    assert!(
+        text.contains("section [mysql] appears twice, on lines 1 and 3"),
+        "{text}"
+    );
     let (ok, text) = check("\u{feff}[mysql]\ntable = a\n");
     assert!(ok, "{text}");
-    let (ok, text) = check(&format!("[zmq]\ncurve_secret_key = \"{}\"\n", "#".repeat(40)));
+    let (ok, text) = check(&format!(
+        "[zmq]\ncurve_secret_key = \"{}\"\n",
+        "#".repeat(40)
+    ));
     assert!(!ok);
     assert!(text.contains("not valid Z85"), "{text}");
 
@@ -290,7 +336,10 @@ fn config_mistakes_are_named_and_secrets_never_echoed() {
     let f = f.prepare_in(&db, &["zmq.endpoint = tcp://no-such-host.invalid:5999"]);
     let (status, _, err) = f.command(&["--conf", "feed.ini"]);
     assert!(!status.success());
-    assert!(err.contains("is not a local address, an interface"), "{err}");
+    assert!(
+        err.contains("is not a local address, an interface"),
+        "{err}"
+    );
     assert!(!err.contains("No such device"), "{err}");
 }
 

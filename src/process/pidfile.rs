@@ -174,6 +174,10 @@ pub fn holder(path: &Path) -> Result<Option<Holder>, PidfileError> {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     let Some(pid) = lock_holder(&file) else {
+        // Released between our probe and the read of /proc/locks (a daemon exiting): stale.
+        if Flock::lock(file, FlockArg::LockSharedNonblock).is_ok() {
+            return Ok(None);
+        }
         return Err(PidfileError::HolderUnknown {
             path: path.to_path_buf(),
             stated: stated.map_or("no pid".to_string(), |p| p.to_string()),
@@ -181,6 +185,8 @@ pub fn holder(path: &Path) -> Result<Option<Holder>, PidfileError> {
     };
     match stated {
         Some(stated) => Ok(Some(Holder { pid, stated })),
+        // The same race: a daemon truncating nothing but removing and releasing the file.
+        None if Flock::lock(file, FlockArg::LockSharedNonblock).is_ok() => Ok(None),
         None => Err(PidfileError::NoPid {
             path: path.to_path_buf(),
             holder: pid,

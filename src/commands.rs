@@ -169,7 +169,7 @@ pub fn set_umask(mask: u32) {
 /// `feedd --daemon` / `feedd start`: detach, and return only once the daemon is ready.
 pub fn start(conf: &Path) -> anyhow::Result<i32> {
     let config = load_config(conf)?;
-    if let Some(pid) = pidfile::running_pid(&config.daemon.pidfile) {
+    if let Some(pid) = pidfile::running_pid(&config.daemon.pidfile)? {
         bail!("already running (pid {pid})");
     }
     // Unknown user or group, or not root: refuse before detaching.
@@ -179,7 +179,7 @@ pub fn start(conf: &Path) -> anyhow::Result<i32> {
     )?;
     match daemon::detach(&config.base_dir, config.daemon.umask)? {
         Detached::Invoker(Report::Ready) => {
-            if let Some(pid) = pidfile::running_pid(&config.daemon.pidfile) {
+            if let Some(pid) = pidfile::running_pid(&config.daemon.pidfile)? {
                 println!("started (pid {pid})");
             }
             Ok(EXIT_OK)
@@ -255,6 +255,9 @@ pub fn serve_child(conf: &Path) -> i32 {
 }
 
 fn signal_pid(pid: i32, signal: Signal) -> anyhow::Result<()> {
+    if pid <= 0 {
+        bail!("refusing to send {signal} to pid {pid}"); // 0 and -N mean process groups
+    }
     kill(Pid::from_raw(pid), signal).with_context(|| format!("cannot send {signal} to pid {pid}"))
 }
 
@@ -262,7 +265,7 @@ fn signal_pid(pid: i32, signal: Signal) -> anyhow::Result<()> {
 pub fn stop(conf: &Path) -> anyhow::Result<i32> {
     let config = load_config(conf)?;
     let path = &config.daemon.pidfile;
-    let Some(pid) = pidfile::running_pid(path) else {
+    let Some(pid) = pidfile::running_pid(path)? else {
         println!("not running");
         return Ok(EXIT_OK);
     };
@@ -270,7 +273,7 @@ pub fn stop(conf: &Path) -> anyhow::Result<i32> {
     let limit = config.daemon.shutdown_timeout() + Duration::from_secs(5);
     let until = Instant::now() + limit;
     while Instant::now() < until {
-        if pidfile::running_pid(path).is_none() {
+        if pidfile::holder(path)?.is_none() {
             println!("stopped (pid {pid})");
             return Ok(EXIT_OK);
         }
@@ -291,7 +294,7 @@ pub fn restart(conf: &Path) -> anyhow::Result<i32> {
 /// `feedd reload`: SIGHUP to the daemon.
 pub fn reload(conf: &Path) -> anyhow::Result<i32> {
     let config = load_config(conf)?;
-    match pidfile::running_pid(&config.daemon.pidfile) {
+    match pidfile::running_pid(&config.daemon.pidfile)? {
         Some(pid) => {
             signal_pid(pid, Signal::SIGHUP)?;
             println!("reload sent (pid {pid})");
@@ -304,7 +307,7 @@ pub fn reload(conf: &Path) -> anyhow::Result<i32> {
 /// `feedd status`: `running (pid N)` (and the serving child) or `not running` (exit 3).
 pub fn status(conf: &Path) -> anyhow::Result<i32> {
     let config = load_config(conf)?;
-    match pidfile::running_pid(&config.daemon.pidfile) {
+    match pidfile::running_pid(&config.daemon.pidfile)? {
         Some(pid) => {
             let children = supervisor::children_of(pid);
             match children.first() {

@@ -309,7 +309,7 @@ struct Main<'a> {
     queue: &'a Queue,
     receiver: &'a ReceiverHandle,
     metrics_server: &'a mut Option<MetricsServer>,
-    logging: &'a Logging,
+    logging: &'a Arc<Logging>,
     workers: usize,
     file: PathBuf,
     base: PathBuf,
@@ -390,11 +390,20 @@ impl Main<'_> {
         let (file, base) = (self.file.clone(), self.base.clone());
         let old = self.shared.config.load_full();
         let metrics = self.shared.metrics.clone();
+        let store = Arc::clone(&self.shared.store);
+        let logging = Arc::clone(self.logging);
         let workers = self.workers;
         let spawned = std::thread::Builder::new()
             .name("reload".into())
             .spawn(move || {
-                let _ = tx.send(prepare(&file, &base, &old, workers, &metrics));
+                let running = Running {
+                    config: &old,
+                    store: &store,
+                    logging: &logging,
+                    metrics: &metrics,
+                    workers,
+                };
+                let _ = tx.send(prepare(&file, &base, &running));
             });
         match spawned {
             Ok(thread) => Some(Preparing {
@@ -446,18 +455,33 @@ impl Main<'_> {
     }
 }
 
+/// What a reload is prepared against (read only).
+struct Running<'a> {
+    config: &'a Config,
+    store: &'a ArcSwap<Store>,
+    logging: &'a Logging,
+    metrics: &'a Metrics,
+    workers: usize,
+}
+
 /// Everything of a reload that can fail, done without touching the running daemon.
 fn prepare(
     file: &std::path::Path,
     base: &std::path::Path,
-    old: &Config,
-    workers: usize,
-    metrics: &Metrics,
+    running: &Running,
 ) -> Result<Prepared, String> {
+    let Running {
+        config: old,
+        store: running_store,
+        logging,
+        metrics,
+        workers,
+    } = *running;
     let mut new = Config::load(file, base).map_err(|e| e.to_string())?;
     for key in config::keep_restart_only(old, &mut new) {
         log::warn!("{key} changed: takes effect only after a restart; keeping the old value");
     }
+    logging.check(&new).map_err(|e| e.to_string())?;
     let metrics_server = if new.metrics.listen != old.metrics.listen {
         match new.metrics.listen {
             None => Some(None),
@@ -475,6 +499,14 @@ fn prepare(
                 .map_err(|e| format!("new database target not usable: {e}"))?,
         )
     } else {
+        // Same target: the table is judged again all the same (it may have been altered).
+        // An outage does not fail the reload; a table that no longer fits does.
+        if let Err(e) = running_store.load().ensure_table() {
+            if !e.is_transient() {
+                return Err(e.to_string());
+            }
+            log::warn!("reload: table not checked: {e}");
+        }
         None
     };
     Ok(Prepared {

@@ -28,7 +28,14 @@ pub enum LogError {
         error: std::io::Error,
     },
     #[error("logger: {0}")]
-    Start(#[from] flexi_logger::FlexiLoggerError),
+    Start(flexi_logger::FlexiLoggerError),
+}
+
+// Not `#[from]`: that would also make it the error's source, printed twice in a `{:#}` chain.
+impl From<flexi_logger::FlexiLoggerError> for LogError {
+    fn from(e: flexi_logger::FlexiLoggerError) -> Self {
+        LogError::Start(e)
+    }
 }
 
 /// Proves `path` can be appended to (creating the file, never a directory, except the default

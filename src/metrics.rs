@@ -25,7 +25,14 @@ pub enum MetricsError {
     #[error("metrics: cannot listen on {addr}: {reason}")]
     Listen { addr: SocketAddr, reason: String },
     #[error("metrics: {0}")]
-    Register(#[from] prometheus::Error),
+    Register(prometheus::Error),
+}
+
+// Not `#[from]`: that would also make it the error's source, printed twice in a `{:#}` chain.
+impl From<prometheus::Error> for MetricsError {
+    fn from(e: prometheus::Error) -> Self {
+        MetricsError::Register(e)
+    }
 }
 
 /// Every metric feedd exports. Cloned handles share the same atomics.

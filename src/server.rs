@@ -47,9 +47,16 @@ pub enum ServeError {
     #[error(transparent)]
     Metrics(#[from] MetricsError),
     #[error("cannot start a thread: {0}")]
-    Thread(#[from] std::io::Error),
+    Thread(std::io::Error),
     #[error("CURVE authentication handler: {0}")]
     Zap(zmq::Error),
+}
+
+// Not `#[from]`: that would also make it the error's source, printed twice in a `{:#}` chain.
+impl From<std::io::Error> for ServeError {
+    fn from(e: std::io::Error) -> Self {
+        ServeError::Thread(e)
+    }
 }
 
 /// How serving ended.

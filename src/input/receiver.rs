@@ -41,9 +41,23 @@ pub enum ReceiverError {
     #[error("cannot bind {endpoint}: a socket is already listening on {path}")]
     IpcInUse { endpoint: String, path: String },
     #[error("receiver socket: {0}")]
-    Socket(#[from] zmq::Error),
+    Socket(zmq::Error),
     #[error("receiver mailbox: {0}")]
-    Mailbox(#[from] std::io::Error),
+    Mailbox(std::io::Error),
+}
+
+// Not `#[from]`: that would also make it the error's source, printed twice in a `{:#}` chain.
+impl From<std::io::Error> for ReceiverError {
+    fn from(e: std::io::Error) -> Self {
+        ReceiverError::Mailbox(e)
+    }
+}
+
+// Not `#[from]`: that would also make it the error's source, printed twice in a `{:#}` chain.
+impl From<zmq::Error> for ReceiverError {
+    fn from(e: zmq::Error) -> Self {
+        ReceiverError::Socket(e)
+    }
 }
 
 /// The receiver's part of the config: what it applies itself.

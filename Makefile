@@ -8,7 +8,7 @@ setup:        ## install MariaDB + libzmq if missing, start MariaDB, build feedd
 run: setup    ## serve in the foreground on conf/feed.ini
 	./target/release/feedd --conf conf/feed.ini
 
-test:         ## unit + integration tests, then a quick benchmark smoke run (needs `make setup` once)
+test: lint    ## lint, unit + integration tests, then a quick benchmark smoke run (needs `make setup` once)
 	cargo test --quiet --locked -- --test-threads 4
 	cargo bench --locked --bench ingest -- --quick
 	cargo bench --locked --bench chaos -- --secs 15
@@ -20,6 +20,6 @@ bench:        ## the ingest benchmark with its baselines
 chaos:        ## 10 minutes of random faults under load; prints the invariant counts
 	cargo bench --bench chaos -- --secs 600
 
-lint:
+lint:         ## rustfmt and clippy with warnings as errors (CI runs it through `make test`)
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings

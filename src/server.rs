@@ -1,7 +1,7 @@
 //! The serving process in two steps: `Server::bind` makes everything that can fail (database
 //! pool, sockets, listeners) and `Bound::run` starts the threads and serves until told to
-//! stop. Between the two the caller drops privileges; `run` reports readiness through the
-//! closure it is given once the threads serve.
+//! stop. Between the two the caller drops privileges and reports readiness: from the bind
+//! on, messages wait in the socket's buffers until the receiver thread reads them.
 //!
 //! Threads (all owned and joined here):
 //! - main (the caller's): signal events, reloads, thread failures, the drain;
@@ -47,9 +47,16 @@ pub enum ServeError {
     #[error(transparent)]
     Metrics(#[from] MetricsError),
     #[error("cannot start a thread: {0}")]
-    Thread(#[from] std::io::Error),
+    Thread(std::io::Error),
     #[error("CURVE authentication handler: {0}")]
     Zap(zmq::Error),
+}
+
+// Not `#[from]`: that would also make it the error's source, printed twice in a `{:#}` chain.
+impl From<std::io::Error> for ServeError {
+    fn from(e: std::io::Error) -> Self {
+        ServeError::Thread(e)
+    }
 }
 
 /// How serving ended.
@@ -217,9 +224,8 @@ impl Bound {
         self.receiver.bound_endpoint()
     }
 
-    /// Starts the threads, calls `serving` once they run, and serves until SIGTERM/SIGINT or
-    /// a thread failure; then drains.
-    pub fn run(self, serving: impl FnOnce()) -> Result<Outcome, ServeError> {
+    /// Starts the threads and serves until SIGTERM/SIGINT or a thread failure; then drains.
+    pub fn run(self) -> Result<Outcome, ServeError> {
         let Bound {
             shared,
             mut queue,
@@ -264,7 +270,6 @@ impl Bound {
             "serving with {workers} worker(s), pid {}",
             std::process::id()
         );
-        serving();
 
         let mut main = Main {
             shared: &shared,
@@ -278,11 +283,18 @@ impl Bound {
         };
         drop(config);
         let (failure, preparing) = main.serve(&events_rx, &exits_rx);
+        let shutdown_started = Instant::now();
         let outcome = shut_down(&shared, &receiver_handle, &exits_rx, workers, failure);
         signal_thread.stop();
         if let Some(p) = preparing {
-            // Bounded by the connect timeout of the pool it is proving.
-            let _ = p.thread.join();
+            // It may be waiting on a database that does not answer (up to the pool's connect
+            // timeout): joined if it finishes within the drain time, else left to the exit.
+            let left = shutdown_started + shared.config.load().daemon.shutdown_timeout();
+            if p.done.recv_deadline(left).is_ok() {
+                let _ = p.thread.join();
+            } else {
+                log::debug!("the abandoned reload is still connecting; exiting without it");
+            }
         }
         drop(metrics_server);
         drop(zap);
@@ -304,7 +316,7 @@ struct Main<'a> {
     queue: &'a Queue,
     receiver: &'a ReceiverHandle,
     metrics_server: &'a mut Option<MetricsServer>,
-    logging: &'a Logging,
+    logging: &'a Arc<Logging>,
     workers: usize,
     file: PathBuf,
     base: PathBuf,
@@ -385,11 +397,20 @@ impl Main<'_> {
         let (file, base) = (self.file.clone(), self.base.clone());
         let old = self.shared.config.load_full();
         let metrics = self.shared.metrics.clone();
+        let store = Arc::clone(&self.shared.store);
+        let logging = Arc::clone(self.logging);
         let workers = self.workers;
         let spawned = std::thread::Builder::new()
             .name("reload".into())
             .spawn(move || {
-                let _ = tx.send(prepare(&file, &base, &old, workers, &metrics));
+                let running = Running {
+                    config: &old,
+                    store: &store,
+                    logging: &logging,
+                    metrics: &metrics,
+                    workers,
+                };
+                let _ = tx.send(prepare(&file, &base, &running));
             });
         match spawned {
             Ok(thread) => Some(Preparing {
@@ -441,18 +462,33 @@ impl Main<'_> {
     }
 }
 
+/// What a reload is prepared against (read only).
+struct Running<'a> {
+    config: &'a Config,
+    store: &'a ArcSwap<Store>,
+    logging: &'a Logging,
+    metrics: &'a Metrics,
+    workers: usize,
+}
+
 /// Everything of a reload that can fail, done without touching the running daemon.
 fn prepare(
     file: &std::path::Path,
     base: &std::path::Path,
-    old: &Config,
-    workers: usize,
-    metrics: &Metrics,
+    running: &Running,
 ) -> Result<Prepared, String> {
+    let Running {
+        config: old,
+        store: running_store,
+        logging,
+        metrics,
+        workers,
+    } = *running;
     let mut new = Config::load(file, base).map_err(|e| e.to_string())?;
     for key in config::keep_restart_only(old, &mut new) {
         log::warn!("{key} changed: takes effect only after a restart; keeping the old value");
     }
+    logging.check(&new).map_err(|e| e.to_string())?;
     let metrics_server = if new.metrics.listen != old.metrics.listen {
         match new.metrics.listen {
             None => Some(None),
@@ -470,6 +506,14 @@ fn prepare(
                 .map_err(|e| format!("new database target not usable: {e}"))?,
         )
     } else {
+        // Same target: the table is judged again all the same (it may have been altered).
+        // An outage does not fail the reload; a table that no longer fits does.
+        if let Err(e) = running_store.load().ensure_table() {
+            if !e.is_transient() {
+                return Err(e.to_string());
+            }
+            log::warn!("reload: table not checked: {e}");
+        }
         None
     };
     Ok(Prepared {

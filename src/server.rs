@@ -161,11 +161,11 @@ impl Server {
         let metrics = Metrics::new(queue.depth_reader())?;
         let workers = config.pipeline.worker_count();
         let pool_size = config.mysql.pool_size_for(workers);
-        let store = Store::connect(&config.mysql, pool_size)?;
+        let store = Store::connect(&config.mysql, pool_size, &metrics)?;
+        store.publish();
         log::info!(
-            "database {}:{}/{} table `{}` ready (pool of {pool_size})",
-            config.mysql.host,
-            config.mysql.port,
+            "database {}/{} table `{}` ready (pool of {pool_size})",
+            store.active_host(),
             config.mysql.database,
             config.mysql.table
         );
@@ -440,14 +440,14 @@ impl Main<'_> {
         }
         // Nothing below can fail: from here the reload is applied whole.
         if let Some(store) = store {
-            self.shared.store.store(Arc::new(store));
+            store.publish();
             log::info!(
-                "database target now {}:{}/{}.{}",
-                new.mysql.host,
-                new.mysql.port,
+                "database target now {}/{}.{}",
+                store.active_host(),
                 new.mysql.database,
                 new.mysql.table
             );
+            self.shared.store.store(Arc::new(store));
         }
         if let Some(server) = metrics_server {
             // Dropping the old listener stops it; the new one is already bound.
@@ -502,7 +502,7 @@ fn prepare(
     let store = if new.mysql != old.mysql {
         let pool_size = new.mysql.pool_size_for(workers);
         Some(
-            Store::connect(&new.mysql, pool_size)
+            Store::connect(&new.mysql, pool_size, metrics)
                 .map_err(|e| format!("new database target not usable: {e}"))?,
         )
     } else {

@@ -6,7 +6,6 @@
 
 use std::fmt;
 use std::net::Ipv6Addr;
-use std::time::Duration;
 
 /// One database server of the list.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -174,9 +173,9 @@ pub fn move_reason(error: &mysql::Error) -> Option<MoveReason> {
 pub struct Move {
     pub from: usize,
     pub to: usize,
-    /// Every host failed since the last success: the caller waits this long before the
-    /// next round (doubling per round, capped).
-    pub round_wait: Option<Duration>,
+    /// Every host has failed since the last success (the caller's backoff is what spaces
+    /// the rounds; this is for saying so once per round).
+    pub full_round: bool,
 }
 
 /// Which host of the list takes writes, and how it changes: stay while it works; on a
@@ -187,13 +186,9 @@ pub struct Failover {
     current: usize,
     /// Hosts that failed since the last success.
     failed_in_round: usize,
-    next_round_wait: Duration,
 }
 
 impl Failover {
-    const FIRST_ROUND_WAIT: Duration = Duration::from_millis(100);
-    const ROUND_WAIT_CAP: Duration = Duration::from_secs(2);
-
     /// Starts at host `current` of a list of `len` (at least 1).
     pub fn new(len: usize, current: usize) -> Failover {
         let len = len.max(1);
@@ -201,7 +196,6 @@ impl Failover {
             len,
             current: current % len,
             failed_in_round: 0,
-            next_round_wait: Self::FIRST_ROUND_WAIT,
         }
     }
 
@@ -218,23 +212,20 @@ impl Failover {
         let from = self.current;
         self.current = (self.current + 1) % self.len;
         self.failed_in_round += 1;
-        let round_wait = (self.failed_in_round >= self.len).then(|| {
+        let full_round = self.failed_in_round >= self.len;
+        if full_round {
             self.failed_in_round = 0;
-            let wait = self.next_round_wait;
-            self.next_round_wait = (wait * 2).min(Self::ROUND_WAIT_CAP);
-            wait
-        });
+        }
         Some(Move {
             from,
             to: self.current,
-            round_wait,
+            full_round,
         })
     }
 
     /// A write succeeded on the current host: the next failure starts a fresh round.
     pub fn worked(&mut self) {
         self.failed_in_round = 0;
-        self.next_round_wait = Self::FIRST_ROUND_WAIT;
     }
 
     /// Whether `worked` has anything to reset (lets the store skip the lock on the hot path).
@@ -364,8 +355,7 @@ mod tests {
         assert_eq!(f.failed(0).map(|m| (m.from, m.to)), Some((0, 1)));
         assert_eq!(f.failed(1).map(|m| (m.from, m.to)), Some((1, 2)));
         let m = f.failed(2).unwrap();
-        assert_eq!((m.from, m.to), (2, 0));
-        assert_eq!(m.round_wait, Some(Duration::from_millis(100)));
+        assert_eq!((m.from, m.to, m.full_round), (2, 0, true));
         assert_eq!(f.current(), 0);
     }
 
@@ -390,33 +380,21 @@ mod tests {
     }
 
     #[test]
-    fn round_wait_doubles_per_full_round_and_resets_on_success() {
+    fn a_round_is_every_host_failing_without_a_success_between() {
         let mut f = Failover::new(2, 0);
-        let waits: Vec<Option<Duration>> = (0..8)
-            .map(|_| f.failed(f.current()).unwrap().round_wait)
+        let rounds: Vec<bool> = (0..4)
+            .map(|_| f.failed(f.current()).unwrap().full_round)
             .collect();
-        let ms = |n| Some(Duration::from_millis(n));
-        assert_eq!(
-            waits,
-            [None, ms(100), None, ms(200), None, ms(400), None, ms(800)]
-        );
-        f.worked();
+        assert_eq!(rounds, [false, true, false, true]);
         f.failed(f.current());
-        assert_eq!(f.failed(f.current()).unwrap().round_wait, ms(100));
+        f.worked();
+        assert!(!f.failed(f.current()).unwrap().full_round);
     }
 
     #[test]
     fn a_single_host_is_its_own_round() {
         let mut f = Failover::new(1, 0);
         let m = f.failed(0).unwrap();
-        assert_eq!((m.from, m.to), (0, 0));
-        assert!(m.round_wait.is_some());
-    }
-
-    #[test]
-    fn rounds_cap() {
-        let mut f = Failover::new(1, 0);
-        let last = (0..20).map(|_| f.failed(0).unwrap().round_wait).last();
-        assert_eq!(last, Some(Some(Duration::from_secs(2))));
+        assert_eq!((m.from, m.to, m.full_round), (0, 0, true));
     }
 }

@@ -12,18 +12,31 @@
 //! (re)created, and sessions run a strict `sql_mode`, so a value that does not fit is an
 //! error, never a silent truncation. `StoreError::is_transient` tells faults that heal by
 //! themselves (connections, deadlocks) from those an operator must fix (table, grants, disk).
+//!
+//! With several `[mysql] host` entries the store is the one place that knows which host takes
+//! writes (SPEC §9): one pool at a time, for that host; an error that means the host cannot
+//! write (`hosts::move_reason`) moves to the next one in order with a fresh pool, logged once
+//! and counted. Connections carry the host they came from, so a failure seen on a connection
+//! older than the last move does not move again. Workers only see `checkout`/`commit_batch`.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use mysql::prelude::Queryable;
-use mysql::{OptsBuilder, TxOpts};
+use mysql::{ClientIdentity, Opts, OptsBuilder, SslOpts, TxOpts};
+use parking_lot::Mutex;
 use r2d2_mysql::MySqlConnectionManager;
 
-use crate::config::MysqlConfig;
+use crate::config::{MysqlConfig, TlsMode};
 use crate::input::record::{Record, Volume};
+use crate::metrics::Metrics;
 use crate::pipeline::classify::{self, StoredRow, Verdict};
+use crate::pipeline::hosts::{self, Failover, HostAddr, MoveReason};
 use crate::pipeline::schema::{self, Column};
 
 const ER_DUP_ENTRY: u16 = 1062;
@@ -35,6 +48,10 @@ const RACE_REDOS: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    #[error("database {host}: {error}")]
+    Host { host: String, error: mysql::Error },
+    #[error("no database host of the list could take writes: {}", tried.join("; "))]
+    NoHost { tried: Vec<String> },
     #[error("database {host}:{port}: {error}")]
     Connect {
         host: String,
@@ -69,13 +86,28 @@ impl StoreError {
         }
     }
 
+    /// Why this error means the host cannot take writes now, if it does.
+    pub fn move_reason(&self) -> Option<MoveReason> {
+        match self {
+            StoreError::Host { error, .. } | StoreError::Mysql(error) => hosts::move_reason(error),
+            StoreError::Connect { error, .. } | StoreError::Pool(error) => {
+                Some(MoveReason::Unreachable(error.to_string()))
+            }
+            _ => None,
+        }
+    }
+
     /// A fault that heals by itself (connection, server restart, lock conflict, failover):
     /// retried quietly. Anything else is about the table, the data or the grants (1054 unknown
     /// column, 1264 out of range, 1406 too long, 1364 no default, 1142 denied, 1114 table full,
     /// …): retried too, since nothing accepted may be dropped, but an operator must act.
     pub fn is_transient(&self) -> bool {
         match self {
-            StoreError::Connect { .. } | StoreError::Pool(_) | StoreError::Race => true,
+            StoreError::Connect { .. }
+            | StoreError::Host { .. }
+            | StoreError::NoHost { .. }
+            | StoreError::Pool(_)
+            | StoreError::Race => true,
             StoreError::Schema { .. } | StoreError::BadStoredVolume { .. } => false,
             StoreError::Mysql(mysql::Error::MySqlError(e)) => TRANSIENT_CODES.contains(&e.code),
             // I/O, driver and protocol errors: the connection, not the data.
@@ -102,11 +134,47 @@ const SESSION_SETUP: [&str; 3] = [
 ];
 
 pub type Pool = r2d2::Pool<MySqlConnectionManager>;
-pub type Connection = r2d2::PooledConnection<MySqlConnectionManager>;
 
-/// One database target: a pool and the table it writes.
-pub struct Store {
+/// A pooled connection and the host (index in the list) it is connected to.
+pub struct Connection {
+    conn: r2d2::PooledConnection<MySqlConnectionManager>,
+    host: usize,
+}
+
+impl Deref for Connection {
+    type Target = r2d2::PooledConnection<MySqlConnectionManager>;
+    fn deref(&self) -> &Self::Target {
+        &self.conn
+    }
+}
+
+impl DerefMut for Connection {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.conn
+    }
+}
+
+/// The host taking writes and its pool.
+struct Active {
+    host: usize,
     pool: Pool,
+}
+
+/// Serial numbers of stores, so only the serving one shows in `feedd_db_host_active`.
+static NEXT_SERIAL: AtomicU64 = AtomicU64::new(1);
+
+/// One database target: the host list, the pool of the host in use, and the table it writes.
+pub struct Store {
+    active: ArcSwap<Active>,
+    hosts: Vec<HostAddr>,
+    /// Driver options per host, in list order.
+    opts: Vec<Opts>,
+    pool_size: u32,
+    failover: Mutex<Failover>,
+    /// A failure since the last success: the next success resets the round (under the lock).
+    in_round: AtomicBool,
+    metrics: Metrics,
+    serial: u64,
     table: String,
     /// The prepared INSERT of exactly `ROWS_PER_STATEMENT` rows.
     full_chunk_sql: String,
@@ -121,32 +189,81 @@ impl<E> r2d2::HandleError<E> for QuietErrors {
     fn handle_error(&self, _error: E) {}
 }
 
+/// The driver's options for one host of the list: timeouts, session setup, TLS.
+fn driver_opts(config: &MysqlConfig, host: &HostAddr) -> Opts {
+    let mut opts = OptsBuilder::new()
+        .ip_or_hostname(Some(host.driver_host()))
+        .tcp_port(host.port)
+        .user(Some(config.user.clone()))
+        .pass(Some(config.password.expose().to_string()))
+        .db_name(Some(config.database.clone()))
+        .prefer_socket(false)
+        .tcp_connect_timeout(Some(Duration::from_secs(3)))
+        .read_timeout(Some(Duration::from_secs(60)))
+        .write_timeout(Some(Duration::from_secs(60)))
+        .init(SESSION_SETUP.to_vec());
+    if let Some(ssl) = ssl_opts(config) {
+        opts = opts.ssl_opts(ssl);
+    }
+    opts.into()
+}
+
+/// `[mysql] tls*` as the driver's TLS options (rustls; the files were checked by the config).
+fn ssl_opts(config: &MysqlConfig) -> Option<SslOpts> {
+    let ssl = match config.tls {
+        TlsMode::Off => return None,
+        TlsMode::Required => SslOpts::default()
+            .with_danger_accept_invalid_certs(true)
+            .with_danger_skip_domain_validation(true),
+        TlsMode::VerifyCa => SslOpts::default().with_danger_skip_domain_validation(true),
+        TlsMode::VerifyIdentity => SslOpts::default(),
+    };
+    let ssl = ssl.with_root_cert_path(config.tls_ca_file.clone());
+    Some(match (&config.tls_cert_file, &config.tls_key_file) {
+        (Some(cert), Some(key)) => {
+            ssl.with_client_identity(Some(ClientIdentity::new(cert.clone(), key.clone())))
+        }
+        _ => ssl,
+    })
+}
+
+fn build_pool(opts: Opts, pool_size: u32) -> Pool {
+    r2d2::Pool::builder()
+        .max_size(pool_size.max(1))
+        .min_idle(Some(0))
+        .connection_timeout(Duration::from_secs(3))
+        // has_broken pings every connection on return, which is enough to weed out dead ones.
+        .test_on_check_out(false)
+        .error_handler(Box::new(QuietErrors))
+        .build_unchecked(MySqlConnectionManager::new(OptsBuilder::from_opts(opts)))
+}
+
 impl Store {
-    /// Builds the pool, proves the server answers, creates the table if missing and checks its
-    /// columns. Fails fast (a few seconds) when the server is unreachable.
-    pub fn connect(config: &MysqlConfig, pool_size: u32) -> Result<Store, StoreError> {
-        let opts = OptsBuilder::new()
-            .ip_or_hostname(Some(config.host.clone()))
-            .tcp_port(config.port)
-            .user(Some(config.user.clone()))
-            .pass(Some(config.password.expose().to_string()))
-            .db_name(Some(config.database.clone()))
-            .prefer_socket(false)
-            .tcp_connect_timeout(Some(Duration::from_secs(3)))
-            .read_timeout(Some(Duration::from_secs(60)))
-            .write_timeout(Some(Duration::from_secs(60)))
-            .init(SESSION_SETUP.to_vec());
-        let manager = MySqlConnectionManager::new(opts);
-        let pool = r2d2::Pool::builder()
-            .max_size(pool_size.max(1))
-            .min_idle(Some(0))
-            .connection_timeout(Duration::from_secs(3))
-            // has_broken pings every connection on return, which is enough to weed out dead ones.
-            .test_on_check_out(false)
-            .error_handler(Box::new(QuietErrors))
-            .build_unchecked(manager);
+    /// Finds the first host of the list that answers and can take writes (creating the table
+    /// if missing and checking it there), and builds its pool. Fails fast (a few seconds per
+    /// host) when none can; a table that does not fit fails at once.
+    pub fn connect(
+        config: &MysqlConfig,
+        pool_size: u32,
+        metrics: &Metrics,
+    ) -> Result<Store, StoreError> {
+        let opts: Vec<Opts> = config
+            .hosts
+            .iter()
+            .map(|h| driver_opts(config, h))
+            .collect();
         let store = Store {
-            pool,
+            active: ArcSwap::from_pointee(Active {
+                host: 0,
+                pool: build_pool(opts[0].clone(), pool_size),
+            }),
+            hosts: config.hosts.clone(),
+            opts,
+            pool_size,
+            failover: Mutex::new(Failover::new(config.hosts.len(), 0)),
+            in_round: AtomicBool::new(false),
+            metrics: metrics.clone(),
+            serial: NEXT_SERIAL.fetch_add(1, Ordering::Relaxed),
             table: config.table.clone(),
             full_chunk_sql: format!(
                 "INSERT INTO `{}` (ticket, login, volume, status) VALUES {}",
@@ -154,23 +271,127 @@ impl Store {
                 vec!["(?,?,?,'Y')"; ROWS_PER_STATEMENT].join(",")
             ),
         };
-        store.pool.get().map_err(|error| StoreError::Connect {
-            host: config.host.clone(),
-            port: config.port,
-            error,
-        })?;
-        store.ensure_table()?;
-        Ok(store)
+        let mut tried = Vec::new();
+        loop {
+            let host = store.active.load().host;
+            let Err(e) = store.prove(host) else {
+                return Ok(store);
+            };
+            let reason = e.move_reason();
+            tried.push(format!("{}: {e}", store.hosts[host]));
+            match reason {
+                Some(reason) if tried.len() < store.hosts.len() => store.move_from(host, &reason),
+                _ if tried.len() == 1 => return Err(e),
+                _ => return Err(StoreError::NoHost { tried }),
+            }
+        }
     }
 
-    /// A pooled connection (waits up to the pool's connection timeout).
+    /// One direct connection first (its error is the driver's own, at once, rather than the
+    /// pool's timeout), then the table through the pool.
+    fn prove(&self, host: usize) -> Result<(), StoreError> {
+        mysql::Conn::new(self.opts[host].clone()).map_err(|error| StoreError::Host {
+            host: self.hosts[host].to_string(),
+            error,
+        })?;
+        self.ensure_table()
+    }
+
+    /// `host:port` of the host taking writes.
+    pub fn active_host(&self) -> String {
+        self.hosts[self.active.load().host].to_string()
+    }
+
+    /// Makes this store the one `feedd_db_host_active` shows (the serving one).
+    pub fn publish(&self) {
+        self.metrics
+            .db_hosts_owner
+            .store(self.serial, Ordering::Relaxed);
+        self.metrics.db_host_active.reset();
+        self.show_active();
+    }
+
+    fn show_active(&self) {
+        if self.metrics.db_hosts_owner.load(Ordering::Relaxed) != self.serial {
+            return;
+        }
+        let current = self.active.load().host;
+        for (i, host) in self.hosts.iter().enumerate() {
+            self.metrics
+                .db_host_active
+                .with_label_values(&[&host.to_string()])
+                .set(i64::from(i == current));
+        }
+    }
+
+    /// The host `host` failed for `reason`: the next one of the list takes over (unless
+    /// another connection already reported it), with a pool of its own.
+    fn move_from(&self, host: usize, reason: &MoveReason) {
+        let mut failover = self.failover.lock();
+        let Some(m) = failover.failed(host) else {
+            return;
+        };
+        self.in_round.store(true, Ordering::Relaxed);
+        if m.to == m.from {
+            return; // a single host: nowhere to move, the caller's backoff paces retries
+        }
+        log::warn!(
+            "db host {} → {}: {reason}",
+            self.hosts[m.from],
+            self.hosts[m.to]
+        );
+        if m.full_round {
+            log::warn!("every db host of the list failed since the last commit; going round again");
+        }
+        self.metrics.db_failovers.inc();
+        // A fresh pool: connections left from an earlier stay on that host may be dead.
+        self.active.store(Arc::new(Active {
+            host: m.to,
+            pool: build_pool(self.opts[m.to].clone(), self.pool_size),
+        }));
+        drop(failover);
+        self.show_active();
+    }
+
+    fn note(&self, host: usize, result: Result<(), &StoreError>) {
+        match result {
+            Ok(()) => {
+                if self.in_round.load(Ordering::Relaxed) {
+                    self.failover.lock().worked();
+                    self.in_round.store(false, Ordering::Relaxed);
+                }
+            }
+            Err(e) => {
+                if let Some(reason) = e.move_reason() {
+                    self.move_from(host, &reason);
+                }
+            }
+        }
+    }
+
+    /// A pooled connection to the host taking writes (waits up to the pool's timeout).
     pub fn checkout(&self) -> Result<Connection, StoreError> {
-        Ok(self.pool.get()?)
+        let active = self.active.load();
+        match active.pool.get() {
+            Ok(conn) => Ok(Connection {
+                conn,
+                host: active.host,
+            }),
+            Err(e) => {
+                let e = StoreError::Pool(e);
+                self.note(active.host, Err(&e));
+                Err(e)
+            }
+        }
     }
 
     /// `CREATE TABLE IF NOT EXISTS`, then checks the table fits what feedd writes.
     pub fn ensure_table(&self) -> Result<(), StoreError> {
-        let mut conn = self.pool.get()?;
+        let active = self.active.load();
+        let mut conn = Connection {
+            conn: active.pool.get()?,
+            host: active.host,
+        };
         conn.query_drop(format!(
             "CREATE TABLE IF NOT EXISTS `{}` (
                ticket BIGINT UNSIGNED NOT NULL PRIMARY KEY,
@@ -261,10 +482,15 @@ impl Store {
 
     /// For the log when an operator must act: what the table check says now.
     pub fn diagnose(&self) -> String {
-        match self
+        let active = self.active.load();
+        match active
             .pool
             .get()
             .map_err(StoreError::from)
+            .map(|conn| Connection {
+                conn,
+                host: active.host,
+            })
             .and_then(|mut c| self.check_table(&mut c))
         {
             Ok(()) => "the table's columns fit; check grants, disk and the server log".to_string(),
@@ -275,7 +501,18 @@ impl Store {
     /// Commits one batch (one transaction) and returns a verdict per message.
     /// Any error means nothing of this attempt is committed (or, for a COMMIT whose outcome is
     /// unknown, that a redo will find the rows and accept them).
+    /// An error that means the host cannot take writes moves to the next host of the list.
     pub fn commit_batch(
+        &self,
+        conn: &mut Connection,
+        messages: &[&[Record]],
+    ) -> Result<Vec<Verdict>, StoreError> {
+        let result = self.commit_once(conn, messages);
+        self.note(conn.host, result.as_ref().map(|_| ()));
+        result
+    }
+
+    fn commit_once(
         &self,
         conn: &mut Connection,
         messages: &[&[Record]],

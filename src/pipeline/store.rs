@@ -39,6 +39,7 @@ use crate::pipeline::classify::{self, StoredRow, Verdict};
 use crate::pipeline::hosts::{self, Failover, HostAddr, MoveReason};
 use crate::pipeline::schema::{self, Column};
 
+const ER_ACCESS_DENIED: u16 = 1045;
 const ER_DUP_ENTRY: u16 = 1062;
 const ER_NO_SUCH_TABLE: u16 = 1146;
 /// Most rows in one INSERT statement, so a huge message stays far below max_allowed_packet.
@@ -48,8 +49,12 @@ const RACE_REDOS: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("database {host}: {error}")]
-    Host { host: String, error: mysql::Error },
+    #[error("database {host}: {error}{hint}")]
+    Host {
+        host: String,
+        error: mysql::Error,
+        hint: &'static str,
+    },
     #[error("no database host of the list could take writes: {}", tried.join("; "))]
     NoHost { tried: Vec<String> },
     #[error("database {host}:{port}: {error}")]
@@ -290,9 +295,20 @@ impl Store {
     /// One direct connection first (its error is the driver's own, at once, rather than the
     /// pool's timeout), then the table through the pool.
     fn prove(&self, host: usize) -> Result<(), StoreError> {
-        mysql::Conn::new(self.opts[host].clone()).map_err(|error| StoreError::Host {
-            host: self.hosts[host].to_string(),
-            error,
+        mysql::Conn::new(self.opts[host].clone()).map_err(|error| {
+            // MariaDB refuses a plaintext login under require_secure_transport with a bare 1045.
+            let plaintext = self.opts[host].get_ssl_opts().is_none();
+            let hint = match &error {
+                mysql::Error::MySqlError(e) if e.code == ER_ACCESS_DENIED && plaintext => {
+                    " (tls = off: if the server sets require_secure_transport, set [mysql] tls)"
+                }
+                _ => "",
+            };
+            StoreError::Host {
+                host: self.hosts[host].to_string(),
+                error,
+                hint,
+            }
         })?;
         self.ensure_table()
     }

@@ -277,20 +277,22 @@ wsrep_sst_receive_address=127.0.0.1:{sst}
         self.wait_all_synced();
     }
 
-    /// ticket → (login, volume text, status) of `db`.`fee` on node `i`.
+    /// ticket → (login, volume text, status) of `db`.`fee` on node `i`, once the node has
+    /// applied everything committed anywhere before the read (`wsrep_sync_wait`).
     pub fn rows(
         &self,
         i: usize,
         db: &str,
     ) -> std::collections::HashMap<u64, (u64, String, String)> {
-        self.conn(i)
-            .query_map(
-                format!("SELECT ticket, login, CAST(volume AS CHAR), status FROM `{db}`.fee"),
-                |(t, l, v, s)| (t, (l, v, s)),
-            )
-            .unwrap()
-            .into_iter()
-            .collect()
+        let mut c = self.conn(i);
+        c.query_drop("SET SESSION wsrep_sync_wait = 1").unwrap();
+        c.query_map(
+            format!("SELECT ticket, login, CAST(volume AS CHAR), status FROM `{db}`.fee"),
+            |(t, l, v, s)| (t, (l, v, s)),
+        )
+        .unwrap()
+        .into_iter()
+        .collect()
     }
 }
 

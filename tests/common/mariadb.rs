@@ -14,8 +14,10 @@ pub struct PrivateMariadb {
     pub dir: tempfile::TempDir,
     pub port: u16,
     child: Option<Child>,
-    /// Server options beyond the defaults (e.g. TLS); with them the grant tables are on.
+    /// Server options beyond the defaults (e.g. TLS), given last.
     extra: Vec<String>,
+    /// Accounts enforced (root@127.0.0.1 without password); else --skip-grant-tables.
+    grants: bool,
 }
 
 pub fn binary(name: &str) -> String {
@@ -31,12 +33,16 @@ pub fn binary(name: &str) -> String {
 impl PrivateMariadb {
     /// Initialises a data dir and starts the server; returns once it answers.
     pub fn start() -> PrivateMariadb {
-        PrivateMariadb::start_with(&[])
+        PrivateMariadb::init(&[], false)
     }
 
-    /// Like `start`, with extra server options; non-empty `extra` also turns the grant
-    /// tables on (root@127.0.0.1 without password, accounts and REQUIRE clauses enforced).
+    /// Like `start`, with the grant tables on (root@127.0.0.1 without password; accounts,
+    /// privileges and REQUIRE clauses enforced) and extra server options.
     pub fn start_with(extra: &[String]) -> PrivateMariadb {
+        PrivateMariadb::init(extra, true)
+    }
+
+    fn init(extra: &[String], grants: bool) -> PrivateMariadb {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         let tmp = dir.path().join("tmp");
@@ -64,6 +70,7 @@ impl PrivateMariadb {
             port: free_port(),
             child: None,
             extra: extra.to_vec(),
+            grants,
         };
         db.restart();
         db
@@ -97,7 +104,7 @@ impl PrivateMariadb {
                 "--tmpdir={}",
                 self.dir.path().join("tmp").display()
             ))
-            .args(self.extra.is_empty().then_some("--skip-grant-tables"))
+            .args((!self.grants).then_some("--skip-grant-tables"))
             .args([
                 "--bind-address=127.0.0.1",
                 "--user=root",

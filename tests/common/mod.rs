@@ -58,12 +58,18 @@ impl Db {
 
     /// A database on the server at 127.0.0.1:`port` (a private mariadbd).
     pub fn create_on(test: &str, port: u16) -> Db {
+        Db::create_with(test, port, None)
+    }
+
+    /// `create_on` with TLS options for a server that requires secure transport.
+    pub fn create_with(test: &str, port: u16, ssl: Option<mysql::SslOpts>) -> Db {
         let name = format!("feedd_t_{}_{}", test, std::process::id());
         let opts = mysql::OptsBuilder::new()
             .ip_or_hostname(Some(mysql_host()))
             .tcp_port(port)
             .user(Some("root"))
-            .prefer_socket(false);
+            .prefer_socket(false)
+            .ssl_opts(ssl);
         let pool = mysql::Pool::new(opts)
             .expect("MariaDB on FEEDD_TEST_MYSQL_PORT (run the README setup)");
         let mut conn = pool.get_conn().expect("connection");

@@ -42,7 +42,12 @@ pub fn foreground(conf: &Path) -> anyhow::Result<i32> {
     set_umask(config.daemon.umask);
     let logging = Arc::new(Logging::start(&config, false)?);
     warn_if_exposed(&config);
-    let outcome = server::serve(config, signals, Arc::clone(&logging), Hooks::default())?;
+    // Under a systemd `Type=notify` unit: READY/RELOADING/STOPPING/STATUS and the watchdog.
+    let hooks = Hooks {
+        notify: crate::process::notify::Notifier::from_env(),
+        ..Hooks::default()
+    };
+    let outcome = server::serve(config, signals, Arc::clone(&logging), hooks)?;
     logging.flush();
     Ok(exit_status(&outcome))
 }
@@ -225,6 +230,8 @@ fn serve_detached(
             privileges::drop_to(&target).map_err(|e| e.to_string())
         }),
         ready: Box::new(move || ready.borrow_mut().ready()),
+        // Detached: readiness goes through the pipe; systemd is told only in the foreground.
+        notify: None,
     };
     match server::serve(config, signals, logging, hooks) {
         Ok(outcome) => exit_status(&outcome),

@@ -31,9 +31,11 @@ pub struct Reloader {
 }
 
 impl Reloader {
-    /// Re-reads the file and applies it, or logs why not.
-    pub fn reload(&mut self) {
-        match self.try_reload() {
+    /// Re-reads the file and applies it, or logs why not (the reason is returned too, for
+    /// systemd's status line).
+    pub fn reload(&mut self) -> Result<(), String> {
+        let result = self.try_reload();
+        match &result {
             Ok(()) => {
                 self.metrics.config_reloads.inc();
                 log::info!("config reloaded from {}", self.config_file.display());
@@ -43,6 +45,7 @@ impl Reloader {
                 log::error!("reload failed, keeping the running config: {reason}");
             }
         }
+        result
     }
 
     fn try_reload(&mut self) -> Result<(), String> {

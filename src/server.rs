@@ -26,6 +26,7 @@ use crate::logging::Logging;
 use crate::metrics::{Metrics, MetricsError, MetricsServer};
 use crate::pipeline::store::{Store, StoreError};
 use crate::pipeline::worker::{self, Shared};
+use crate::process::notify::{Notifier, Snapshot, Watchdog};
 use crate::process::signals::{Event, SignalThread, Signals};
 use crate::reload::Reloader;
 
@@ -63,6 +64,8 @@ pub struct Hooks {
     pub before_serving: Box<dyn FnOnce() -> Result<(), String>>,
     /// Runs once serving has begun (readiness report to the invoking process).
     pub ready: Box<dyn FnOnce()>,
+    /// systemd's notify socket (foreground under `Type=notify`), if any.
+    pub notify: Option<Notifier>,
 }
 
 impl Default for Hooks {
@@ -70,6 +73,7 @@ impl Default for Hooks {
         Hooks {
             before_serving: Box::new(|| Ok(())),
             ready: Box::new(|| {}),
+            notify: None,
         }
     }
 }
@@ -206,6 +210,7 @@ pub fn serve(
         )?);
     }
     drop(jobs_rx);
+    let receiver_beat = receiver.heartbeat();
     let receiver_thread = spawn_pinned(Role::Receiver, core(0), &exits_tx, move || {
         receiver.run().map_err(|e| e.to_string())
     })?;
@@ -223,16 +228,32 @@ pub fn serve(
         control: None,
     };
     let metrics_slot = Arc::clone(&reloader.metrics_server);
-    let signal_thread =
-        SignalThread::spawn(signals, reloader, logging, context.clone(), events_tx)?;
+    let signal_thread = SignalThread::spawn(
+        signals,
+        reloader,
+        logging,
+        context.clone(),
+        events_tx,
+        hooks.notify.clone(),
+    )?;
     log::info!(
         "serving with {workers} worker(s), pid {}",
         std::process::id()
     );
     (hooks.ready)();
+    // systemd: READY at the moment `--daemon` reports ready; then the watchdog.
+    let watchdog = hooks.notify.as_ref().and_then(|n| {
+        n.ready();
+        let beats = vec![receiver_beat, signal_thread.heartbeat()];
+        start_watchdog(n, beats, &shared)
+    });
 
     let failure = wait_for_stop(&events_rx, &exits_rx);
+    if let Some(n) = &hooks.notify {
+        n.stopping();
+    }
     let outcome = shut_down(&shared, &control, &exits_rx, workers, failure);
+    drop(watchdog);
     signal_thread.stop();
     *metrics_slot.lock() = None;
     drop(zap);
@@ -249,6 +270,29 @@ pub fn serve(
         std::mem::forget(context);
     }
     Ok(outcome)
+}
+
+/// The systemd watchdog over `beats`, with a status line from the config and metrics. A thread
+/// that cannot start is logged, not fatal: serving matters more than the pings.
+fn start_watchdog(
+    notifier: &Notifier,
+    beats: Vec<crate::process::notify::Heartbeat>,
+    shared: &Shared,
+) -> Option<Watchdog> {
+    let (config, metrics) = (Arc::clone(&shared.config), shared.metrics.clone());
+    let snapshot = move || {
+        let c = config.load();
+        Snapshot {
+            inputs: format!("zmq {}", c.zmq.endpoint),
+            committed: metrics.records_committed.get(),
+            queue_depth: metrics.queue_depth.load(Ordering::Relaxed),
+            database: format!("{}:{}/{}", c.mysql.host, c.mysql.port, c.mysql.database),
+        }
+    };
+    notifier
+        .start_watchdog(beats, snapshot)
+        .map_err(|e| log::error!("cannot start the systemd watchdog thread: {e}"))
+        .ok()
 }
 
 /// Blocks until a shutdown signal (`None`) or a pipeline thread's unexpected end (which one,

@@ -18,6 +18,7 @@ use crate::input::record::{self, Record};
 use crate::input::reply;
 use crate::metrics::Metrics;
 use crate::pipeline::worker::Job;
+use crate::process::notify::Heartbeat;
 
 /// Where workers push their replies.
 pub const REPLY_ENDPOINT: &str = "inproc://feedd-replies";
@@ -63,6 +64,8 @@ pub struct Receiver {
     held: Option<Job>,
     config: Arc<ArcSwap<Config>>,
     metrics: Metrics,
+    /// Bumped once per loop turn; the systemd watchdog pings only while it moves.
+    heartbeat: Heartbeat,
 }
 
 impl Receiver {
@@ -102,7 +105,13 @@ impl Receiver {
             held: None,
             config,
             metrics,
+            heartbeat: Heartbeat::new("receiver"),
         })
+    }
+
+    /// The receiver's heartbeat, for the watchdog.
+    pub fn heartbeat(&self) -> Heartbeat {
+        self.heartbeat.clone()
     }
 
     /// The endpoint bound (with a wildcard port resolved).
@@ -113,6 +122,7 @@ impl Receiver {
     /// Serves until told `finish`; then drains the replies already pushed and returns.
     pub fn run(mut self) -> Result<(), ReceiverError> {
         loop {
+            self.heartbeat.beat();
             self.follow_config();
             let capacity = self.config.load().pipeline.queue_capacity;
             if self.held.is_some() {

@@ -11,6 +11,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::{Handle, Signals as HookSignals};
 
 use crate::logging::Logging;
+use crate::process::notify::{Heartbeat, Notifier};
 use crate::reload::Reloader;
 
 /// What the signal thread asks of the main thread.
@@ -37,6 +38,7 @@ impl Signals {
 pub struct SignalThread {
     handle: Handle,
     thread: Option<JoinHandle<()>>,
+    heartbeat: Heartbeat,
 }
 
 impl SignalThread {
@@ -46,9 +48,12 @@ impl SignalThread {
         logging: std::sync::Arc<Logging>,
         control_context: zmq::Context,
         events: Sender<Event>,
+        notify: Option<Notifier>,
     ) -> std::io::Result<SignalThread> {
         let mut signals = signals.0;
         let handle = signals.handle();
+        let heartbeat = Heartbeat::new("signals");
+        let beat = heartbeat.clone();
         let thread = std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
@@ -61,21 +66,38 @@ impl SignalThread {
                     })
                     .map_err(|e| log::error!("signals: no control socket: {e}"))
                     .ok();
-                for signal in signals.forever() {
-                    match signal {
-                        SIGHUP => {
-                            logging.reopen();
-                            log::info!("SIGHUP: reloading");
-                            reloader.reload();
+                // `forever()` unrolled, so the watchdog sees this thread waiting (alive) or
+                // turning; stuck inside a reload, it sees neither and stops pinging.
+                while !signals.is_closed() {
+                    let pending = {
+                        let _idle = beat.idle();
+                        signals.wait()
+                    };
+                    for signal in pending {
+                        match signal {
+                            SIGHUP => {
+                                if let Some(n) = &notify {
+                                    n.reloading();
+                                }
+                                logging.reopen();
+                                log::info!("SIGHUP: reloading");
+                                let result = reloader.reload();
+                                if let Some(n) = &notify {
+                                    match &result {
+                                        Ok(()) => n.reload_done(true, "config reloaded"),
+                                        Err(reason) => n.reload_done(false, reason),
+                                    }
+                                }
+                            }
+                            SIGUSR1 => {
+                                logging.reopen();
+                                log::info!("SIGUSR1: log file reopened");
+                            }
+                            SIGTERM | SIGINT => {
+                                let _ = events.send(Event::Shutdown { signal });
+                            }
+                            _ => {}
                         }
-                        SIGUSR1 => {
-                            logging.reopen();
-                            log::info!("SIGUSR1: log file reopened");
-                        }
-                        SIGTERM | SIGINT => {
-                            let _ = events.send(Event::Shutdown { signal });
-                        }
-                        _ => {}
                     }
                 }
                 if let Some(s) = reloader.control.take() {
@@ -85,7 +107,13 @@ impl SignalThread {
         Ok(SignalThread {
             handle,
             thread: Some(thread),
+            heartbeat,
         })
+    }
+
+    /// The signal thread's heartbeat, for the watchdog.
+    pub fn heartbeat(&self) -> Heartbeat {
+        self.heartbeat.clone()
     }
 
     pub fn stop(mut self) {

@@ -94,8 +94,16 @@ fn spawn_notified(mut f: Feedd, manager: &Manager, watchdog: Duration) -> Feedd 
 }
 
 fn monotonic_usec() -> i128 {
-    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
-    i128::from(ts.tv_sec()) * 1_000_000 + i128::from(ts.tv_nsec()) / 1_000
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out-pointer to a timespec on this stack.
+    assert_eq!(
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) },
+        0
+    );
+    i128::from(ts.tv_sec) * 1_000_000 + i128::from(ts.tv_nsec) / 1_000
 }
 
 /// RELOADING=1 with a MONOTONIC_USEC= taken now (±5 s), then READY=1 with a status.
@@ -215,12 +223,28 @@ fn thread_id(pid: i32, name: &str) -> i32 {
         .unwrap_or_else(|| panic!("no `{name}` thread in pid {pid}"))
 }
 
+/// The raw ptrace(2) calls the wedge needs (libc, so no test-only features reach feedd's deps).
+fn ptrace(request: libc::c_uint, tid: i32) -> std::io::Result<()> {
+    let null = std::ptr::null_mut::<libc::c_void>();
+    // SAFETY: requests without address or data arguments, on a thread of our own child.
+    if unsafe { libc::ptrace(request, tid, null, null) } == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Stops thread `tid` alone (PTRACE_SEIZE + PTRACE_INTERRUPT) and waits until it is stopped.
+fn stop_thread(tid: i32) {
+    ptrace(libc::PTRACE_SEIZE, tid).expect("ptrace (needs root or to be the parent)");
+    ptrace(libc::PTRACE_INTERRUPT, tid).unwrap();
+    let mut status = 0;
+    // SAFETY: a valid out-pointer; __WALL waits for a thread (clone) tracee.
+    let waited = unsafe { libc::waitpid(tid, &mut status, libc::__WALL) };
+    assert_eq!(waited, tid, "{}", std::io::Error::last_os_error());
+}
+
 #[test]
 fn a_wedged_receiver_stops_the_watchdog() {
-    use nix::sys::ptrace;
-    use nix::sys::wait::{waitpid, WaitPidFlag};
-    use nix::unistd::Pid;
-
     let db = Db::create("n_wedge");
     let manager = Manager::bind();
     let watchdog = Duration::from_secs(3);
@@ -234,10 +258,8 @@ fn a_wedged_receiver_stops_the_watchdog() {
     );
 
     // Stop the receiver thread alone; the watchdog, signal and worker threads run on.
-    let tid = Pid::from_raw(thread_id(f.pid(), "receiver"));
-    ptrace::seize(tid, ptrace::Options::empty()).expect("ptrace (needs root or a parent)");
-    ptrace::interrupt(tid).unwrap();
-    waitpid(tid, Some(WaitPidFlag::__WALL)).unwrap();
+    let tid = thread_id(f.pid(), "receiver");
+    stop_thread(tid);
     let wedged_at = Instant::now();
     let during = manager.collect(every * 3);
     // One check may still see a turn made just before the stop; none after that.
@@ -267,7 +289,7 @@ fn a_wedged_receiver_stops_the_watchdog() {
     );
 
     // Released, it turns again and so do the pings.
-    ptrace::detach(tid, None).unwrap();
+    ptrace(libc::PTRACE_DETACH, tid).unwrap();
     let released_at = Instant::now();
     let after = manager.collect(every * 2 + Duration::from_millis(300));
     let resumed = after

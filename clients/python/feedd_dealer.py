@@ -24,7 +24,19 @@ import time
 
 import zmq
 
-from feedd_req import batches
+
+def batches(lines, per_message):
+    """Groups non-empty lines into lists of at most per_message records."""
+    batch = []
+    for line in lines:
+        line = line.strip()
+        if line:
+            batch.append(line)
+        if len(batch) == per_message:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def main():

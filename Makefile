@@ -1,5 +1,5 @@
 # Operator and developer entry points (see README.md).
-.PHONY: setup run test bench chaos fuzz-build lint
+.PHONY: setup run test bench chaos fuzz-build lint deb
 
 setup:        ## install MariaDB + libzmq if missing, start MariaDB, build feedd
 	bash .ci/setup
@@ -9,10 +9,13 @@ run: setup    ## serve in the foreground on conf/feed.ini
 	./target/release/feedd --conf conf/feed.ini
 
 test: lint    ## lint, unit + integration tests, then a quick benchmark smoke run (needs `make setup` once)
-	cargo test --quiet --locked -- --test-threads 4
+	FEEDD_TEST_PACKAGE=1 cargo test --quiet --locked -- --test-threads 4
 	cargo bench --locked --bench ingest -- --quick
 	cargo bench --locked --bench chaos -- --secs 15
 	cargo build --locked --manifest-path tests/fuzz/Cargo.toml
+
+deb:          ## the Debian package, target/debian/feedd_*.deb (needs `cargo install cargo-deb`)
+	cargo deb --locked
 
 bench:        ## the ingest benchmark with its baselines
 	cargo bench --bench ingest

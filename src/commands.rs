@@ -19,6 +19,7 @@ use nix::unistd::Pid;
 use crate::config::Config;
 use crate::logging::Logging;
 use crate::process::daemon::{self, Detached, Readiness, Report};
+use crate::process::notify::Notifier;
 use crate::process::pidfile::{self, Pidfile};
 use crate::process::privileges;
 use crate::process::signals::Signals;
@@ -75,12 +76,14 @@ enum Parent {
     Supervisor(i32),
 }
 
-/// Binds, drops privileges, reports readiness, then serves until told to stop.
+/// Binds, drops privileges, reports readiness, then serves until told to stop. `notify`: the
+/// systemd notify socket of a `Type=notify` unit (foreground only).
 fn serve(
     config: Config,
     held: Held,
     parent: Parent,
     readiness: &mut Readiness,
+    notify: Option<Notifier>,
 ) -> anyhow::Result<Outcome> {
     let target = if nix::unistd::geteuid().is_root() {
         privileges::resolve(
@@ -112,7 +115,7 @@ fn serve(
         }
     }
     readiness.ready();
-    Ok(bound.run()?)
+    Ok(bound.run(notify)?)
 }
 
 /// `feedd [--conf F]`: serve in the foreground until SIGTERM/SIGINT.
@@ -123,7 +126,8 @@ pub fn foreground(conf: &Path) -> anyhow::Result<i32> {
     // One instance per pidfile, whatever the mode: `status` and `reload` work on it too.
     let held = hold(&config, signals, true, false)?;
     let logging = Arc::clone(&held.logging);
-    let result = serve(config, held, Parent::None, &mut Readiness::none());
+    let notify = Notifier::from_env();
+    let result = serve(config, held, Parent::None, &mut Readiness::none(), notify);
     if let Err(e) = &result {
         log::error!("start-up failed: {e:#}");
     }
@@ -210,7 +214,7 @@ fn run_daemon(config: Config, mut readiness: Readiness) -> i32 {
             } else {
                 // `held` (and its pidfile) is gone once `serve` returns: nothing is left
                 // behind when the failure is reported below.
-                serve(config, held, Parent::None, &mut readiness)
+                serve(config, held, Parent::None, &mut readiness, None)
                     .map(|outcome| exit_status(&outcome))
             };
             logging.flush();
@@ -240,7 +244,13 @@ pub fn serve_child(conf: &Path) -> i32 {
             set_umask(config.daemon.umask);
             let held = hold(&config, signals, false, true)?;
             let logging = Arc::clone(&held.logging);
-            let served = serve(config, held, Parent::Supervisor(parent), &mut readiness);
+            let served = serve(
+                config,
+                held,
+                Parent::Supervisor(parent),
+                &mut readiness,
+                None,
+            );
             logging.flush();
             served
         });

@@ -36,6 +36,7 @@ use crate::metrics::{Metrics, MetricsError, MetricsServer};
 use crate::pipeline::queue::Queue;
 use crate::pipeline::store::{Store, StoreError};
 use crate::pipeline::worker::{self, Shared};
+use crate::process::notify::{Heartbeat, Notifier, Snapshot, Watchdog};
 use crate::process::signals::{Event, SignalThread, Signals};
 
 #[derive(Debug, thiserror::Error)]
@@ -225,7 +226,9 @@ impl Bound {
     }
 
     /// Starts the threads and serves until SIGTERM/SIGINT or a thread failure; then drains.
-    pub fn run(self) -> Result<Outcome, ServeError> {
+    /// With `notify` (a systemd `Type=notify` unit) it tells systemd each step and runs the
+    /// watchdog over the receiver's and the signal thread's heartbeats.
+    pub fn run(self, notify: Option<Notifier>) -> Result<Outcome, ServeError> {
         let Bound {
             shared,
             mut queue,
@@ -261,8 +264,9 @@ impl Bound {
         }
         // From here only the inputs' intakes keep the queue open.
         queue.seal();
+        let receiver_beat = receiver.heartbeat();
         let receiver_thread = spawn_pinned(Role::Receiver, core(0), &exits_tx, move || {
-            receiver.run(&|| {}).map_err(|e| e.to_string())
+            receiver.run().map_err(|e| e.to_string())
         })?;
         let (events_tx, events_rx) = crossbeam_channel::unbounded();
         let signal_thread = SignalThread::spawn(signals, events_tx)?;
@@ -270,6 +274,12 @@ impl Bound {
             "serving with {workers} worker(s), pid {}",
             std::process::id()
         );
+        // systemd: READY at the moment `--daemon` reports ready; then the watchdog.
+        let watchdog = notify.as_ref().and_then(|n| {
+            n.ready();
+            let beats = vec![receiver_beat, signal_thread.heartbeat()];
+            start_watchdog(n, beats, &shared, &queue)
+        });
 
         let mut main = Main {
             shared: &shared,
@@ -277,6 +287,7 @@ impl Bound {
             receiver: &receiver_handle,
             metrics_server: &mut metrics_server,
             logging: &logging,
+            notify: notify.as_ref(),
             workers,
             file: config.file.clone(),
             base: config.base_dir.clone(),
@@ -284,7 +295,11 @@ impl Bound {
         drop(config);
         let (failure, preparing) = main.serve(&events_rx, &exits_rx);
         let shutdown_started = Instant::now();
+        if let Some(n) = &notify {
+            n.stopping();
+        }
         let outcome = shut_down(&shared, &receiver_handle, &exits_rx, workers, failure);
+        drop(watchdog);
         signal_thread.stop();
         if let Some(p) = preparing {
             // It may be waiting on a database that does not answer (up to the pool's connect
@@ -317,6 +332,7 @@ struct Main<'a> {
     receiver: &'a ReceiverHandle,
     metrics_server: &'a mut Option<MetricsServer>,
     logging: &'a Arc<Logging>,
+    notify: Option<&'a Notifier>,
     workers: usize,
     file: PathBuf,
     base: PathBuf,
@@ -338,6 +354,9 @@ impl Main<'_> {
             select! {
                 recv(events) -> event => match event {
                     Ok(Event::Reload) => {
+                        if let Some(n) = self.notify {
+                            n.reloading();
+                        }
                         self.logging.reopen();
                         log::info!("SIGHUP: reloading");
                         match &mut preparing {
@@ -364,7 +383,8 @@ impl Main<'_> {
                         p.again
                     });
                     let result = result.unwrap_or_else(|_| Err("the reload preparer died".into()));
-                    match result.and_then(|prepared| self.apply(prepared)) {
+                    let applied = result.and_then(|prepared| self.apply(prepared));
+                    match &applied {
                         Ok(()) => {
                             self.shared.metrics.config_reloads.inc();
                             log::info!("config reloaded from {}", self.file.display());
@@ -372,6 +392,12 @@ impl Main<'_> {
                         Err(reason) => {
                             self.shared.metrics.config_reload_failures.inc();
                             log::error!("reload failed, keeping the running config: {reason}");
+                        }
+                    }
+                    if let Some(n) = self.notify {
+                        match &applied {
+                            Ok(()) => n.reload_done(true, "config reloaded"),
+                            Err(reason) => n.reload_done(false, reason),
                         }
                     }
                     if again {
@@ -469,6 +495,33 @@ struct Running<'a> {
     logging: &'a Logging,
     metrics: &'a Metrics,
     workers: usize,
+}
+
+/// The systemd watchdog over `beats`, with a status line from the config, metrics and queue.
+/// A thread that cannot start is logged, not fatal: serving matters more than the pings.
+fn start_watchdog(
+    notifier: &Notifier,
+    beats: Vec<Heartbeat>,
+    shared: &Shared,
+    queue: &Queue,
+) -> Option<Watchdog> {
+    let (config, metrics) = (Arc::clone(&shared.config), shared.metrics.clone());
+    let store = Arc::clone(&shared.store);
+    let depth = queue.depth_reader();
+    let snapshot = move || {
+        let c = config.load();
+        Snapshot {
+            inputs: format!("zmq {}", c.zmq.endpoint),
+            committed: metrics.records_committed.get(),
+            queue_depth: depth.records(),
+            // The host taking writes, which a host list may have moved to.
+            database: format!("{}/{}", store.load().active_host(), c.mysql.database),
+        }
+    };
+    notifier
+        .start_watchdog(beats, snapshot)
+        .map_err(|e| log::error!("cannot start the systemd watchdog thread: {e}"))
+        .ok()
 }
 
 /// Everything of a reload that can fail, done without touching the running daemon.

@@ -23,6 +23,7 @@ use crate::input::mailbox::Doorbell;
 use crate::input::record::{self, Record};
 use crate::metrics::Metrics;
 use crate::pipeline::queue::{Full, Intake, Job, Outbox, Queue, ReplyTo, Verdicts, Wake};
+use crate::process::notify::Heartbeat;
 
 /// Most messages read in one go before the mailbox gets a turn (fairness to replies).
 const READ_BURST: usize = 256;
@@ -163,6 +164,8 @@ pub struct Receiver {
     /// A message that found the queue full; intake pauses until it is queued.
     held: Option<Job>,
     metrics: Metrics,
+    /// Bumped once per loop turn; the systemd watchdog pings only while it moves.
+    heartbeat: Heartbeat,
 }
 
 impl Receiver {
@@ -210,6 +213,7 @@ impl Receiver {
                 intake,
                 held: None,
                 metrics,
+                heartbeat: Heartbeat::new("receiver"),
             },
             handle,
         ))
@@ -220,10 +224,14 @@ impl Receiver {
         &self.bound
     }
 
+    /// The receiver's heartbeat, for the watchdog.
+    pub fn heartbeat(&self) -> Heartbeat {
+        self.heartbeat.clone()
+    }
+
     /// Serves until told `finish`; then sends the replies already delivered and returns.
-    /// `turned` is called once per loop (a liveness heartbeat).
-    pub fn run(mut self, turned: &dyn Fn()) -> Result<(), ReceiverError> {
-        let result = self.serve(turned);
+    pub fn run(mut self) -> Result<(), ReceiverError> {
+        let result = self.serve();
         // Time for the last replies to leave; then the socket (and an ipc:// file) goes.
         let _ = self.router.set_linger(1000);
         let bound = self.bound.clone();
@@ -232,9 +240,9 @@ impl Receiver {
         result
     }
 
-    fn serve(&mut self, turned: &dyn Fn()) -> Result<(), ReceiverError> {
+    fn serve(&mut self) -> Result<(), ReceiverError> {
         loop {
-            turned();
+            self.heartbeat.beat();
             let reading =
                 self.intake.as_ref().is_some_and(|i| i.has_room(1)) && self.held.is_none();
             let router_events = if reading {
@@ -361,6 +369,7 @@ impl Receiver {
     fn quiesce(&mut self, drain: Duration) {
         let deadline = Instant::now() + drain;
         while self.in_flight > 0 {
+            self.heartbeat.beat();
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 log::warn!(

@@ -12,13 +12,15 @@ test: lint    ## lint, unit + integration tests, then a quick benchmark smoke ru
 	FEEDD_TEST_PACKAGE=1 cargo test --quiet --locked -- --test-threads 4
 	cargo bench --locked --bench ingest -- --quick
 	cargo bench --locked --bench chaos -- --secs 15
+	cargo bench --locked --bench cluster -- --quick
 	cargo build --locked --manifest-path tests/fuzz/Cargo.toml
 
 deb:          ## the Debian package, target/debian/feedd_*.deb (needs `cargo install cargo-deb`)
 	cargo deb --locked
 
-bench:        ## the ingest benchmark with its baselines
+bench:        ## the ingest benchmark with its baselines, then Galera and TLS costs
 	cargo bench --bench ingest
+	cargo bench --bench cluster
 
 chaos:        ## 10 minutes of random faults under load; prints the invariant counts
 	cargo bench --bench chaos -- --secs 600

@@ -1,7 +1,8 @@
 //! `cargo bench --bench cluster`: what running past one machine costs here (SPEC §9). One
 //! feedd writing to node 0 of a private 3-node Galera cluster on loopback, against one feedd
 //! on a private single mariadbd with the same InnoDB settings, in the same run, at 100 and 1
-//! records per message; printed with the Galera/single ratio.
+//! records per message; printed with the Galera/single ratio. Then TLS: the single server
+//! with a certificate, feedd with `tls = off` and `tls = verify_identity`, same run.
 //!
 //! All nodes share this machine's cores, so the ratio is the cost of synchronous replication
 //! plus two more servers' CPU: on separate hosts the CPU part goes away, the network round
@@ -15,6 +16,7 @@ use std::time::Duration;
 
 use common::galera::GaleraCluster;
 use common::mariadb::PrivateMariadb;
+use common::tls::{tls_args, Pki};
 use common::{Db, Feedd};
 use feedd::load::{self, LoadOptions, Progress};
 
@@ -79,8 +81,12 @@ fn main() {
         println!("galera-4 is not installed (.ci/setup installs it): skipped");
         return;
     }
-    // The single node gets the Galera nodes' InnoDB settings, so only replication differs.
-    let single = PrivateMariadb::start_with(&["--innodb-buffer-pool-size=64M".into()]);
+    // The single node gets the Galera nodes' InnoDB settings, so only replication differs;
+    // it offers TLS (not required) for the TLS cells.
+    let pki = Pki::generate();
+    let mut args = tls_args(&pki);
+    args.push("--innodb-buffer-pool-size=64M".into());
+    let single = PrivateMariadb::start_with(&args);
     let started = std::time::Instant::now();
     let cluster = GaleraCluster::start();
     println!(
@@ -113,5 +119,38 @@ fn main() {
         }
         let (s, g) = (median(singles), median(galeras));
         println!("{per_msg:>7} {s:>14.0} {g:>14.0} {:>8.2}", g / s);
+    }
+    drop(cluster);
+
+    let verify = [
+        "mysql.tls = verify_identity".to_string(),
+        format!("mysql.tls_ca_file = {}", pki.ca().display()),
+    ];
+    let verify: Vec<&str> = verify.iter().map(String::as_str).collect();
+    println!(
+        "\n{:>7} {:>14} {:>14} {:>8}",
+        "rec/msg", "tls off rec/s", "verify rec/s", "ratio"
+    );
+    for (per_msg, records) in [(100, plan.records[0]), (1, plan.records[1])] {
+        let mut plain = Vec::new();
+        let mut tls = Vec::new();
+        for i in 0..plan.runs {
+            plain.push(run(
+                single.port,
+                &format!("bt_o{per_msg}_{i}"),
+                per_msg,
+                records,
+                &[],
+            ));
+            tls.push(run(
+                single.port,
+                &format!("bt_v{per_msg}_{i}"),
+                per_msg,
+                records,
+                &verify,
+            ));
+        }
+        let (p, t) = (median(plain), median(tls));
+        println!("{per_msg:>7} {p:>14.0} {t:>14.0} {:>8.2}", t / p);
     }
 }

@@ -120,13 +120,9 @@ impl Pki {
 /// plus two accounts: `feed`@127.0.0.1 (password `s3cret-pw`) and `x509`@127.0.0.1
 /// (no password, `REQUIRE X509`), both with all rights.
 pub fn tls_mariadb(pki: &Pki) -> PrivateMariadb {
-    let arg = |k: &str, p: &Path| format!("--{k}={}", p.display());
-    let db = PrivateMariadb::start_with(&[
-        arg("ssl-ca", &pki.ca()),
-        arg("ssl-cert", &pki.path("server.pem")),
-        arg("ssl-key", &pki.path("server.key")),
-        "--require-secure-transport=ON".into(),
-    ]);
+    let mut args = tls_args(pki);
+    args.push("--require-secure-transport=ON".into());
+    let db = PrivateMariadb::start_with(&args);
     let mut c = root_tls(&db, pki);
     for sql in [
         "CREATE USER feed@'127.0.0.1' IDENTIFIED BY 's3cret-pw'",
@@ -137,6 +133,17 @@ pub fn tls_mariadb(pki: &Pki) -> PrivateMariadb {
         c.query_drop(sql).unwrap();
     }
     db
+}
+
+/// The server options that give mariadbd the PKI's server certificate (TLS offered, not
+/// required).
+pub fn tls_args(pki: &Pki) -> Vec<String> {
+    let arg = |k: &str, p: &Path| format!("--{k}={}", p.display());
+    vec![
+        arg("ssl-ca", &pki.ca()),
+        arg("ssl-cert", &pki.path("server.pem")),
+        arg("ssl-key", &pki.path("server.key")),
+    ]
 }
 
 /// root over TLS, verifying the server against the PKI's CA.

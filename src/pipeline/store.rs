@@ -57,12 +57,6 @@ pub enum StoreError {
     },
     #[error("no database host of the list could take writes: {}", tried.join("; "))]
     NoHost { tried: Vec<String> },
-    #[error("database {host}:{port}: {error}")]
-    Connect {
-        host: String,
-        port: u16,
-        error: r2d2::Error,
-    },
     #[error(transparent)]
     Pool(#[from] r2d2::Error),
     #[error(transparent)]
@@ -95,9 +89,7 @@ impl StoreError {
     pub fn move_reason(&self) -> Option<MoveReason> {
         match self {
             StoreError::Host { error, .. } | StoreError::Mysql(error) => hosts::move_reason(error),
-            StoreError::Connect { error, .. } | StoreError::Pool(error) => {
-                Some(MoveReason::Unreachable(error.to_string()))
-            }
+            StoreError::Pool(error) => Some(MoveReason::Unreachable(error.to_string())),
             _ => None,
         }
     }
@@ -108,8 +100,7 @@ impl StoreError {
     /// …): retried too, since nothing accepted may be dropped, but an operator must act.
     pub fn is_transient(&self) -> bool {
         match self {
-            StoreError::Connect { .. }
-            | StoreError::Host { .. }
+            StoreError::Host { .. }
             | StoreError::NoHost { .. }
             | StoreError::Pool(_)
             | StoreError::Race => true,

@@ -144,11 +144,15 @@ pub const ER_UNKNOWN_COM_ERROR: u16 = 1047;
 pub const ER_OPTION_PREVENTS_STATEMENT: u16 = 1290;
 pub const ER_READ_ONLY_MODE: u16 = 1836;
 
+/// Server errors that say the server is going away: 1053 shutdown in progress.
+const SERVER_GOING: [u16; 1] = [1053];
+
 /// The reason to leave the host a driver error came from, or `None` when the error is about
 /// the statement or transaction (deadlock, certification conflict, duplicate key…) and the
-/// host itself is fine.
+/// host itself is fine. Every client-side error (I/O, protocol, driver, TLS) counts as the
+/// host being unreachable: a connection that broke mid-way shows up as several of them.
 pub fn move_reason(error: &mysql::Error) -> Option<MoveReason> {
-    use mysql::{DriverError, Error};
+    use mysql::Error;
     match error {
         Error::MySqlError(e) => match e.code {
             ER_UNKNOWN_COM_ERROR => Some(MoveReason::NotPrimary),
@@ -156,15 +160,15 @@ pub fn move_reason(error: &mysql::Error) -> Option<MoveReason> {
                 Some(MoveReason::ReadOnly(e.code))
             }
             ER_READ_ONLY_MODE => Some(MoveReason::ReadOnly(e.code)),
+            code if SERVER_GOING.contains(&code) => Some(MoveReason::Unreachable(format!(
+                "error {code}: {}",
+                e.message
+            ))),
             _ => None,
         },
-        Error::IoError(e) => Some(MoveReason::Unreachable(e.to_string())),
-        Error::DriverError(
-            e @ (DriverError::ConnectTimeout
-            | DriverError::CouldNotConnect(_)
-            | DriverError::PacketOutOfSync),
-        ) => Some(MoveReason::Unreachable(e.to_string())),
-        _ => None,
+        // Values that do not convert: about the data, not the host.
+        Error::FromValueError(_) | Error::FromRowError(_) | Error::UrlError(_) => None,
+        other => Some(MoveReason::Unreachable(other.to_string())),
     }
 }
 

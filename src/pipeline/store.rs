@@ -1,16 +1,23 @@
-//! MySQL/MariaDB: the connection pool, the table check, and one batch committed as one
-//! transaction.
+//! MySQL/MariaDB: the connection pool, the table check, and one batch committed atomically.
 //!
-//! Fast path: the plan with no stored rows, one multi-row INSERT, COMMIT. Only when that INSERT
-//! hits a duplicate key does it roll back and take the careful path: read the batch's stored
-//! tickets, classify (`classify::plan`), insert the new rows, COMMIT. Sessions run READ
-//! COMMITTED, so two workers racing on one ticket end in 1062 for one of them, which redoes
-//! the careful path and then sees the other's row. Used from worker threads; no threads of
-//! its own besides r2d2's.
+//! Fast path: the plan with no stored rows. When its rows fit one statement, that is one
+//! multi-row INSERT under autocommit and nothing else — one round trip, atomic in InnoDB (an
+//! error such as a duplicate key rolls the whole statement back). Larger batches send their
+//! INSERTs in one transaction. Only when the fast path hits a duplicate key does it take the
+//! careful path: in one transaction read the batch's stored tickets, classify
+//! (`classify::plan`), insert the new rows, COMMIT. Sessions run READ COMMITTED, so two
+//! workers racing on one ticket end in 1062 for one of them, which redoes the careful path
+//! and then sees the other's row.
+//!
+//! The pool's manager (`Manager`) does not ping a connection on every return as r2d2_mysql's
+//! does: a connection is dropped when an operation on it failed with a connection error, and
+//! pinged on checkout only after it sat idle for `IDLE_PING`. Used from worker threads; no
+//! threads of its own besides r2d2's.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::time::Duration;
+use std::ops::{Deref, DerefMut};
+use std::time::{Duration, Instant};
 
 use mysql::prelude::Queryable;
 use mysql::{OptsBuilder, TxOpts};
@@ -61,8 +68,102 @@ impl StoreError {
     }
 }
 
-pub type Pool = r2d2::Pool<MySqlConnectionManager>;
-pub type Connection = r2d2::PooledConnection<MySqlConnectionManager>;
+pub type Pool = r2d2::Pool<Manager>;
+pub type Connection = r2d2::PooledConnection<Manager>;
+
+/// A connection back in the pool after this long is pinged before its next use: that catches
+/// one killed or timed out while idle (a server restart in a quiet hour) without a failed
+/// batch. A busy connection is reused within microseconds and never pinged; one that dies
+/// mid-use fails its batch, is marked broken and dropped, and the batch is retried.
+const IDLE_PING: Duration = Duration::from_secs(1);
+
+/// r2d2_mysql's manager, with `has_broken` answered from a mark instead of a ping per return.
+#[derive(Debug)]
+pub struct Manager {
+    inner: MySqlConnectionManager,
+}
+
+/// A pooled MySQL connection plus what the manager needs to judge it without a round trip.
+#[derive(Debug)]
+pub struct Conn {
+    conn: mysql::Conn,
+    /// An operation on it failed with a connection error: r2d2 drops it on return.
+    broken: bool,
+    /// When it was last returned to the pool.
+    returned: Instant,
+}
+
+impl Conn {
+    /// Marks the connection unusable, so the pool drops it instead of taking it back.
+    pub fn mark_broken(&mut self) {
+        self.broken = true;
+    }
+}
+
+impl Deref for Conn {
+    type Target = mysql::Conn;
+    fn deref(&self) -> &mysql::Conn {
+        &self.conn
+    }
+}
+
+impl DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut mysql::Conn {
+        &mut self.conn
+    }
+}
+
+impl r2d2::ManageConnection for Manager {
+    type Connection = Conn;
+    type Error = mysql::Error;
+
+    fn connect(&self) -> Result<Conn, mysql::Error> {
+        Ok(Conn {
+            conn: self.inner.connect()?,
+            broken: false,
+            returned: Instant::now(),
+        })
+    }
+
+    /// Called by r2d2 on every checkout (`test_on_check_out`); r2d2 has no idle-time setting
+    /// for it, so the idle check is here: only a connection idle ≥ `IDLE_PING` costs a ping.
+    fn is_valid(&self, conn: &mut Conn) -> Result<(), mysql::Error> {
+        if conn.broken {
+            return Err(broken_error());
+        }
+        if conn.returned.elapsed() >= IDLE_PING {
+            self.inner.is_valid(&mut conn.conn)?;
+        }
+        Ok(())
+    }
+
+    /// Called by r2d2 on every return: no round trip, just the mark (and the return time).
+    fn has_broken(&self, conn: &mut Conn) -> bool {
+        conn.returned = Instant::now();
+        conn.broken
+    }
+}
+
+fn broken_error() -> mysql::Error {
+    mysql::Error::IoError(std::io::Error::new(
+        std::io::ErrorKind::NotConnected,
+        "connection marked broken after a failed operation",
+    ))
+}
+
+/// Server errors after which the server closes the connection (or it is already gone):
+/// 1053 shutdown in progress, 1152/1153/1159–1161 aborted or network error, 1184 aborted new
+/// connection, 1927 connection killed, 4031 idle timeout. Any client-side (I/O, driver,
+/// protocol) error counts as well.
+const CONNECTION_GONE: [u16; 9] = [1053, 1152, 1153, 1159, 1160, 1161, 1184, 1927, 4031];
+
+/// Whether the connection that returned `e` must not be used again.
+fn breaks_connection(e: &mysql::Error) -> bool {
+    match e {
+        mysql::Error::MySqlError(e) => CONNECTION_GONE.contains(&e.code),
+        _ => true,
+    }
+}
 
 /// One database target: a pool and the table it writes.
 pub struct Store {
@@ -100,13 +201,15 @@ impl Store {
                 "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
                 "SET SESSION innodb_lock_wait_timeout = 10",
             ]);
-        let manager = MySqlConnectionManager::new(opts);
+        let manager = Manager {
+            inner: MySqlConnectionManager::new(opts),
+        };
         let pool = r2d2::Pool::builder()
             .max_size(pool_size.max(1))
             .min_idle(Some(0))
             .connection_timeout(Duration::from_secs(3))
-            // has_broken pings every connection on return, which is enough to weed out dead ones.
-            .test_on_check_out(false)
+            // Manager::is_valid pings only connections idle ≥ IDLE_PING; see there.
+            .test_on_check_out(true)
             .error_handler(Box::new(QuietErrors))
             .build_unchecked(manager);
         let store = Store {
@@ -160,31 +263,57 @@ impl Store {
         Ok(())
     }
 
-    /// Commits one batch (one transaction) and returns a verdict per message.
+    /// Commits one batch atomically and returns a verdict per message.
     /// Any error means nothing of this attempt is committed (or, for a COMMIT whose outcome is
-    /// unknown, that a redo will find the rows and accept them).
+    /// unknown, that a redo will find the rows and accept them). A connection error marks the
+    /// connection broken, so the pool drops it.
     pub fn commit_batch(
         &self,
         conn: &mut Connection,
         messages: &[&[Record]],
     ) -> Result<Vec<Verdict>, StoreError> {
+        let result = self.commit_batch_on(conn, messages);
+        if let Err(StoreError::Mysql(e)) = &result {
+            if breaks_connection(e) {
+                conn.mark_broken();
+            }
+        }
+        result
+    }
+
+    fn commit_batch_on(
+        &self,
+        conn: &mut Connection,
+        messages: &[&[Record]],
+    ) -> Result<Vec<Verdict>, StoreError> {
         let fast = classify::plan(messages, &HashMap::new());
-        {
+        let conn: &mut mysql::Conn = conn;
+        let attempt = if fast.inserts.is_empty() {
+            Ok(())
+        } else if fast.inserts.len() <= ROWS_PER_STATEMENT {
+            // Autocommit: the statement is its own transaction, so this is the only round trip.
+            self.insert(conn, &fast.inserts)
+        } else {
             let mut tx = conn.start_transaction(TxOpts::default())?;
             match self.insert(&mut tx, &fast.inserts) {
-                Ok(()) => {
-                    tx.commit()?;
-                    return Ok(fast.verdicts);
-                }
-                Err(e) if code_of(&e) == Some(ER_DUP_ENTRY) => tx.rollback()?,
+                Ok(()) => tx.commit(),
                 Err(e) => {
-                    if code_of(&e) == Some(ER_NO_SUCH_TABLE) {
-                        drop(tx);
-                        // The table was dropped under us: recreate it, then let the caller retry.
-                        let _ = self.ensure_table();
+                    if code_of(&e) == Some(ER_DUP_ENTRY) {
+                        tx.rollback()?;
                     }
-                    return Err(e.into());
+                    Err(e)
                 }
+            }
+        };
+        match attempt {
+            Ok(()) => return Ok(fast.verdicts),
+            Err(e) if code_of(&e) == Some(ER_DUP_ENTRY) => {}
+            Err(e) => {
+                if code_of(&e) == Some(ER_NO_SUCH_TABLE) {
+                    // The table was dropped under us: recreate it, then let the caller retry.
+                    let _ = self.ensure_table();
+                }
+                return Err(e.into());
             }
         }
         for _ in 0..RACE_REDOS {
@@ -215,7 +344,7 @@ impl Store {
     /// Multi-row INSERTs of up to `ROWS_PER_STATEMENT` rows. A full chunk goes through one
     /// prepared statement (binary protocol, cached per connection by the driver), which costs
     /// the server less than parsing text; smaller chunks vary in size and go as text.
-    fn insert(&self, tx: &mut mysql::Transaction<'_>, rows: &[Record]) -> Result<(), mysql::Error> {
+    fn insert<Q: Queryable>(&self, tx: &mut Q, rows: &[Record]) -> Result<(), mysql::Error> {
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
             if chunk.len() == ROWS_PER_STATEMENT {
                 let params: Vec<mysql::Value> = chunk

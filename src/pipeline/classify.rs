@@ -48,9 +48,15 @@ pub struct Plan {
 /// Decides a batch. Messages are taken in order: a later message that disagrees with an
 /// earlier accepted one (or with the table) is refused; identical records are stored once.
 pub fn plan(messages: &[&[Record]], stored: &HashMap<u64, StoredRow>) -> Plan {
-    let mut plan = Plan::default();
+    let records: usize = messages.iter().map(|m| m.len()).sum();
+    let mut plan = Plan {
+        inserts: Vec::with_capacity(records),
+        mark_committed: Vec::new(),
+        verdicts: Vec::with_capacity(messages.len()),
+    };
     // tickets accepted earlier in this batch and not yet in the table
-    let mut pending: HashMap<u64, Record> = HashMap::new();
+    // (sized up front: growing it showed in profiles at 100 records per message)
+    let mut pending: HashMap<u64, Record> = HashMap::with_capacity(records);
     // tickets already in `mark_committed` (a set: a batch may hold thousands of them)
     let mut marked: HashSet<u64> = HashSet::new();
     for records in messages {

@@ -30,7 +30,18 @@ use crate::pipeline::classify::{self, StoredRow, Verdict};
 
 const ER_DUP_ENTRY: u16 = 1062;
 const ER_NO_SUCH_TABLE: u16 = 1146;
-/// Most rows in one INSERT statement, so a huge message stays far below max_allowed_packet.
+/// Most rows in one INSERT statement (so a huge message stays far below max_allowed_packet),
+/// and so the largest batch that takes the one-round-trip fast path.
+///
+/// Measured here (MariaDB 10.11, 2 shared cores, rows/s, median of 3 [min–max]), prepared
+/// 1,000-row statement under autocommit vs bigger commits, 1 / 2 client connections:
+///   1,000 rows, one statement:               405k [378–411k] / 606k [598–648k]
+///   2,000 rows, one statement:               331k [327–405k] / 554k [422–663k]
+///   2,000 rows, 2 × 1,000 in one transaction: 427k [359–450k] / 561k [486–609k]
+///   5,000 rows, one statement:               308k [244–342k] / 246k [224–520k]
+///   5,000 rows, 5 × 1,000 in one transaction: 365k [271–383k] / 255k [247–403k]
+/// Fewer COMMITs (fsyncs) do not pay beyond 1,000 rows and bigger statements lose, so 1,000
+/// stays (and `batch_size = 1000` stays the default: a full batch is one round trip).
 const ROWS_PER_STATEMENT: usize = 1000;
 /// Careful-path redos after a duplicate-key race before it counts as a fault to back off from.
 const RACE_REDOS: usize = 8;
@@ -344,7 +355,14 @@ impl Store {
 
     /// Multi-row INSERTs of up to `ROWS_PER_STATEMENT` rows. A full chunk goes through one
     /// prepared statement (binary protocol, cached per connection by the driver), which costs
-    /// the server less than parsing text; smaller chunks vary in size and go as text.
+    /// the server less than parsing text; smaller chunks go as text.
+    ///
+    /// Why not prepared at every size: measured (rows/s, 1 connection, autocommit, median of
+    /// 3), text vs prepared (already cached): 1 row 3.6k vs 4.4k, 10 rows 33k vs 37k, 100 rows
+    /// 203k vs 228k, 1,000 rows 316k vs 345k. But a partial batch can have any size from 1 to
+    /// 999, and each new size costs a PREPARE round trip (and a server-side statement, the
+    /// driver's cache holds 32), so the 10% would be paid for with a second round trip;
+    /// text keeps every small batch at exactly one.
     fn insert<Q: Queryable>(&self, tx: &mut Q, rows: &[Record]) -> Result<(), mysql::Error> {
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
             if chunk.len() == ROWS_PER_STATEMENT {

@@ -95,3 +95,31 @@ fn a_connection_killed_while_idle_is_replaced_on_checkout() {
         "the dead idle connection failed a batch:\n{log}"
     );
 }
+
+#[test]
+fn a_duplicate_in_the_fast_insert_leaves_nothing_of_it_behind() {
+    let db = Db::create("fast_atomic");
+    let f = Feedd::start(&db, &["pipeline.workers = 1"]);
+    let req = Req::connect(&f.endpoint());
+    assert_eq!(req.ask("1000000,1,1"), "TRUE");
+    // Ticket 250 stored with other values: a 500-record message (one autocommit INSERT) and a
+    // 1,500-record one (a transaction of two) both hit it midway and must be refused whole.
+    db.conn()
+        .query_drop("INSERT INTO fee (ticket, login, volume, status) VALUES (250, 9, 9, 'Y')")
+        .unwrap();
+    for n in [500, 1500] {
+        let reply = req.ask(&bodies(1, 1, n).remove(0));
+        assert!(reply.starts_with("FALSE conflict"), "{n}: {reply}");
+        assert_eq!(
+            db.count(),
+            2,
+            "{n} records: nothing of the failed INSERT stayed"
+        );
+    }
+    // Same values as stored: the careful path accepts and inserts the rest.
+    let body = bodies(1, 1, 500)
+        .remove(0)
+        .replace("250,250,19.5", "250,9,9");
+    assert_eq!(req.ask(&body), "TRUE");
+    assert_eq!(db.count(), 501);
+}

@@ -103,6 +103,9 @@ pub struct Conn {
     broken: bool,
     /// When it was last returned to the pool.
     returned: Instant,
+    /// The full-chunk INSERT, prepared on this connection at first use. Held here so an
+    /// execute skips the driver's per-call parse and cache lookup of its 15 kB of SQL.
+    full_chunk: Option<mysql::Statement>,
 }
 
 impl Conn {
@@ -134,6 +137,7 @@ impl r2d2::ManageConnection for Manager {
             conn: self.inner.connect()?,
             broken: false,
             returned: Instant::now(),
+            full_chunk: None,
         })
     }
 
@@ -299,15 +303,17 @@ impl Store {
         messages: &[&[Record]],
     ) -> Result<Vec<Verdict>, StoreError> {
         let fast = classify::plan(messages, &HashMap::new());
-        let conn: &mut mysql::Conn = conn;
+        let Conn {
+            conn, full_chunk, ..
+        } = &mut **conn;
         let attempt = if fast.inserts.is_empty() {
             Ok(())
         } else if fast.inserts.len() <= ROWS_PER_STATEMENT {
             // Autocommit: the statement is its own transaction, so this is the only round trip.
-            self.insert(conn, &fast.inserts)
+            self.insert(conn, full_chunk, &fast.inserts)
         } else {
             let mut tx = conn.start_transaction(TxOpts::default())?;
-            match self.insert(&mut tx, &fast.inserts) {
+            match self.insert(&mut tx, full_chunk, &fast.inserts) {
                 Ok(()) => tx.commit(),
                 Err(e) => {
                     if code_of(&e) == Some(ER_DUP_ENTRY) {
@@ -332,7 +338,7 @@ impl Store {
             let mut tx = conn.start_transaction(TxOpts::default())?;
             let stored = self.read_stored(&mut tx, messages)?;
             let careful = classify::plan(messages, &stored);
-            match self.insert(&mut tx, &careful.inserts) {
+            match self.insert(&mut tx, full_chunk, &careful.inserts) {
                 Ok(()) => {}
                 Err(e) if code_of(&e) == Some(ER_DUP_ENTRY) => {
                     tx.rollback()?;
@@ -363,7 +369,12 @@ impl Store {
     /// 999, and each new size costs a PREPARE round trip (and a server-side statement, the
     /// driver's cache holds 32), so the 10% would be paid for with a second round trip;
     /// text keeps every small batch at exactly one.
-    fn insert<Q: Queryable>(&self, tx: &mut Q, rows: &[Record]) -> Result<(), mysql::Error> {
+    fn insert<Q: Queryable>(
+        &self,
+        tx: &mut Q,
+        full_chunk: &mut Option<mysql::Statement>,
+        rows: &[Record],
+    ) -> Result<(), mysql::Error> {
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
             if chunk.len() == ROWS_PER_STATEMENT {
                 let params: Vec<mysql::Value> = chunk
@@ -378,7 +389,11 @@ impl Store {
                         ]
                     })
                     .collect();
-                tx.exec_drop(&self.full_chunk_sql, params)?;
+                let stmt = match full_chunk {
+                    Some(stmt) => stmt,
+                    None => full_chunk.insert(tx.prep(&self.full_chunk_sql)?),
+                };
+                tx.exec_drop(&*stmt, params)?;
                 continue;
             }
             let mut sql = Vec::with_capacity(64 + chunk.len() * 52);

@@ -541,7 +541,11 @@ fn main() {
     }
     let peak_rss = cells.iter().map(|c| c.peak_rss_mib()).fold(0.0, f64::max);
 
-    println!("\ntargets (this run):");
+    if quick {
+        println!("\ntargets (this run; a quick run is too short to judge them):");
+    } else {
+        println!("\ntargets (this run):");
+    }
     let best_of = |k: usize| {
         cells
             .iter()

@@ -123,3 +123,22 @@ fn a_duplicate_in_the_fast_insert_leaves_nothing_of_it_behind() {
     assert_eq!(req.ask(&body), "TRUE");
     assert_eq!(db.count(), 501);
 }
+
+#[test]
+fn sessions_that_start_without_autocommit_still_commit() {
+    let server = PrivateMariadb::start();
+    // A server configured so that new sessions start with autocommit off.
+    server
+        .conn()
+        .query_drop("SET GLOBAL autocommit = 0")
+        .unwrap();
+    let db = Db::create_on("no_autocommit", server.port);
+    let f = Feedd::start(&db, &["pipeline.workers = 1"]);
+    let req = Req::connect(&f.endpoint());
+    assert_eq!(req.ask("1,1,1"), "TRUE");
+    assert_eq!(req.ask(&bodies(2, 1, 50).remove(0)), "TRUE");
+    // Another session sees only committed rows (and its own autocommit is off too).
+    let mut other = server.create_db(&db.name);
+    let n: Option<u64> = other.query_first("SELECT COUNT(*) FROM fee").unwrap();
+    assert_eq!(n, Some(51), "acknowledged rows are committed");
+}

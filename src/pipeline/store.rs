@@ -215,6 +215,9 @@ impl Store {
                 // See the module doc: READ COMMITTED avoids REPEATABLE READ's gap-lock deadlocks.
                 "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
                 "SET SESSION innodb_lock_wait_timeout = 10",
+                // The fast path's INSERT commits by itself only under autocommit; a server
+                // whose sessions start without it would leave acknowledged rows uncommitted.
+                "SET SESSION autocommit = 1",
             ]);
         let manager = Manager {
             inner: MySqlConnectionManager::new(opts),

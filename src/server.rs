@@ -288,6 +288,7 @@ impl Bound {
             metrics_server: &mut metrics_server,
             logging: &logging,
             notify: notify.as_ref(),
+            reload_again: false,
             workers,
             file: config.file.clone(),
             base: config.base_dir.clone(),
@@ -321,6 +322,7 @@ impl Bound {
         }
         // A worker abandoned mid-query holds no socket: the context can close regardless.
         drop(context);
+        crate::input::receiver::remove_ipc_file(&receiver_handle.bound());
         Ok(outcome)
     }
 }
@@ -333,6 +335,8 @@ struct Main<'a> {
     metrics_server: &'a mut Option<MetricsServer>,
     logging: &'a Arc<Logging>,
     notify: Option<&'a Notifier>,
+    /// A SIGHUP came while a reload was being applied: prepare another one after it.
+    reload_again: bool,
     workers: usize,
     file: PathBuf,
     base: PathBuf,
@@ -383,7 +387,21 @@ impl Main<'_> {
                         p.again
                     });
                     let result = result.unwrap_or_else(|_| Err("the reload preparer died".into()));
-                    let applied = result.and_then(|prepared| self.apply(prepared));
+                    let applied = match result {
+                        Ok(prepared) => self.apply(prepared, events),
+                        Err(reason) => Err(Interrupted::Failed(reason)),
+                    };
+                    let again = again || std::mem::take(&mut self.reload_again);
+                    let applied = match applied {
+                        Ok(()) => Ok(()),
+                        Err(Interrupted::Failed(reason)) => Err(reason),
+                        Err(Interrupted::Shutdown(signal)) => {
+                            log::info!(
+                                "signal {signal}: shutting down, draining the queue; the reload being applied is abandoned"
+                            );
+                            return (None, None);
+                        }
+                    };
                     match &applied {
                         Ok(()) => {
                             self.shared.metrics.config_reloads.inc();
@@ -453,17 +471,14 @@ impl Main<'_> {
     }
 
     /// Each owner applies its part; the new config is published only when every part took.
-    fn apply(&mut self, prepared: Prepared) -> Result<(), String> {
+    fn apply(&mut self, prepared: Prepared, events: &Chan<Event>) -> Result<(), Interrupted> {
         let Prepared {
             config: new,
             store,
             metrics_server,
         } = prepared;
-        let old = self.shared.config.load_full();
-        let settings = ZmqSettings::of(&new);
-        if settings != ZmqSettings::of(&old) {
-            self.receiver.apply(settings)?;
-        }
+        // Always asked: the receiver may be bound to nothing after an earlier failure.
+        self.apply_receiver(ZmqSettings::of(&new), events)?;
         // Nothing below can fail: from here the reload is applied whole.
         if let Some(store) = store {
             store.publish();
@@ -522,6 +537,47 @@ fn start_watchdog(
         .start_watchdog(beats, snapshot)
         .map_err(|e| log::error!("cannot start the systemd watchdog thread: {e}"))
         .ok()
+}
+
+/// Why a reload was not applied.
+enum Interrupted {
+    /// A part did not take (the reason); nothing of the reload stays applied.
+    Failed(String),
+    /// SIGTERM/SIGINT came while an owner was applying its part: abandon it and drain.
+    Shutdown(i32),
+}
+
+impl Main<'_> {
+    /// The receiver's part of a reload. It may wait for the old socket's messages to be
+    /// answered; signals are still handled meanwhile, and a shutdown abandons the reload.
+    fn apply_receiver(
+        &mut self,
+        settings: ZmqSettings,
+        events: &Chan<Event>,
+    ) -> Result<(), Interrupted> {
+        // The drain of the messages in flight, then a bind retry loop (about 2 s).
+        let deadline = Instant::now() + settings.drain + Duration::from_secs(10);
+        let answer = self.receiver.apply(settings);
+        loop {
+            select! {
+                recv(answer) -> result => {
+                    return match result {
+                        Ok(result) => result.map_err(Interrupted::Failed),
+                        Err(_) => Err(Interrupted::Failed("the receiver is gone".into())),
+                    };
+                }
+                recv(events) -> event => match event {
+                    Ok(Event::Shutdown { signal }) => return Err(Interrupted::Shutdown(signal)),
+                    Ok(Event::ReopenLog) => self.logging.reopen(),
+                    Ok(Event::Reload) => self.reload_again = true,
+                    Err(_) => return Err(Interrupted::Failed("signal thread gone".into())),
+                },
+                default(deadline.saturating_duration_since(Instant::now())) => {
+                    return Err(Interrupted::Failed("the receiver did not answer".into()));
+                }
+            }
+        }
+    }
 }
 
 /// Everything of a reload that can fail, done without touching the running daemon.

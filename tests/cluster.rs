@@ -151,7 +151,10 @@ fn galera_host_list_first_node_killed_mid_load() {
     assert_eq!((active(0), active(1), active(2)), (0.0, 1.0, 0.0));
     assert_eq!(scrape(&m, "feedd_db_failovers_total"), 1.0, "no flapping");
     let log = f.stderr_log();
-    for l in log.lines().filter(|l| l.contains("db host ") || l.contains("retrying")) {
+    for l in log
+        .lines()
+        .filter(|l| l.contains("db host ") || l.contains("retrying"))
+    {
         eprintln!("{l}");
     }
     let line = format!("db host {} → {}: unreachable", node(0), node(1));

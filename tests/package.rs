@@ -244,7 +244,13 @@ fn the_debian_package_installs_serves_and_purges() {
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let port = free_port();
     let conf = dir.path().join("feed.ini");
-    std::fs::write(&conf, config_text(&db, port, &["daemon.log_level = info"])).unwrap();
+    // A foreground run holds its pidfile too: put it where the feedd user may write.
+    let pidfile = "daemon.pidfile = /run/feedd/feedd.pid";
+    std::fs::write(
+        &conf,
+        config_text(&db, port, &["daemon.log_level = info", pidfile]),
+    )
+    .unwrap();
     std::fs::set_permissions(&conf, std::fs::Permissions::from_mode(0o644)).unwrap();
     let log = dir.path().join("stderr.log");
     // setpriv execs (no fork), so the child's pid is feedd's.

@@ -368,10 +368,14 @@ impl Store {
             .iter()
             .map(|h| driver_opts(config, h))
             .collect();
+        let first = opts
+            .first()
+            .cloned()
+            .ok_or(StoreError::NoHost { tried: Vec::new() })?;
         let store = Store {
             active: ArcSwap::from_pointee(Active {
                 host: 0,
-                pool: build_pool(opts[0].clone(), pool_size),
+                pool: build_pool(first, pool_size),
             }),
             hosts: config.hosts.clone(),
             opts,

@@ -1,7 +1,7 @@
 # Operator and developer entry points (see README.md).
 .PHONY: setup run test bench chaos fuzz-build lint
 
-setup:        ## install MariaDB + libzmq if missing, start MariaDB, build feedd
+setup:        ## install MariaDB, RabbitMQ, libzmq if missing, start MariaDB and RabbitMQ, build feedd
 	bash .ci/setup
 	cargo build --release
 

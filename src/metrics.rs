@@ -34,6 +34,10 @@ pub struct Metrics {
     pub config_reloads: IntCounter,
     pub config_reload_failures: IntCounter,
     pub curve_refusals: IntCounter,
+    pub amqp_deliveries: IntCounter,
+    pub amqp_acks: IntCounter,
+    pub amqp_dead_letters: IntCounter,
+    pub amqp_reconnects: IntCounter,
     queue_depth_gauge: IntGauge,
     /// The queue's own depth, read when the gauge is rendered (the queue owns it).
     queue_depth: DepthReader,
@@ -91,6 +95,22 @@ impl Metrics {
             curve_refusals: counter(
                 "feedd_curve_refusals_total",
                 "CURVE handshakes refused by the allowlist",
+            )?,
+            amqp_deliveries: counter(
+                "feedd_amqp_deliveries_total",
+                "AMQP deliveries taken from the broker (redeliveries included)",
+            )?,
+            amqp_acks: counter(
+                "feedd_amqp_acks_total",
+                "AMQP deliveries acknowledged (after COMMIT, or after their dead letter was confirmed)",
+            )?,
+            amqp_dead_letters: counter(
+                "feedd_amqp_dead_letters_total",
+                "AMQP deliveries rejected: published to the dead-letter exchange, or dropped when none is set",
+            )?,
+            amqp_reconnects: counter(
+                "feedd_amqp_reconnects_total",
+                "AMQP connections re-established after a loss",
             )?,
             queue_depth_gauge,
             queue_depth,

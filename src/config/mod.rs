@@ -12,6 +12,9 @@ use std::time::Duration;
 
 use log::LevelFilter;
 
+mod amqp;
+pub use amqp::{AmqpConfig, AmqpUrl};
+
 /// Largest `batch_size`: a prepared multi-row INSERT may hold at most 65,535 placeholders
 /// (3 per record); text statements stay far below `max_allowed_packet` at this size.
 pub const MAX_BATCH_SIZE: usize = 21_845;
@@ -33,9 +36,11 @@ pub enum ConfigError {
         reason: String,
     },
     #[error(
-        "{file}: unknown section [{section}] (allowed: daemon, zmq, mysql, pipeline, metrics)"
+        "{file}: unknown section [{section}] (allowed: daemon, zmq, mysql, amqp, pipeline, metrics)"
     )]
     UnknownSection { file: PathBuf, section: String },
+    #[error("{file}: [zmq] endpoint and [amqp] url are both empty: feedd would have no input (set at least one)")]
+    NoInput { file: PathBuf },
     #[error("{file}: line {line}: {reason}")]
     AllowList {
         file: PathBuf,
@@ -105,6 +110,7 @@ pub struct Config {
     pub daemon: DaemonConfig,
     pub zmq: ZmqConfig,
     pub mysql: MysqlConfig,
+    pub amqp: AmqpConfig,
     pub pipeline: PipelineConfig,
     pub metrics: MetricsConfig,
 }
@@ -124,6 +130,7 @@ pub struct DaemonConfig {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ZmqConfig {
+    /// Empty: the ZeroMQ input is off.
     pub endpoint: String,
     pub max_message_bytes: usize,
     pub curve_secret_key: Option<CurveKey>,
@@ -392,6 +399,7 @@ impl Config {
         let mut daemon_s = take("daemon");
         let mut zmq_s = take("zmq");
         let mut mysql_s = take("mysql");
+        let mut amqp_s = take("amqp");
         let mut pipeline_s = take("pipeline");
         let mut metrics_s = take("metrics");
         if let Some(section) = map.keys().next() {
@@ -463,7 +471,9 @@ impl Config {
         let zmq = ZmqConfig {
             endpoint: {
                 let raw = zmq_s.string("endpoint", "tcp://127.0.0.1:5555")?;
-                validate_endpoint(&raw).map_err(|reason| zmq_s.error("endpoint", reason))?;
+                if !raw.is_empty() {
+                    validate_endpoint(&raw).map_err(|reason| zmq_s.error("endpoint", reason))?;
+                }
                 raw
             },
             max_message_bytes: zmq_s.number("max_message_bytes", 1_048_576, 64, 64 << 20)?,
@@ -498,6 +508,14 @@ impl Config {
         };
         mysql_s.finish()?;
 
+        let amqp = AmqpConfig::parse(&mut amqp_s)?;
+        amqp_s.finish()?;
+        if zmq.endpoint.is_empty() && amqp.url.is_none() {
+            return Err(ConfigError::NoInput {
+                file: file.to_path_buf(),
+            });
+        }
+
         let pipeline = PipelineConfig {
             workers: pipeline_s.number("workers", 0, 0, 256)?,
             queue_capacity: pipeline_s.number("queue_capacity", 65_536, 1, 16_777_216)?,
@@ -531,6 +549,7 @@ impl Config {
             daemon,
             zmq,
             mysql,
+            amqp,
             pipeline,
             metrics,
         })

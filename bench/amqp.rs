@@ -1,0 +1,2 @@
+//! AMQP benchmark (filled in below).
+fn main() {}

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod mariadb;
+pub mod rabbit;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -123,6 +124,7 @@ pub fn config_text(db: &Db, zmq_port: u16, overrides: &[&str]) -> String {
                 format!("database = {}", db.name),
             ],
         ),
+        ("amqp".into(), vec![]),
         ("pipeline".into(), vec![]),
         ("metrics".into(), vec!["listen =".into()]),
     ];

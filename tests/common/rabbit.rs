@@ -43,17 +43,26 @@ impl Client {
         Self::try_connect(url).expect("RabbitMQ answers (run .ci/setup)")
     }
 
+    /// A client, or `None` when the broker does not answer within 5 s (a starting node may
+    /// accept TCP before it speaks AMQP).
     pub fn try_connect(url: &str) -> Option<Client> {
-        smol::block_on(async {
-            let conn = Connection::connect(url, ConnectionProperties::default())
-                .await
-                .ok()?;
-            let ch = conn.create_channel().await.ok()?;
-            ch.confirm_select(ConfirmSelectOptions::default())
-                .await
-                .ok()?;
-            Some(Client { conn, ch })
-        })
+        use smol::future::FutureExt;
+        smol::block_on(
+            async {
+                let conn = Connection::connect(url, ConnectionProperties::default())
+                    .await
+                    .ok()?;
+                let ch = conn.create_channel().await.ok()?;
+                ch.confirm_select(ConfirmSelectOptions::default())
+                    .await
+                    .ok()?;
+                Some(Client { conn, ch })
+            }
+            .or(async {
+                smol::Timer::after(Duration::from_secs(5)).await;
+                None
+            }),
+        )
     }
 
     /// Declares `queue` durable (as feedd would) so messages can wait in it.

@@ -31,7 +31,7 @@ pub enum LinkError {
     Broker {
         url: String,
         step: &'static str,
-        source: lapin::Error,
+        source: Box<lapin::Error>,
     },
     #[error("AMQP broker {url}: {step}: no answer within {ms} ms")]
     Timeout {
@@ -97,8 +97,11 @@ fn timed<T>(
     let url = url.to_string();
     let url2 = url.clone();
     async move {
-        f.await
-            .map_err(|source| LinkError::Broker { url, step, source })
+        f.await.map_err(|source| LinkError::Broker {
+            url,
+            step,
+            source: Box::new(source),
+        })
     }
     .or(async move {
         smol::Timer::after(STEP_TIMEOUT).await;

@@ -78,8 +78,7 @@ impl Outbox for AmqpOutbox {
 enum Command {
     /// New settings (`None`: AMQP off) with the link the preparer connected for them.
     Apply(
-        Option<AmqpSettings>,
-        Option<Link>,
+        Box<(Option<AmqpSettings>, Option<Link>)>,
         Sender<Result<(), String>>,
     ),
     Stop,
@@ -107,7 +106,7 @@ impl ConsumerHandle {
         drain: Duration,
     ) -> Result<(), String> {
         let (tx, rx) = crossbeam_channel::bounded(1);
-        self.send(Command::Apply(settings, link, tx));
+        self.send(Command::Apply(Box::new((settings, link)), tx));
         rx.recv_timeout(drain + Duration::from_secs(10))
             .unwrap_or_else(|_| Err("the AMQP consumer did not answer".into()))
     }
@@ -443,7 +442,8 @@ impl Consumer {
     fn obey(&mut self) -> bool {
         while let Ok(command) = self.commands.try_recv() {
             match command {
-                Command::Apply(settings, link, answer) => {
+                Command::Apply(new, answer) => {
+                    let (settings, link) = *new;
                     self.switch(settings, link);
                     let _ = answer.send(Ok(()));
                 }

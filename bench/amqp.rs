@@ -130,9 +130,9 @@ fn seed_consumer(records: u64, per_msg: usize) -> f64 {
     rate
 }
 
-/// One feedd cell: records/s from feedd's start until every delivery is acked, and the
-/// number of threads feedd runs while draining.
-fn feedd_cell(records: u64, per_msg: usize) -> (f64, usize) {
+/// One feedd cell: records/s from feedd's start until every delivery is acked, the number
+/// of threads feedd runs while draining, and its peak RSS in KiB.
+fn feedd_cell(records: u64, per_msg: usize) -> (f64, usize, u64) {
     let db = Db::create(&format!("amqpbench_k{per_msg}"));
     let (queue, _) = rabbit::names(&format!("bench_k{per_msg}"));
     let messages = preload(&queue, records, per_msg);
@@ -164,11 +164,17 @@ fn feedd_cell(records: u64, per_msg: usize) -> (f64, usize) {
         feedd.stderr_log()
     );
     let rate = records as f64 / started.elapsed().as_secs_f64();
+    let peak = std::fs::read_to_string(format!("/proc/{}/status", feedd.pid()))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0);
     feedd.signal(libc::SIGTERM);
     feedd.wait(Duration::from_secs(20));
     assert_eq!(db.count(), records);
     Client::connect(&rabbit::shared_url()).delete(&queue);
-    (rate, threads)
+    (rate, threads, peak)
 }
 
 fn thread_count(pid: i32) -> usize {
@@ -195,8 +201,8 @@ fn main() {
         .fold(0.0, f64::max);
     println!("  (a) database ceiling (best of 1 and 2 clients, prepared 1,000-row INSERTs): {a:.0} rows/s");
     println!(
-        "{:>8} {:>10} {:>12} {:>12} {:>8} {:>8} {:>8}",
-        "rec/msg", "records", "feedd rec/s", "(c) rec/s", "× (a)", "× (c)", "threads"
+        "{:>8} {:>10} {:>12} {:>12} {:>8} {:>8} {:>8} {:>8}",
+        "rec/msg", "records", "feedd rec/s", "(c) rec/s", "× (a)", "× (c)", "threads", "RSS MiB"
     );
     for per_msg in [1usize, 10, 100] {
         let records: u64 = match (quick, per_msg) {
@@ -212,11 +218,13 @@ fn main() {
                 .map(|_| seed_consumer(seed_records, per_msg))
                 .collect(),
         );
-        let cells: Vec<(f64, usize)> = (0..runs).map(|_| feedd_cell(records, per_msg)).collect();
+        let cells: Vec<(f64, usize, u64)> =
+            (0..runs).map(|_| feedd_cell(records, per_msg)).collect();
         let rate = median(cells.iter().map(|c| c.0).collect());
         let threads = cells.iter().map(|c| c.1).max().unwrap_or(0);
+        let rss = cells.iter().map(|c| c.2).max().unwrap_or(0) as f64 / 1024.0;
         println!(
-            "{per_msg:>8} {records:>10} {rate:>12.0} {c:>12.0} {:>8.2} {:>8.1} {threads:>8}",
+            "{per_msg:>8} {records:>10} {rate:>12.0} {c:>12.0} {:>8.2} {:>8.1} {threads:>8} {rss:>8.1}",
             rate / a,
             rate / c
         );

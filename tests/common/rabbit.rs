@@ -131,6 +131,44 @@ impl Client {
         });
     }
 
+    /// Publishes every body (persistent) to `queue`; true only if the broker confirmed all
+    /// within 10 s (false when the broker is gone: the caller publishes them again).
+    pub fn try_publish(&self, queue: &str, bodies: &[String]) -> bool {
+        use smol::future::FutureExt;
+        let props = BasicProperties::default().with_delivery_mode(2);
+        smol::block_on(
+            async {
+                let mut confirms = Vec::with_capacity(bodies.len());
+                for b in bodies {
+                    let c = self
+                        .ch
+                        .basic_publish(
+                            "".into(),
+                            queue.into(),
+                            BasicPublishOptions::default(),
+                            b.as_bytes(),
+                            props.clone(),
+                        )
+                        .await;
+                    match c {
+                        Ok(c) => confirms.push(c),
+                        Err(_) => return false,
+                    }
+                }
+                for c in confirms {
+                    if !matches!(c.await, Ok(conf) if conf.is_ack()) {
+                        return false;
+                    }
+                }
+                true
+            }
+            .or(async {
+                smol::Timer::after(Duration::from_secs(10)).await;
+                false
+            }),
+        )
+    }
+
     /// Ready messages and consumers of `queue` (passive declare); None if it does not exist.
     pub fn counts(&self, queue: &str) -> Option<(u32, u32)> {
         let ch = smol::block_on(self.conn.create_channel()).ok()?;

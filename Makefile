@@ -1,5 +1,5 @@
 # Operator and developer entry points (see README.md).
-.PHONY: setup run test bench chaos fuzz-build lint
+.PHONY: setup run test bench chaos fuzz-build lint deb
 
 setup:        ## install MariaDB, RabbitMQ, libzmq if missing, start MariaDB and RabbitMQ, build feedd
 	bash .ci/setup
@@ -8,12 +8,15 @@ setup:        ## install MariaDB, RabbitMQ, libzmq if missing, start MariaDB and
 run: setup    ## serve in the foreground on conf/feed.ini
 	./target/release/feedd --conf conf/feed.ini
 
-test:         ## unit + integration tests, then a quick benchmark smoke run (needs `make setup` once)
-	cargo test --quiet --locked -- --test-threads 4
+test: lint    ## lint, unit + integration tests, then a quick benchmark smoke run (needs `make setup` once)
+	FEEDD_TEST_PACKAGE=1 cargo test --quiet --locked -- --test-threads 4
 	cargo bench --locked --bench ingest -- --quick
 	cargo bench --locked --bench amqp -- --quick
 	cargo bench --locked --bench chaos -- --secs 15
 	cargo build --locked --manifest-path tests/fuzz/Cargo.toml
+
+deb:          ## the Debian package, target/debian/feedd_*.deb (needs `cargo install cargo-deb`)
+	cargo deb --locked
 
 bench:        ## the ingest and AMQP benchmarks with their baselines
 	cargo bench --bench ingest
@@ -22,6 +25,6 @@ bench:        ## the ingest and AMQP benchmarks with their baselines
 chaos:        ## 10 minutes of random faults under load; prints the invariant counts
 	cargo bench --bench chaos -- --secs 600
 
-lint:
+lint:         ## rustfmt and clippy with warnings as errors (CI runs it through `make test`)
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings

@@ -19,6 +19,7 @@ use nix::unistd::Pid;
 use crate::config::Config;
 use crate::logging::Logging;
 use crate::process::daemon::{self, Detached, Readiness, Report};
+use crate::process::notify::Notifier;
 use crate::process::pidfile::{self, Pidfile};
 use crate::process::privileges;
 use crate::process::signals::Signals;
@@ -75,12 +76,14 @@ enum Parent {
     Supervisor(i32),
 }
 
-/// Binds, drops privileges, then serves until told to stop. `serving` runs once it serves.
+/// Binds, drops privileges, reports readiness, then serves until told to stop. `notify`: the
+/// systemd notify socket of a `Type=notify` unit (foreground only).
 fn serve(
     config: Config,
     held: Held,
     parent: Parent,
-    serving: impl FnOnce(),
+    readiness: &mut Readiness,
+    notify: Option<Notifier>,
 ) -> anyhow::Result<Outcome> {
     let target = if nix::unistd::geteuid().is_root() {
         privileges::resolve(
@@ -111,7 +114,8 @@ fn serve(
             bail!("the supervisor (pid {ppid}) is gone; not serving unsupervised");
         }
     }
-    Ok(bound.run(serving)?)
+    readiness.ready();
+    Ok(bound.run(notify)?)
 }
 
 /// `feedd [--conf F]`: serve in the foreground until SIGTERM/SIGINT.
@@ -122,7 +126,8 @@ pub fn foreground(conf: &Path) -> anyhow::Result<i32> {
     // One instance per pidfile, whatever the mode: `status` and `reload` work on it too.
     let held = hold(&config, signals, true, false)?;
     let logging = Arc::clone(&held.logging);
-    let result = serve(config, held, Parent::None, || {});
+    let notify = Notifier::from_env();
+    let result = serve(config, held, Parent::None, &mut Readiness::none(), notify);
     if let Err(e) = &result {
         log::error!("start-up failed: {e:#}");
     }
@@ -168,7 +173,7 @@ pub fn set_umask(mask: u32) {
 /// `feedd --daemon` / `feedd start`: detach, and return only once the daemon is ready.
 pub fn start(conf: &Path) -> anyhow::Result<i32> {
     let config = load_config(conf)?;
-    if let Some(pid) = pidfile::running_pid(&config.daemon.pidfile) {
+    if let Some(pid) = pidfile::running_pid(&config.daemon.pidfile)? {
         bail!("already running (pid {pid})");
     }
     // Unknown user or group, or not root: refuse before detaching.
@@ -178,7 +183,7 @@ pub fn start(conf: &Path) -> anyhow::Result<i32> {
     )?;
     match daemon::detach(&config.base_dir, config.daemon.umask)? {
         Detached::Invoker(Report::Ready) => {
-            if let Some(pid) = pidfile::running_pid(&config.daemon.pidfile) {
+            if let Some(pid) = pidfile::running_pid(&config.daemon.pidfile)? {
                 println!("started (pid {pid})");
             }
             Ok(EXIT_OK)
@@ -209,7 +214,7 @@ fn run_daemon(config: Config, mut readiness: Readiness) -> i32 {
             } else {
                 // `held` (and its pidfile) is gone once `serve` returns: nothing is left
                 // behind when the failure is reported below.
-                serve(config, held, Parent::None, || readiness.ready())
+                serve(config, held, Parent::None, &mut readiness, None)
                     .map(|outcome| exit_status(&outcome))
             };
             logging.flush();
@@ -239,9 +244,13 @@ pub fn serve_child(conf: &Path) -> i32 {
             set_umask(config.daemon.umask);
             let held = hold(&config, signals, false, true)?;
             let logging = Arc::clone(&held.logging);
-            let served = serve(config, held, Parent::Supervisor(parent), || {
-                readiness.ready()
-            });
+            let served = serve(
+                config,
+                held,
+                Parent::Supervisor(parent),
+                &mut readiness,
+                None,
+            );
             logging.flush();
             served
         });
@@ -256,6 +265,9 @@ pub fn serve_child(conf: &Path) -> i32 {
 }
 
 fn signal_pid(pid: i32, signal: Signal) -> anyhow::Result<()> {
+    if pid <= 0 {
+        bail!("refusing to send {signal} to pid {pid}"); // 0 and -N mean process groups
+    }
     kill(Pid::from_raw(pid), signal).with_context(|| format!("cannot send {signal} to pid {pid}"))
 }
 
@@ -263,7 +275,7 @@ fn signal_pid(pid: i32, signal: Signal) -> anyhow::Result<()> {
 pub fn stop(conf: &Path) -> anyhow::Result<i32> {
     let config = load_config(conf)?;
     let path = &config.daemon.pidfile;
-    let Some(pid) = pidfile::running_pid(path) else {
+    let Some(pid) = pidfile::running_pid(path)? else {
         println!("not running");
         return Ok(EXIT_OK);
     };
@@ -271,7 +283,7 @@ pub fn stop(conf: &Path) -> anyhow::Result<i32> {
     let limit = config.daemon.shutdown_timeout() + Duration::from_secs(5);
     let until = Instant::now() + limit;
     while Instant::now() < until {
-        if pidfile::running_pid(path).is_none() {
+        if pidfile::holder(path)?.is_none() {
             println!("stopped (pid {pid})");
             return Ok(EXIT_OK);
         }
@@ -292,7 +304,7 @@ pub fn restart(conf: &Path) -> anyhow::Result<i32> {
 /// `feedd reload`: SIGHUP to the daemon.
 pub fn reload(conf: &Path) -> anyhow::Result<i32> {
     let config = load_config(conf)?;
-    match pidfile::running_pid(&config.daemon.pidfile) {
+    match pidfile::running_pid(&config.daemon.pidfile)? {
         Some(pid) => {
             signal_pid(pid, Signal::SIGHUP)?;
             println!("reload sent (pid {pid})");
@@ -305,7 +317,7 @@ pub fn reload(conf: &Path) -> anyhow::Result<i32> {
 /// `feedd status`: `running (pid N)` (and the serving child) or `not running` (exit 3).
 pub fn status(conf: &Path) -> anyhow::Result<i32> {
     let config = load_config(conf)?;
-    match pidfile::running_pid(&config.daemon.pidfile) {
+    match pidfile::running_pid(&config.daemon.pidfile)? {
         Some(pid) => {
             let children = supervisor::children_of(pid);
             match children.first() {

@@ -33,11 +33,18 @@ pub struct LoadOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("client socket: {0}")]
-    Socket(#[from] zmq::Error),
+    Socket(zmq::Error),
     #[error("client thread panicked")]
     Panic,
     #[error("histogram: {0}")]
     Histogram(String),
+}
+
+// Not `#[from]`: that would also make it the error's source, printed twice in a `{:#}` chain.
+impl From<zmq::Error> for LoadError {
+    fn from(e: zmq::Error) -> Self {
+        LoadError::Socket(e)
+    }
 }
 
 /// What a run measured.

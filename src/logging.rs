@@ -1,5 +1,9 @@
 //! Log output through `flexi_logger`: stderr or a file, a level and a file that can change on
 //! reload, and a reopen for logrotate (SIGHUP, SIGUSR1).
+//!
+//! A log file is opened for appending by feedd itself before it is handed to the logger (at
+//! start and on reload), because the logger loses lines silently on a file it cannot write.
+//! No directory is created for an explicit `log_file`; only the default `log/` is.
 
 use std::path::{Path, PathBuf};
 
@@ -11,13 +15,56 @@ use crate::config::Config;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
-    #[error("log file {path}: {source}")]
+    #[error("log file {path}: {error}")]
     File {
         path: PathBuf,
-        source: flexi_logger::FlexiLoggerError,
+        error: flexi_logger::FlexiLoggerError,
+    },
+    #[error("{key} {path}: cannot open for appending: {error}")]
+    Open {
+        /// `[daemon] log_file`, or a note that the default path is meant.
+        key: &'static str,
+        path: PathBuf,
+        error: std::io::Error,
     },
     #[error("logger: {0}")]
-    Start(#[from] flexi_logger::FlexiLoggerError),
+    Start(flexi_logger::FlexiLoggerError),
+}
+
+// Not `#[from]`: that would also make it the error's source, printed twice in a `{:#}` chain.
+impl From<flexi_logger::FlexiLoggerError> for LogError {
+    fn from(e: flexi_logger::FlexiLoggerError) -> Self {
+        LogError::Start(e)
+    }
+}
+
+/// Proves `path` can be appended to (creating the file, never a directory, except the default
+/// `log/` when `log_file` is empty), so a bad path is a start-up or reload error.
+pub fn check_file(config: &Config, path: &Path) -> Result<(), LogError> {
+    let key = if config.daemon.log_file.is_some() {
+        "[daemon] log_file"
+    } else {
+        "log file (default for an empty [daemon] log_file)"
+    };
+    if config.daemon.log_file.is_none() {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|error| LogError::Open {
+                key,
+                path: path.to_path_buf(),
+                error,
+            })?;
+        }
+    }
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .map(drop)
+        .map_err(|error| LogError::Open {
+            key,
+            path: path.to_path_buf(),
+            error,
+        })
 }
 
 pub struct Logging {
@@ -28,9 +75,9 @@ pub struct Logging {
 }
 
 fn file_writer(path: &Path) -> Result<flexi_logger::writers::FileLogWriterBuilder, LogError> {
-    let spec = FileSpec::try_from(path).map_err(|source| LogError::File {
+    let spec = FileSpec::try_from(path).map_err(|error| LogError::File {
         path: path.to_path_buf(),
-        source,
+        error,
     })?;
     Ok(FileLogWriter::builder(spec)
         .append()
@@ -50,20 +97,18 @@ impl Logging {
         let handle = match &path {
             None => logger.log_to_stderr().start()?,
             Some(p) => {
-                if let Some(dir) = p.parent() {
-                    let _ = std::fs::create_dir_all(dir);
-                }
-                let spec = FileSpec::try_from(p).map_err(|source| LogError::File {
+                check_file(config, p)?;
+                let spec = FileSpec::try_from(p).map_err(|error| LogError::File {
                     path: p.clone(),
-                    source,
+                    error,
                 })?;
                 logger
                     .log_to_file(spec)
                     .append()
                     .start()
-                    .map_err(|source| LogError::File {
+                    .map_err(|error| LogError::File {
                         path: p.clone(),
-                        source,
+                        error,
                     })?
             }
         };
@@ -74,8 +119,17 @@ impl Logging {
         })
     }
 
+    /// Whether `config`'s log file could be applied: for a reload to check before it commits.
+    pub fn check(&self, config: &Config) -> Result<(), LogError> {
+        match config.log_path(self.daemon) {
+            Some(path) if Some(&path) != self.file.lock().as_ref() => check_file(config, &path),
+            _ => Ok(()),
+        }
+    }
+
     /// Applies a reloaded level and file; a file that cannot be opened keeps the old one.
     pub fn apply(&self, config: &Config) -> Result<(), LogError> {
+        self.check(config)?;
         self.handle.set_new_spec(
             LogSpecification::builder()
                 .default(config.daemon.log_level)
@@ -88,14 +142,11 @@ impl Logging {
         }
         match (&*file, &wanted) {
             (Some(_), Some(new)) => {
-                if let Some(dir) = new.parent() {
-                    let _ = std::fs::create_dir_all(dir);
-                }
                 self.handle
                     .reset_flw(&file_writer(new)?)
-                    .map_err(|source| LogError::File {
+                    .map_err(|error| LogError::File {
                         path: new.clone(),
-                        source,
+                        error,
                     })?;
                 *file = wanted;
             }

@@ -1,12 +1,18 @@
 //! Counters and histograms (the `prometheus` crate: atomics, no lock per record) and the
-//! `GET /metrics` listener, a `tiny_http` server on its own thread.
+//! `GET /metrics` listener: std sockets, `httparse` for the request, and hard bounds on
+//! request size, time and connections (an accept thread and two handler threads).
 //!
 //! The pipeline only bumps counters; nothing outside this file knows the exposition format.
 
-use std::net::SocketAddr;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Sender, TrySendError};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use crate::pipeline::queue::DepthReader;
 use prometheus::{
@@ -19,7 +25,14 @@ pub enum MetricsError {
     #[error("metrics: cannot listen on {addr}: {reason}")]
     Listen { addr: SocketAddr, reason: String },
     #[error("metrics: {0}")]
-    Register(#[from] prometheus::Error),
+    Register(prometheus::Error),
+}
+
+// Not `#[from]`: that would also make it the error's source, printed twice in a `{:#}` chain.
+impl From<prometheus::Error> for MetricsError {
+    fn from(e: prometheus::Error) -> Self {
+        MetricsError::Register(e)
+    }
 }
 
 /// Every metric feedd exports. Cloned handles share the same atomics.
@@ -29,6 +42,7 @@ pub struct Metrics {
     pub messages_received: IntCounter,
     pub messages_rejected: IntCounter,
     pub records_committed: IntCounter,
+    pub records_acknowledged: IntCounter,
     pub db_errors: IntCounter,
     pub batch_retries: IntCounter,
     pub config_reloads: IntCounter,
@@ -83,7 +97,11 @@ impl Metrics {
             )?,
             records_committed: counter(
                 "feedd_records_committed_total",
-                "Records of accepted messages committed (resends included)",
+                "Rows inserted by committed batches (resends of stored records add none)",
+            )?,
+            records_acknowledged: counter(
+                "feedd_records_acknowledged_total",
+                "Records of messages answered TRUE (resends included)",
             )?,
             db_errors: counter("feedd_db_errors_total", "Failed batch attempts")?,
             batch_retries: counter("feedd_batch_retries_total", "Batch attempts retried")?,
@@ -151,39 +169,68 @@ impl Metrics {
     }
 }
 
-/// The HTTP listener thread. Dropping it stops and joins the thread.
+/// Most bytes of one request (request line and headers); a larger one is cut off with 431.
+pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
+/// Longest time one connection may take to send its request and read the answer.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
+/// Connections served at once; as many more may wait, any beyond that are closed with 503.
+pub const MAX_CONNECTIONS: usize = 2;
+
+/// The HTTP listener: an accept thread and `MAX_CONNECTIONS` handler threads. Every request
+/// costs at most `MAX_REQUEST_BYTES` and `REQUEST_DEADLINE`, so a slow or huge client cannot
+/// grow memory or hold the listener. Dropping it stops and joins every thread.
 pub struct MetricsServer {
-    server: Arc<tiny_http::Server>,
-    thread: Option<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl MetricsServer {
     pub fn start(addr: SocketAddr, metrics: Metrics) -> Result<MetricsServer, MetricsError> {
-        let server = tiny_http::Server::http(addr).map_err(|e| MetricsError::Listen {
+        let listen_error = |e: std::io::Error| MetricsError::Listen {
             addr,
             reason: e.to_string(),
-        })?;
-        let server = Arc::new(server);
-        let serving = Arc::clone(&server);
-        let thread = std::thread::Builder::new()
-            .name("metrics".into())
-            .spawn(move || serve(&serving, &metrics))
-            .map_err(|e| MetricsError::Listen {
-                addr,
-                reason: e.to_string(),
-            })?;
+        };
+        let listener = TcpListener::bind(addr).map_err(listen_error)?;
+        // Non-blocking, so the accept loop can look at `stop` between polls.
+        listener.set_nonblocking(true).map_err(listen_error)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (connections, waiting) = crossbeam_channel::bounded::<TcpStream>(MAX_CONNECTIONS);
+        let mut threads = Vec::with_capacity(MAX_CONNECTIONS + 1);
+        let mut spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name)
+                .spawn(f)
+                .map(|t| threads.push(t))
+                .map_err(listen_error)
+        };
+        for i in 0..MAX_CONNECTIONS {
+            let waiting = waiting.clone();
+            let metrics = metrics.clone();
+            // Ends when the accept thread drops the sender.
+            spawn(
+                format!("metrics-{i}"),
+                Box::new(move || {
+                    for stream in waiting {
+                        answer(stream, &metrics);
+                    }
+                }),
+            )?;
+        }
+        let stopping = Arc::clone(&stop);
+        spawn(
+            "metrics".into(),
+            Box::new(move || accept_loop(&listener, &connections, &stopping)),
+        )?;
         log::info!("metrics on http://{addr}/metrics");
-        Ok(MetricsServer {
-            server,
-            thread: Some(thread),
-        })
+        Ok(MetricsServer { stop, threads })
     }
 }
 
 impl Drop for MetricsServer {
     fn drop(&mut self) {
-        self.server.unblock();
-        if let Some(t) = self.thread.take() {
+        self.stop.store(true, Ordering::Relaxed);
+        // The accept thread first (it drops the sender), then the handlers.
+        while let Some(t) = self.threads.pop() {
             if t.join().is_err() {
                 log::error!("metrics thread panicked");
             }
@@ -191,25 +238,130 @@ impl Drop for MetricsServer {
     }
 }
 
-fn serve(server: &tiny_http::Server, metrics: &Metrics) {
-    // `incoming_requests` ends when `unblock` is called from Drop.
-    for request in server.incoming_requests() {
-        let response = if request.url() == "/metrics" || request.url().starts_with("/metrics?") {
-            let header = tiny_http::Header::from_bytes(
-                &b"Content-Type"[..],
-                &b"text/plain; version=0.0.4; charset=utf-8"[..],
-            );
-            let mut r = tiny_http::Response::from_data(metrics.render());
-            if let Ok(h) = header {
-                r = r.with_header(h);
+fn accept_loop(listener: &TcpListener, connections: &Sender<TcpStream>, stop: &AtomicBool) {
+    use std::os::fd::AsFd;
+    while !stop.load(Ordering::Relaxed) {
+        let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+        if let Err(e) = poll(&mut fds, PollTimeout::from(100u8)) {
+            if e != nix::errno::Errno::EINTR {
+                log::warn!("metrics: poll: {e}");
+                std::thread::sleep(Duration::from_millis(100));
             }
-            r
-        } else {
-            tiny_http::Response::from_data(b"not found; try /metrics\n".to_vec())
-                .with_status_code(404)
-        };
-        if let Err(e) = request.respond(response) {
-            log::debug!("metrics: reply failed: {e}");
+            continue;
+        }
+        loop {
+            match listener.accept() {
+                Ok((stream, _)) => match connections.try_send(stream) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(stream) | TrySendError::Disconnected(stream)) => {
+                        busy(stream)
+                    }
+                },
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    log::debug!("metrics: accept: {e}");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Every handler busy and as many waiting: a one-line 503, never blocking the accept thread.
+fn busy(stream: TcpStream) {
+    let _ = stream.set_nonblocking(true);
+    let _ = (&stream).write_all(
+        b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    );
+}
+
+/// What one request is answered with.
+#[derive(Debug, PartialEq, Eq)]
+enum Answer {
+    Metrics,
+    NotFound,
+    NotAllowed,
+    TooLarge,
+    Bad,
+    Timeout,
+}
+
+/// Reads one request within the bounds and answers it; the connection is closed after.
+fn answer(mut stream: TcpStream, metrics: &Metrics) {
+    let deadline = Instant::now() + REQUEST_DEADLINE;
+    let answer = read_request(&mut stream, deadline);
+    let (status, body): (&str, Vec<u8>) = match answer {
+        Some(Answer::Metrics) => ("200 OK", metrics.render()),
+        Some(Answer::NotFound) => ("404 Not Found", b"not found; try /metrics\n".to_vec()),
+        Some(Answer::NotAllowed) => ("405 Method Not Allowed", b"GET only\n".to_vec()),
+        Some(Answer::TooLarge) => (
+            "431 Request Header Fields Too Large",
+            b"request too large\n".to_vec(),
+        ),
+        Some(Answer::Bad) => ("400 Bad Request", b"bad request\n".to_vec()),
+        Some(Answer::Timeout) => ("408 Request Timeout", Vec::new()),
+        None => return, // the client went away
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    let _ = stream.set_write_timeout(Some(remaining.max(Duration::from_millis(100))));
+    if let Err(e) = stream
+        .write_all(head.as_bytes())
+        .and_then(|()| stream.write_all(&body))
+    {
+        log::debug!("metrics: reply failed: {e}");
+    }
+}
+
+/// Reads until a whole request head is in (at most `MAX_REQUEST_BYTES`, until `deadline`).
+fn read_request(stream: &mut TcpStream, deadline: Instant) -> Option<Answer> {
+    let mut buf = [0u8; MAX_REQUEST_BYTES];
+    let mut len = 0;
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Some(Answer::Timeout);
+        }
+        stream.set_read_timeout(Some(remaining)).ok()?;
+        match stream.read(&mut buf[len..]) {
+            Ok(0) => return None,
+            Ok(n) => len += n,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return Some(Answer::Timeout)
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(_) => return None,
+        }
+        if let Some(answer) = judge_request(&buf[..len]) {
+            return Some(answer);
+        }
+        if len == buf.len() {
+            return Some(Answer::TooLarge);
+        }
+    }
+}
+
+/// The answer to a request head, or `None` while it is incomplete (pure).
+fn judge_request(bytes: &[u8]) -> Option<Answer> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut request = httparse::Request::new(&mut headers);
+    match request.parse(bytes) {
+        Ok(httparse::Status::Partial) => None,
+        Err(httparse::Error::TooManyHeaders) => Some(Answer::TooLarge),
+        Err(_) => Some(Answer::Bad),
+        Ok(httparse::Status::Complete(_)) => {
+            let path = request.path.unwrap_or("");
+            Some(if request.method != Some("GET") {
+                Answer::NotAllowed
+            } else if path == "/metrics" || path.starts_with("/metrics?") {
+                Answer::Metrics
+            } else {
+                Answer::NotFound
+            })
         }
     }
 }
@@ -217,4 +369,36 @@ fn serve(server: &tiny_http::Server, metrics: &Metrics) {
 /// Seconds as f64 for histograms.
 pub fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_judged() {
+        assert_eq!(
+            judge_request(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Some(Answer::Metrics)
+        );
+        assert_eq!(
+            judge_request(b"GET /metrics?x=1 HTTP/1.0\r\n\r\n"),
+            Some(Answer::Metrics)
+        );
+        assert_eq!(judge_request(b"GET /metrics HTTP/1.1\r\nHost: "), None);
+        assert_eq!(
+            judge_request(b"GET / HTTP/1.1\r\n\r\n"),
+            Some(Answer::NotFound)
+        );
+        assert_eq!(
+            judge_request(b"POST /metrics HTTP/1.1\r\n\r\n"),
+            Some(Answer::NotAllowed)
+        );
+        assert_eq!(judge_request(b"\x00\x01garbage\r\n\r\n"), Some(Answer::Bad));
+        let many: String = (0..40).map(|i| format!("h{i}: v\r\n")).collect();
+        assert_eq!(
+            judge_request(format!("GET /metrics HTTP/1.1\r\n{many}\r\n").as_bytes()),
+            Some(Answer::TooLarge)
+        );
+    }
 }

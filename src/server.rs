@@ -1,7 +1,7 @@
 //! The serving process in two steps: `Server::bind` makes everything that can fail (database
 //! pool, sockets, listeners) and `Bound::run` starts the threads and serves until told to
-//! stop. Between the two the caller drops privileges; `run` reports readiness through the
-//! closure it is given once the threads serve.
+//! stop. Between the two the caller drops privileges and reports readiness: from the bind
+//! on, messages wait in the socket's buffers until the receiver thread reads them.
 //!
 //! Threads (all owned and joined here):
 //! - main (the caller's): signal events, reloads, thread failures, the drain;
@@ -40,6 +40,7 @@ use crate::metrics::{Metrics, MetricsError, MetricsServer};
 use crate::pipeline::queue::Queue;
 use crate::pipeline::store::{Store, StoreError};
 use crate::pipeline::worker::{self, Shared};
+use crate::process::notify::{Heartbeat, Notifier, Snapshot, Watchdog};
 use crate::process::signals::{Event, SignalThread, Signals};
 
 #[derive(Debug, thiserror::Error)]
@@ -53,9 +54,16 @@ pub enum ServeError {
     #[error(transparent)]
     Amqp(#[from] ConsumerError),
     #[error("cannot start a thread: {0}")]
-    Thread(#[from] std::io::Error),
+    Thread(std::io::Error),
     #[error("CURVE authentication handler: {0}")]
     Zap(zmq::Error),
+}
+
+// Not `#[from]`: that would also make it the error's source, printed twice in a `{:#}` chain.
+impl From<std::io::Error> for ServeError {
+    fn from(e: std::io::Error) -> Self {
+        ServeError::Thread(e)
+    }
 }
 
 /// How serving ended.
@@ -239,9 +247,10 @@ impl Bound {
         self.receiver.as_ref().map(Receiver::bound_endpoint)
     }
 
-    /// Starts the threads, calls `serving` once they run, and serves until SIGTERM/SIGINT or
-    /// a thread failure; then drains.
-    pub fn run(self, serving: impl FnOnce()) -> Result<Outcome, ServeError> {
+    /// Starts the threads and serves until SIGTERM/SIGINT or a thread failure; then drains.
+    /// With `notify` (a systemd `Type=notify` unit) it tells systemd each step and runs the
+    /// watchdog over the receiver's and the signal thread's heartbeats.
+    pub fn run(self, notify: Option<Notifier>) -> Result<Outcome, ServeError> {
         let Bound {
             shared,
             mut queue,
@@ -279,18 +288,20 @@ impl Bound {
         }
         // From here only the inputs' intakes keep the queue open.
         queue.seal();
+        let receiver_beat = receiver.as_ref().map(Receiver::heartbeat);
         let receiver_thread = match receiver {
             Some(receiver) => Some(spawn_pinned(
                 Role::Receiver,
                 core(0),
                 &exits_tx,
-                move || receiver.run(&|| {}).map_err(|e| e.to_string()),
+                move || receiver.run().map_err(|e| e.to_string()),
             )?),
             None => None,
         };
+        let consumer_beat = consumer.heartbeat();
         // Not pinned: it mostly waits on the broker, and lapin's own threads are not pinned.
         let consumer_thread = spawn_pinned(Role::Consumer, None, &exits_tx, move || {
-            consumer.run(&|| {});
+            consumer.run();
             Ok(())
         })?;
         let (events_tx, events_rx) = crossbeam_channel::unbounded();
@@ -299,7 +310,13 @@ impl Bound {
             "serving with {workers} worker(s), pid {}",
             std::process::id()
         );
-        serving();
+        // systemd: READY at the moment `--daemon` reports ready; then the watchdog.
+        let watchdog = notify.as_ref().and_then(|n| {
+            n.ready();
+            let mut beats = vec![consumer_beat, signal_thread.heartbeat()];
+            beats.extend(receiver_beat);
+            start_watchdog(n, beats, &shared, &queue)
+        });
 
         let mut main = Main {
             shared: &shared,
@@ -308,21 +325,33 @@ impl Bound {
             consumer: &consumer_handle,
             metrics_server: &mut metrics_server,
             logging: &logging,
+            notify: notify.as_ref(),
             workers,
             file: config.file.clone(),
             base: config.base_dir.clone(),
         };
         drop(config);
         let (failure, preparing) = main.serve(&events_rx, &exits_rx);
+        let shutdown_started = Instant::now();
+        if let Some(n) = &notify {
+            n.stopping();
+        }
         let inputs = Inputs {
             receiver: receiver_handle.as_ref(),
             consumer: &consumer_handle,
         };
         let outcome = shut_down(&shared, &inputs, &exits_rx, workers, failure);
+        drop(watchdog);
         signal_thread.stop();
         if let Some(p) = preparing {
-            // Bounded by the connect timeout of the pool it is proving.
-            let _ = p.thread.join();
+            // It may be waiting on a database that does not answer (up to the pool's connect
+            // timeout): joined if it finishes within the drain time, else left to the exit.
+            let left = shutdown_started + shared.config.load().daemon.shutdown_timeout();
+            if p.done.recv_deadline(left).is_ok() {
+                let _ = p.thread.join();
+            } else {
+                log::debug!("the abandoned reload is still connecting; exiting without it");
+            }
         }
         drop(metrics_server);
         drop(zap);
@@ -348,7 +377,8 @@ struct Main<'a> {
     receiver: Option<&'a ReceiverHandle>,
     consumer: &'a ConsumerHandle,
     metrics_server: &'a mut Option<MetricsServer>,
-    logging: &'a Logging,
+    logging: &'a Arc<Logging>,
+    notify: Option<&'a Notifier>,
     workers: usize,
     file: PathBuf,
     base: PathBuf,
@@ -370,6 +400,9 @@ impl Main<'_> {
             select! {
                 recv(events) -> event => match event {
                     Ok(Event::Reload) => {
+                        if let Some(n) = self.notify {
+                            n.reloading();
+                        }
                         self.logging.reopen();
                         log::info!("SIGHUP: reloading");
                         match &mut preparing {
@@ -396,7 +429,8 @@ impl Main<'_> {
                         p.again
                     });
                     let result = result.unwrap_or_else(|_| Err("the reload preparer died".into()));
-                    match result.and_then(|prepared| self.apply(prepared)) {
+                    let applied = result.and_then(|prepared| self.apply(prepared));
+                    match &applied {
                         Ok(()) => {
                             self.shared.metrics.config_reloads.inc();
                             log::info!("config reloaded from {}", self.file.display());
@@ -404,6 +438,12 @@ impl Main<'_> {
                         Err(reason) => {
                             self.shared.metrics.config_reload_failures.inc();
                             log::error!("reload failed, keeping the running config: {reason}");
+                        }
+                    }
+                    if let Some(n) = self.notify {
+                        match &applied {
+                            Ok(()) => n.reload_done(true, "config reloaded"),
+                            Err(reason) => n.reload_done(false, reason),
                         }
                     }
                     if again {
@@ -429,11 +469,20 @@ impl Main<'_> {
         let (file, base) = (self.file.clone(), self.base.clone());
         let old = self.shared.config.load_full();
         let metrics = self.shared.metrics.clone();
+        let store = Arc::clone(&self.shared.store);
+        let logging = Arc::clone(self.logging);
         let workers = self.workers;
         let spawned = std::thread::Builder::new()
             .name("reload".into())
             .spawn(move || {
-                let _ = tx.send(prepare(&file, &base, &old, workers, &metrics));
+                let running = Running {
+                    config: &old,
+                    store: &store,
+                    logging: &logging,
+                    metrics: &metrics,
+                    workers,
+                };
+                let _ = tx.send(prepare(&file, &base, &running));
             });
         match spawned {
             Ok(thread) => Some(Preparing {
@@ -492,18 +541,62 @@ impl Main<'_> {
     }
 }
 
+/// What a reload is prepared against (read only).
+struct Running<'a> {
+    config: &'a Config,
+    store: &'a ArcSwap<Store>,
+    logging: &'a Logging,
+    metrics: &'a Metrics,
+    workers: usize,
+}
+
+/// The systemd watchdog over `beats`, with a status line from the config, metrics and queue.
+/// A thread that cannot start is logged, not fatal: serving matters more than the pings.
+fn start_watchdog(
+    notifier: &Notifier,
+    beats: Vec<Heartbeat>,
+    shared: &Shared,
+    queue: &Queue,
+) -> Option<Watchdog> {
+    let (config, metrics) = (Arc::clone(&shared.config), shared.metrics.clone());
+    let depth = queue.depth_reader();
+    let snapshot = move || {
+        let c = config.load();
+        Snapshot {
+            inputs: match (&c.zmq.endpoint, &c.amqp.url) {
+                (z, None) => format!("zmq {z}"),
+                (z, Some(url)) if z.is_empty() => format!("amqp {url}"),
+                (z, Some(url)) => format!("zmq {z}, amqp {url}"),
+            },
+            committed: metrics.records_committed.get(),
+            queue_depth: depth.records(),
+            database: format!("{}:{}/{}", c.mysql.host, c.mysql.port, c.mysql.database),
+        }
+    };
+    notifier
+        .start_watchdog(beats, snapshot)
+        .map_err(|e| log::error!("cannot start the systemd watchdog thread: {e}"))
+        .ok()
+}
+
 /// Everything of a reload that can fail, done without touching the running daemon.
 fn prepare(
     file: &std::path::Path,
     base: &std::path::Path,
-    old: &Config,
-    workers: usize,
-    metrics: &Metrics,
+    running: &Running,
 ) -> Result<Prepared, String> {
+    let Running {
+        config: old,
+        store: running_store,
+        logging,
+        metrics,
+        workers,
+    } = *running;
     let mut new = Config::load(file, base).map_err(|e| e.to_string())?;
     for key in config::keep_restart_only(old, &mut new) {
         log::warn!("{key} changed: takes effect only after a restart; keeping the old value");
     }
+    logging.check(&new).map_err(|e| e.to_string())?;
     if old.zmq.endpoint.is_empty() != new.zmq.endpoint.is_empty() {
         // The receiver exists or not for the process's life.
         log::warn!("[zmq] endpoint: turning the ZeroMQ input on or off takes effect only after a restart; keeping the old value");
@@ -534,6 +627,14 @@ fn prepare(
                 .map_err(|e| format!("new database target not usable: {e}"))?,
         )
     } else {
+        // Same target: the table is judged again all the same (it may have been altered).
+        // An outage does not fail the reload; a table that no longer fits does.
+        if let Err(e) = running_store.load().ensure_table() {
+            if !e.is_transient() {
+                return Err(e.to_string());
+            }
+            log::warn!("reload: table not checked: {e}");
+        }
         None
     };
     Ok(Prepared {

@@ -314,7 +314,13 @@ fn reload_under_load_answers_everything_exactly_once() {
         };
         std::fs::write(f.conf_path(), text).unwrap();
         kill(pid, libc::SIGHUP);
-        std::thread::sleep(Duration::from_millis(60));
+        // One reload at a time: wait until this one is counted (applied or refused).
+        let counted = || {
+            let text = http_get(&metrics_addr, "/metrics");
+            metric(&text, "feedd_config_reloads_total")
+                + metric(&text, "feedd_config_reload_failures_total")
+        };
+        assert!(wait_until(Duration::from_secs(20), || counted() == (i + 1) as f64));
     }
     let (bodies, replies) = streamer.join().unwrap();
     assert!(

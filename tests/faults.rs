@@ -26,8 +26,12 @@ fn database_killed_mid_load_and_restarted() {
     let (db, f, metrics) = private_feedd(&server, "kill_db", &[]);
     let data = bodies(1, 20_000, 5);
     let client = Resender::spawn(f.endpoint(), &data, Duration::from_secs(8));
-    std::thread::sleep(Duration::from_millis(150));
+    assert!(
+        wait_until(Duration::from_secs(20), || db.count() > 0),
+        "mid-load"
+    );
     server.kill9();
+    // The outage itself: the scenario is a restart 3 s later.
     std::thread::sleep(Duration::from_secs(3));
     server.restart();
     let r = client.join().unwrap();
@@ -64,7 +68,8 @@ fn sigterm_during_a_long_outage_exits_in_time_without_false_acks() {
     for (i, b) in data.iter().enumerate().skip(1) {
         dealer.send(i as u64, b);
     }
-    std::thread::sleep(Duration::from_millis(500));
+    // The outage has reached feedd: its batch is failing and being retried.
+    f.wait_for_log("retrying with backoff", Duration::from_secs(10));
     let asked = Instant::now();
     f.signal(libc::SIGTERM);
     let status = f.wait(Duration::from_secs(10));
@@ -82,28 +87,38 @@ fn sigterm_during_a_long_outage_exits_in_time_without_false_acks() {
 }
 
 #[test]
-fn row_lock_wait_and_deadlock_are_retried_until_true() {
-    let server = PrivateMariadb::start();
-    let (db, f, _) = private_feedd(&server, "locks", &["pipeline.workers = 1"]);
-    // Another session holds ticket 1 in an open transaction: feedd's INSERT waits on it.
-    let mut other = server.create_db(&db.name);
-    other
-        .query_drop("SET SESSION innodb_lock_wait_timeout = 50")
-        .unwrap();
+fn row_lock_wait_is_retried_until_true() {
+    let db = Db::create("locks");
+    let (metrics, listen) = metrics_listen();
+    let f = Feedd::start(&db, &[&listen, "pipeline.workers = 1"]);
+    // Another session holds ticket 1 in an open transaction: feedd's INSERT waits on it until
+    // its session's innodb_lock_wait_timeout (10 s) ends the wait with 1205.
+    let mut other = db.conn();
     other.query_drop("BEGIN").unwrap();
     other
         .query_drop("INSERT INTO fee (ticket, login, volume, status) VALUES (1, 1, 1, 'Y')")
         .unwrap();
     let endpoint = f.endpoint();
-    let client = std::thread::spawn(move || Req::connect(&endpoint).ask("2,1,1\n1,1,1"));
-    std::thread::sleep(Duration::from_millis(500));
-    // Now take ticket 2 as well: feedd holds it and waits for 1 → a deadlock, one side loses.
-    let _ =
-        other.query_drop("INSERT INTO fee (ticket, login, volume, status) VALUES (2, 1, 1, 'Y')");
-    let _ = other.query_drop("ROLLBACK");
+    let client = std::thread::spawn(move || {
+        let req = Req::connect(&endpoint);
+        req.0.set_rcvtimeo(60_000).unwrap();
+        req.ask("2,1,1\n1,1,1")
+    });
+    let errors = || metric(&http_get(&metrics, "/metrics"), "feedd_db_errors_total");
+    assert!(
+        wait_until(Duration::from_secs(30), || errors() >= 1.0),
+        "feedd's batch never failed on the lock:\n{}",
+        f.stderr_log()
+    );
+    assert!(f.stderr_log().contains("1205"), "{}", f.stderr_log());
+    assert!(!client.is_finished(), "no reply while the lock is held");
+    other.query_drop("ROLLBACK").unwrap();
     assert_eq!(client.join().unwrap(), "TRUE");
     let rows = db.rows();
+    assert_eq!(rows.len(), 2);
     assert!(rows.contains_key(&1) && rows.contains_key(&2));
+    let text = http_get(&metrics, "/metrics");
+    assert!(metric(&text, "feedd_batch_retries_total") >= 1.0);
 }
 
 #[test]
@@ -139,7 +154,7 @@ fn connections_killed_from_the_server_side() {
 #[test]
 fn dropped_table_is_recreated_and_nothing_is_acked_without_a_row() {
     let server = PrivateMariadb::start();
-    let (db, f, _) = private_feedd(&server, "drop_table", &[]);
+    let (db, f, metrics) = private_feedd(&server, "drop_table", &[]);
     let req = Req::connect(&f.endpoint());
     assert_eq!(req.ask("1,1,1"), "TRUE");
     server
@@ -158,8 +173,12 @@ fn dropped_table_is_recreated_and_nothing_is_acked_without_a_row() {
         .query_drop("ALTER TABLE fee DROP COLUMN status")
         .unwrap();
     let endpoint = f.endpoint();
+    let errors_before = metric(&http_get(&metrics, "/metrics"), "feedd_db_errors_total");
     let held = std::thread::spawn(move || Req::connect(&endpoint).ask("3,1,1"));
-    std::thread::sleep(Duration::from_millis(800));
+    // Wait until the batch has failed (at least twice) against the broken table.
+    assert!(wait_until(Duration::from_secs(20), || {
+        metric(&http_get(&metrics, "/metrics"), "feedd_db_errors_total") >= errors_before + 2.0
+    }));
     assert!(!held.is_finished(), "no reply while the table is broken");
     server
         .create_db(&db.name)
@@ -207,7 +226,10 @@ fn whole_daemon_killed_mid_load_then_started_again() {
     f.start_daemon();
     let data = bodies(1, 3000, 2);
     let client = Resender::spawn(f.endpoint(), &data, Duration::from_secs(2));
-    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        wait_until(Duration::from_secs(20), || db.count() > 0),
+        "mid-load"
+    );
     let pid = f.daemon_pid();
     let child = f.serving_pid();
     kill(pid, libc::SIGKILL);

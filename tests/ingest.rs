@@ -176,8 +176,8 @@ fn sigterm_with_thousands_in_flight_drains_and_exits_0() {
     for (i, b) in bodies.iter().enumerate() {
         dealer.send(i as u64, b);
     }
-    // Let part of it arrive, then ask for a stop.
-    std::thread::sleep(Duration::from_millis(50));
+    // Let part of it be committed, then ask for a stop.
+    assert!(wait_until(Duration::from_secs(20), || db.count() > 0));
     feedd.signal(libc::SIGTERM);
     let status = feedd.wait(Duration::from_secs(15));
     assert_eq!(status.code(), Some(0), "{}", feedd.stderr_log());
@@ -229,7 +229,10 @@ fn full_queue_stops_reading_and_memory_stays_bounded() {
     for (i, b) in bodies.iter().enumerate() {
         dealer.send(i as u64, b);
     }
-    std::thread::sleep(Duration::from_millis(1500));
+    // The queue fills up to its capacity and stays there.
+    assert!(wait_until(Duration::from_secs(20), || {
+        metric(&http_get(&metrics_addr, "/metrics"), "feedd_queue_depth") >= 190.0
+    }));
     let rss_blocked = feedd.rss_kib();
     // Queue depth is kept near the capacity, far below the 30,000 records sent.
     let text = http_get(&metrics_addr, "/metrics");

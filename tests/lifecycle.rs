@@ -322,3 +322,30 @@ fn alive(pid: i32) -> bool {
         .map(|s| !s.contains(") Z "))
         .unwrap_or(false)
 }
+
+#[test]
+fn sigterm_right_behind_a_slow_reload_is_acted_on_at_once() {
+    let db = Db::create("l_slow_reload");
+    let mut f = Feedd::start(&db, &["daemon.shutdown_timeout_ms = 500"]);
+    // A "database" that accepts connections and never says a word: proving it takes the
+    // pool's whole connect timeout (3 s).
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    rewrite(
+        &f,
+        &format!("port = {}", db.port),
+        &format!("port = {port}"),
+    );
+    f.signal(libc::SIGHUP);
+    f.wait_for_log("SIGHUP: reloading", Duration::from_secs(5));
+    let asked = Instant::now();
+    f.signal(libc::SIGTERM);
+    let status = f.wait(Duration::from_secs(10));
+    let took = asked.elapsed();
+    assert!(status.success(), "{}", f.stderr_log());
+    assert!(
+        took < Duration::from_millis(2000),
+        "SIGTERM waited {took:?} for the reload"
+    );
+    assert!(f.stderr_log().contains("the reload under way is abandoned"));
+}

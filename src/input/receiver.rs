@@ -23,27 +23,42 @@ use crate::input::mailbox::Doorbell;
 use crate::input::record::{self, Record};
 use crate::metrics::Metrics;
 use crate::pipeline::queue::{Full, Intake, Job, Outbox, Queue, ReplyTo, Verdicts, Wake};
+use crate::process::notify::Heartbeat;
 
 /// Most messages read in one go before the mailbox gets a turn (fairness to replies).
 const READ_BURST: usize = 256;
-/// Most frames in one message; beyond that it is answered FALSE (bounded envelopes).
-const MAX_FRAMES: usize = 64;
+/// Most frames a client may send in one message (envelope and body; the routing id the ROUTER
+/// adds is not counted); beyond that it is answered `FALSE too many frames`.
+const MAX_CLIENT_FRAMES: usize = 64;
+/// Most bytes of envelope (routing id included) echoed back: 64 ZeroMQ identities of 255 bytes.
+const MAX_ENVELOPE_BYTES: usize = 64 * 256;
 /// Longest idle wait, so the thread turns (and shows it is alive) at least this often.
 const IDLE_WAKE: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReceiverError {
-    #[error("cannot bind {endpoint}: {source}")]
-    Bind {
-        endpoint: String,
-        source: zmq::Error,
-    },
+    #[error("cannot bind {endpoint}: {}", bind_reason(error))]
+    Bind { endpoint: String, error: zmq::Error },
     #[error("cannot bind {endpoint}: a socket is already listening on {path}")]
     IpcInUse { endpoint: String, path: String },
     #[error("receiver socket: {0}")]
-    Socket(#[from] zmq::Error),
+    Socket(zmq::Error),
     #[error("receiver mailbox: {0}")]
-    Mailbox(#[from] std::io::Error),
+    Mailbox(std::io::Error),
+}
+
+// Not `#[from]`: that would also make it the error's source, printed twice in a `{:#}` chain.
+impl From<std::io::Error> for ReceiverError {
+    fn from(e: std::io::Error) -> Self {
+        ReceiverError::Mailbox(e)
+    }
+}
+
+// Not `#[from]`: that would also make it the error's source, printed twice in a `{:#}` chain.
+impl From<zmq::Error> for ReceiverError {
+    fn from(e: zmq::Error) -> Self {
+        ReceiverError::Socket(e)
+    }
 }
 
 /// The receiver's part of the config: what it applies itself.
@@ -149,6 +164,8 @@ pub struct Receiver {
     /// A message that found the queue full; intake pauses until it is queued.
     held: Option<Job>,
     metrics: Metrics,
+    /// Bumped once per loop turn; the systemd watchdog pings only while it moves.
+    heartbeat: Heartbeat,
 }
 
 impl Receiver {
@@ -166,9 +183,9 @@ impl Receiver {
         refuse_live_ipc(&settings.endpoint)?;
         router
             .bind(&settings.endpoint)
-            .map_err(|source| ReceiverError::Bind {
+            .map_err(|error| ReceiverError::Bind {
                 endpoint: settings.endpoint.clone(),
-                source,
+                error,
             })?;
         let bound = last_endpoint(&router).unwrap_or_else(|| settings.endpoint.clone());
         let (commands_tx, commands) = crossbeam_channel::unbounded();
@@ -196,6 +213,7 @@ impl Receiver {
                 intake,
                 held: None,
                 metrics,
+                heartbeat: Heartbeat::new("receiver"),
             },
             handle,
         ))
@@ -206,10 +224,14 @@ impl Receiver {
         &self.bound
     }
 
+    /// The receiver's heartbeat, for the watchdog.
+    pub fn heartbeat(&self) -> Heartbeat {
+        self.heartbeat.clone()
+    }
+
     /// Serves until told `finish`; then sends the replies already delivered and returns.
-    /// `turned` is called once per loop (a liveness heartbeat).
-    pub fn run(mut self, turned: &dyn Fn()) -> Result<(), ReceiverError> {
-        let result = self.serve(turned);
+    pub fn run(mut self) -> Result<(), ReceiverError> {
+        let result = self.serve();
         // Time for the last replies to leave; then the socket (and an ipc:// file) goes.
         let _ = self.router.set_linger(1000);
         let bound = self.bound.clone();
@@ -218,9 +240,9 @@ impl Receiver {
         result
     }
 
-    fn serve(&mut self, turned: &dyn Fn()) -> Result<(), ReceiverError> {
+    fn serve(&mut self) -> Result<(), ReceiverError> {
         loop {
-            turned();
+            self.heartbeat.beat();
             let reading =
                 self.intake.as_ref().is_some_and(|i| i.has_room(1)) && self.held.is_none();
             let router_events = if reading {
@@ -347,6 +369,7 @@ impl Receiver {
     fn quiesce(&mut self, drain: Duration) {
         let deadline = Instant::now() + drain;
         while self.in_flight > 0 {
+            self.heartbeat.beat();
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 log::warn!(
@@ -524,24 +547,26 @@ pub enum Incoming {
     },
 }
 
-/// Judges a message's frames (pure): the last frame is the body, every frame before it the
-/// envelope echoed back. Bounded: too many frames or bytes are refused before parsing.
+/// Judges a message's frames (pure): the first frame is the routing id the ROUTER added, the
+/// last the body, every frame before the body the envelope echoed back. Bounded: more than
+/// `MAX_CLIENT_FRAMES` client frames, a body over `max_bytes` or an envelope over
+/// `MAX_ENVELOPE_BYTES` is refused before parsing, with a short envelope a REQ can match.
 pub fn judge(mut frames: Vec<Vec<u8>>, max_bytes: usize) -> Incoming {
     if frames.len() < 2 {
         return Incoming::Ignore; // a ROUTER always adds the identity; nothing to answer
     }
-    if frames.len() > MAX_FRAMES {
-        frames.truncate(1);
+    if frames.len() - 1 > MAX_CLIENT_FRAMES {
         return Incoming::Refuse {
-            envelope: frames,
+            envelope: short_envelope(frames),
             reason: "too many frames".into(),
         };
     }
     let body = frames.pop().unwrap_or_default();
-    let size: usize = body.len() + frames.iter().map(Vec::len).sum::<usize>();
-    if size > max_bytes {
+    // Only the body counts against `max_message_bytes`; the envelope has its own bound.
+    let envelope_bytes: usize = frames.iter().map(Vec::len).sum();
+    if body.len() > max_bytes || envelope_bytes > MAX_ENVELOPE_BYTES {
         return Incoming::Refuse {
-            envelope: frames,
+            envelope: short_envelope(frames),
             reason: "too large".into(),
         };
     }
@@ -555,6 +580,26 @@ pub fn judge(mut frames: Vec<Vec<u8>>, max_bytes: usize) -> Incoming {
             records,
         },
     }
+}
+
+/// The envelope to answer a refused message with: the routing id and, when an empty delimiter
+/// frame comes within `MAX_ENVELOPE_BYTES`, every frame up to it (what a REQ, or a DEALER that
+/// sent a delimiter, needs to match the reply); else the routing id alone.
+fn short_envelope(mut frames: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+    let mut bytes = 0;
+    let mut keep = 1;
+    for (i, frame) in frames.iter().enumerate().take(MAX_CLIENT_FRAMES) {
+        bytes += frame.len();
+        if bytes > MAX_ENVELOPE_BYTES {
+            break;
+        }
+        if i > 0 && frame.is_empty() {
+            keep = i + 1;
+            break;
+        }
+    }
+    frames.truncate(keep);
+    frames
 }
 
 /// libzmq's per-frame limit: a peer sending more is disconnected without a reply. Well above
@@ -602,6 +647,16 @@ fn bind_retrying(socket: &zmq::Socket, endpoint: &str) -> Result<(), zmq::Error>
     }
 }
 
+/// The bind error in words; libzmq says ENODEV ("No such device") for a host it cannot resolve.
+fn bind_reason(error: &zmq::Error) -> String {
+    match error {
+        zmq::Error::ENODEV => {
+            "the host is not a local address, an interface, or a name that resolves".to_string()
+        }
+        other => other.to_string(),
+    }
+}
+
 fn last_endpoint(socket: &zmq::Socket) -> Option<String> {
     socket.get_last_endpoint().ok().and_then(Result::ok)
 }
@@ -626,15 +681,70 @@ mod tests {
         }
         let too_large = judge(frames(&[b"id", b"", b"1,2,3\n4,5,6"]), 8);
         assert!(matches!(too_large, Incoming::Refuse { reason, .. } if reason == "too large"));
-        let many: Vec<Vec<u8>> = (0..100).map(|_| b"x".to_vec()).collect();
-        match judge(many, 1 << 20) {
+        let bad = judge(frames(&[b"id", b"1,2"]), 100);
+        assert!(matches!(bad, Incoming::Refuse { reason, .. } if reason.starts_with("line 1:")));
+    }
+
+    /// `n` client frames as a REQ sends them (empty delimiter, then `n - 1` parts), after the id.
+    fn req_frames(n: usize) -> Vec<Vec<u8>> {
+        let mut f = vec![b"id".to_vec(), Vec::new()];
+        f.extend((1..n).map(|i| format!("{i},1,1").into_bytes()));
+        f
+    }
+
+    #[test]
+    fn too_many_frames_is_answered_with_the_envelope() {
+        // 64 client frames are judged as usual (the body is the last one).
+        assert!(matches!(
+            judge(req_frames(64), 1 << 20),
+            Incoming::Accept { envelope, .. } if envelope.len() == 64
+        ));
+        match judge(req_frames(65), 1 << 20) {
             Incoming::Refuse { envelope, reason } => {
                 assert_eq!(reason, "too many frames");
-                assert_eq!(envelope.len(), 1, "only the routing id is kept");
+                assert_eq!(envelope, frames(&[b"id", b""]), "a REQ needs the delimiter");
             }
             other => panic!("{other:?}"),
         }
-        let bad = judge(frames(&[b"id", b"1,2"]), 100);
-        assert!(matches!(bad, Incoming::Refuse { reason, .. } if reason.starts_with("line 1:")));
+        // Behind a proxy: every routing id up to the delimiter.
+        let mut proxied = frames(&[b"id", b"hop", b""]);
+        proxied.extend((0..100).map(|_| b"x".to_vec()));
+        assert!(matches!(
+            judge(proxied, 1 << 20),
+            Incoming::Refuse { envelope, .. } if envelope == frames(&[b"id", b"hop", b""])
+        ));
+        // No delimiter at all (a DEALER that sent none): the routing id alone.
+        let bare: Vec<Vec<u8>> = (0..100).map(|_| b"x".to_vec()).collect();
+        assert!(matches!(
+            judge(bare, 1 << 20),
+            Incoming::Refuse { envelope, .. } if envelope == frames(&[b"x"])
+        ));
+    }
+
+    #[test]
+    fn only_the_body_counts_against_max_bytes() {
+        let body = vec![b'1'; 10];
+        let exact = vec![b"routing-id".to_vec(), Vec::new(), body.clone()];
+        // 10-byte body, limit 10: judged (malformed here), not "too large".
+        assert!(matches!(
+            judge(exact, 10),
+            Incoming::Refuse { reason, .. } if reason != "too large"
+        ));
+        let over = vec![b"routing-id".to_vec(), Vec::new(), vec![b'1'; 11]];
+        assert!(matches!(
+            judge(over, 10),
+            Incoming::Refuse { reason, envelope } if reason == "too large" && envelope.len() == 2
+        ));
+        // A huge envelope is refused and not echoed.
+        let fat = vec![
+            b"id".to_vec(),
+            vec![b'e'; MAX_ENVELOPE_BYTES],
+            Vec::new(),
+            b"1,1,1".to_vec(),
+        ];
+        assert!(matches!(
+            judge(fat, 100),
+            Incoming::Refuse { reason, envelope } if reason == "too large" && envelope == frames(&[b"id"])
+        ));
     }
 }

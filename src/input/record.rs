@@ -121,12 +121,12 @@ pub enum ParseError {
     },
 }
 
-/// Spaces (and tabs) around a field are ignored.
+/// Spaces around a field are ignored (SPEC §4: spaces only; a tab is not a space).
 fn trim(mut s: &[u8]) -> &[u8] {
-    while let [b' ' | b'\t', rest @ ..] = s {
+    while let [b' ', rest @ ..] = s {
         s = rest;
     }
-    while let [rest @ .., b' ' | b'\t'] = s {
+    while let [rest @ .., b' '] = s {
         s = rest;
     }
     s
@@ -183,6 +183,7 @@ fn parse_line(line: &[u8], number: usize) -> Result<Record, ParseError> {
 /// A ticket repeated with the same values is kept once; repeated with different values, the
 /// message is a conflict. The returned records have distinct tickets.
 pub fn parse_body(body: &[u8]) -> Result<Vec<Record>, ParseError> {
+    // One trailing `\n` or `\r\n` is allowed; a `\r` anywhere but right before a `\n` is not.
     let body = body
         .strip_suffix(b"\n")
         .map(|b| b.strip_suffix(b"\r").unwrap_or(b))
@@ -190,12 +191,18 @@ pub fn parse_body(body: &[u8]) -> Result<Vec<Record>, ParseError> {
     if body.is_empty() {
         return Err(ParseError::Empty);
     }
+    let last = body.split(|&b| b == b'\n').count();
     let mut records: Vec<Record> = Vec::new();
     // line numbers of `records`, kept only to name a repeated ticket's first line
     let mut lines: Vec<usize> = Vec::new();
     for (i, line) in body.split(|&b| b == b'\n').enumerate() {
         let number = i + 1;
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        // Every line but the last was ended by `\n`, so `\r\n` may have ended it.
+        let line = if number < last {
+            line.strip_suffix(b"\r").unwrap_or(line)
+        } else {
+            line
+        };
         if line.is_empty() {
             return Err(ParseError::EmptyLine { line: number });
         }
@@ -370,7 +377,7 @@ mod tests {
 
     #[test]
     fn spaces_and_line_endings() {
-        assert_eq!(ok(" 1 , 2 ,\t3 "), vec![rec(1, 2, 30_000)]);
+        assert_eq!(ok(" 1 , 2 , 3 "), vec![rec(1, 2, 30_000)]);
         assert_eq!(
             ok("1,2,3\r\n4,5,6\r\n"),
             vec![rec(1, 2, 30_000), rec(4, 5, 60_000)]
@@ -381,6 +388,33 @@ mod tests {
         assert_eq!(reason(b""), "empty message");
         assert_eq!(reason(b"\n"), "empty message");
         assert_eq!(reason(b"\r\n"), "empty message");
+    }
+
+    /// SPEC §4: spaces only around fields, and `\r` only as part of `\r\n`.
+    #[test]
+    fn no_tabs_and_no_lone_carriage_returns() {
+        assert_eq!(
+            reason(b"1,2,\t3"),
+            "line 1: volume: not a non-negative decimal number"
+        );
+        assert_eq!(reason(b"\t1,2,3"), "line 1: ticket: not a decimal integer");
+        assert_eq!(
+            reason(b"1004,1,5\r"),
+            "line 1: volume: not a non-negative decimal number"
+        );
+        assert_eq!(
+            reason(b"1004,1,5\r\r\n"),
+            "line 1: volume: not a non-negative decimal number"
+        );
+        assert_eq!(
+            reason(b"1,1,5\r\r\n2,1,5"),
+            "line 1: volume: not a non-negative decimal number"
+        );
+        assert_eq!(
+            reason(b"1,1,5\r2,1,5"),
+            "line 1: expected 3 fields (ticket,login,volume), found 5"
+        );
+        assert_eq!(ok("1,1,5\r\n2,1,5\r\n").len(), 2);
     }
 
     #[test]

@@ -19,8 +19,9 @@ pub struct StoredRow {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
-    /// Every record is (or will be, at COMMIT) in the table.
-    Accept,
+    /// Every record is (or will be, at COMMIT) in the table; `inserted` of them are new rows
+    /// this batch adds (the rest were stored already, or sent earlier in the batch).
+    Accept { inserted: usize },
     /// Refused whole; the text follows `FALSE `.
     Conflict(String),
 }
@@ -29,7 +30,7 @@ impl Verdict {
     /// The reply frame; `TRUE`, the common case, is not allocated per message.
     pub fn reply_text(&self) -> Cow<'static, [u8]> {
         match self {
-            Verdict::Accept => Cow::Borrowed(b"TRUE"),
+            Verdict::Accept { .. } => Cow::Borrowed(b"TRUE"),
             Verdict::Conflict(reason) => Cow::Owned(format!("FALSE {reason}").into_bytes()),
         }
     }
@@ -57,6 +58,7 @@ pub fn plan(messages: &[&[Record]], stored: &HashMap<u64, StoredRow>) -> Plan {
         match conflict(records, stored, &pending) {
             Some(reason) => plan.verdicts.push(Verdict::Conflict(reason)),
             None => {
+                let mut inserted = 0;
                 for r in records.iter() {
                     match stored.get(&r.ticket) {
                         Some(row) if !row.committed => {
@@ -68,11 +70,12 @@ pub fn plan(messages: &[&[Record]], stored: &HashMap<u64, StoredRow>) -> Plan {
                         None => {
                             if pending.insert(r.ticket, *r).is_none() {
                                 plan.inserts.push(*r);
+                                inserted += 1;
                             }
                         }
                     }
                 }
-                plan.verdicts.push(Verdict::Accept);
+                plan.verdicts.push(Verdict::Accept { inserted });
             }
         }
     }
@@ -130,7 +133,13 @@ mod tests {
         let b = [rec(3, 1)];
         let p = plan(&[&a, &b], &HashMap::new());
         assert_eq!(p.inserts, vec![rec(1, 1), rec(2, 1), rec(3, 1)]);
-        assert_eq!(p.verdicts, vec![Verdict::Accept, Verdict::Accept]);
+        assert_eq!(
+            p.verdicts,
+            vec![
+                Verdict::Accept { inserted: 2 },
+                Verdict::Accept { inserted: 1 }
+            ]
+        );
     }
 
     #[test]
@@ -139,7 +148,7 @@ mod tests {
         let a = [rec(1, 1), rec(2, 1)];
         let p = plan(&[&a], &stored);
         assert_eq!(p.inserts, vec![rec(2, 1)]);
-        assert_eq!(p.verdicts, vec![Verdict::Accept]);
+        assert_eq!(p.verdicts, vec![Verdict::Accept { inserted: 1 }]);
     }
 
     #[test]
@@ -152,7 +161,7 @@ mod tests {
         assert!(
             matches!(&p.verdicts[0], Verdict::Conflict(r) if r.contains("ticket 1 already stored"))
         );
-        assert_eq!(p.verdicts[1], Verdict::Accept);
+        assert_eq!(p.verdicts[1], Verdict::Accept { inserted: 1 });
     }
 
     #[test]
@@ -162,9 +171,13 @@ mod tests {
         let c = [rec(1, 1)];
         let p = plan(&[&a, &b, &c], &HashMap::new());
         assert_eq!(p.inserts, vec![rec(1, 1)]);
-        assert_eq!(p.verdicts[0], Verdict::Accept);
+        assert_eq!(p.verdicts[0], Verdict::Accept { inserted: 1 });
         assert!(matches!(&p.verdicts[1], Verdict::Conflict(r) if r.contains("by another message")));
-        assert_eq!(p.verdicts[2], Verdict::Accept);
+        assert_eq!(
+            p.verdicts[2],
+            Verdict::Accept { inserted: 0 },
+            "a resend adds no row"
+        );
     }
 
     #[test]
@@ -178,7 +191,10 @@ mod tests {
 
     #[test]
     fn reply_texts() {
-        assert_eq!(Verdict::Accept.reply_text().as_ref(), b"TRUE");
+        assert_eq!(
+            Verdict::Accept { inserted: 3 }.reply_text().as_ref(),
+            b"TRUE"
+        );
         assert_eq!(
             Verdict::Conflict("x".into()).reply_text().as_ref(),
             b"FALSE x"

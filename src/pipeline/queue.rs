@@ -179,21 +179,26 @@ pub struct Intake {
 
 impl Intake {
     /// Whether a message of `records` would be taken now (the input reads only while true).
+    /// When not, the input is woken once room frees.
     pub fn has_room(&self, records: usize) -> bool {
-        self.state.has_room(records)
+        if self.state.has_room(records) {
+            return true;
+        }
+        self.paused.store(true, Ordering::Release);
+        self.state.any_paused.store(true, Ordering::Release);
+        // Room may have freed between the check and the flag: look once more.
+        if self.state.has_room(records) {
+            self.paused.store(false, Ordering::Release);
+            return true;
+        }
+        false
     }
 
     /// Queues `job`, or gives it back when full; the input is then woken once room frees.
     pub fn push(&self, job: Job) -> Result<(), Full> {
         let n = job.records.len();
-        if !self.state.has_room(n) {
-            self.paused.store(true, Ordering::Release);
-            self.state.any_paused.store(true, Ordering::Release);
-            // Room may have freed between the check and the flag: look once more.
-            if !self.state.has_room(n) {
-                return Err(Full(job));
-            }
-            self.paused.store(false, Ordering::Release);
+        if !self.has_room(n) {
+            return Err(Full(job));
         }
         self.state.depth.fetch_add(n, Ordering::AcqRel);
         if let Err(e) = self.tx.send(job) {
@@ -260,6 +265,7 @@ mod tests {
         q.seal();
         let take = q.take();
         intake.push(job(6)).unwrap();
+        assert!(intake.has_room(4));
         assert!(intake.push(job(6)).is_err(), "6 + 6 > 10 records");
         assert_eq!(q.depth_reader().records(), 6);
         let got = take.rx.recv().unwrap();
@@ -272,6 +278,11 @@ mod tests {
         take.taken(0);
         assert_eq!(woken.0.load(Ordering::SeqCst), 1, "woken once per pause");
         intake.push(job(6)).unwrap();
+        intake.push(job(4)).unwrap();
+        assert!(!intake.has_room(1), "full: the input pauses");
+        let got = take.rx.recv().unwrap();
+        take.taken(got.records.len());
+        assert_eq!(woken.0.load(Ordering::SeqCst), 2, "woken when room frees");
     }
 
     #[test]

@@ -7,6 +7,11 @@
 //! COMMITTED, so two workers racing on one ticket end in 1062 for one of them, which redoes
 //! the careful path and then sees the other's row. Used from worker threads; no threads of
 //! its own besides r2d2's.
+//!
+//! The table is judged (`schema::judge`) whenever a store is built and whenever it is
+//! (re)created, and sessions run a strict `sql_mode`, so a value that does not fit is an
+//! error, never a silent truncation. `StoreError::is_transient` tells faults that heal by
+//! themselves (connections, deadlocks) from those an operator must fix (table, grants, disk).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -19,6 +24,7 @@ use r2d2_mysql::MySqlConnectionManager;
 use crate::config::MysqlConfig;
 use crate::input::record::{Record, Volume};
 use crate::pipeline::classify::{self, StoredRow, Verdict};
+use crate::pipeline::schema::{self, Column};
 
 const ER_DUP_ENTRY: u16 = 1062;
 const ER_NO_SUCH_TABLE: u16 = 1146;
@@ -29,18 +35,21 @@ const RACE_REDOS: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("database {host}:{port}: {source}")]
+    #[error("database {host}:{port}: {error}")]
     Connect {
         host: String,
         port: u16,
-        source: r2d2::Error,
+        error: r2d2::Error,
     },
     #[error(transparent)]
     Pool(#[from] r2d2::Error),
     #[error(transparent)]
     Mysql(#[from] mysql::Error),
-    #[error("table `{table}` has no column `{column}` (needs ticket, login, volume, status)")]
-    MissingColumn { table: String, column: &'static str },
+    #[error("table `{table}` does not fit what feedd writes: {}", problems.join("; "))]
+    Schema {
+        table: String,
+        problems: Vec<String>,
+    },
     #[error("table `{table}`: stored volume `{value}` of ticket {ticket} is not DECIMAL(20,4)")]
     BadStoredVolume {
         table: String,
@@ -59,7 +68,38 @@ impl StoreError {
             _ => None,
         }
     }
+
+    /// A fault that heals by itself (connection, server restart, lock conflict, failover):
+    /// retried quietly. Anything else is about the table, the data or the grants (1054 unknown
+    /// column, 1264 out of range, 1406 too long, 1364 no default, 1142 denied, 1114 table full,
+    /// …): retried too, since nothing accepted may be dropped, but an operator must act.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Connect { .. } | StoreError::Pool(_) | StoreError::Race => true,
+            StoreError::Schema { .. } | StoreError::BadStoredVolume { .. } => false,
+            StoreError::Mysql(mysql::Error::MySqlError(e)) => TRANSIENT_CODES.contains(&e.code),
+            // I/O, driver and protocol errors: the connection, not the data.
+            StoreError::Mysql(_) => true,
+        }
+    }
 }
+
+/// Server errors that heal by themselves: too many connections (1040), WSREP not ready
+/// (1047), shutdown in progress (1053), aborted or broken connections (1152–1161), lock wait
+/// timeout (1205), deadlock (1213), read-only during failover (1290, 1836), query interrupted
+/// or connection killed (1317, 1927), and 1146: a dropped table is recreated by the next attempt.
+const TRANSIENT_CODES: &[u16] = &[
+    1040, 1047, 1053, 1146, 1152, 1153, 1154, 1155, 1156, 1157, 1158, 1159, 1160, 1161, 1205, 1213,
+    1290, 1317, 1836, 1927,
+];
+
+/// Every session: READ COMMITTED (see the module doc), a bounded lock wait, and a strict
+/// `sql_mode` so a value that does not fit a column is an error, never a warning.
+const SESSION_SETUP: [&str; 3] = [
+    "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
+    "SET SESSION innodb_lock_wait_timeout = 10",
+    "SET SESSION sql_mode = 'STRICT_ALL_TABLES,ERROR_FOR_DIVISION_BY_ZERO,NO_ENGINE_SUBSTITUTION'",
+];
 
 pub type Pool = r2d2::Pool<MySqlConnectionManager>;
 pub type Connection = r2d2::PooledConnection<MySqlConnectionManager>;
@@ -95,11 +135,7 @@ impl Store {
             .tcp_connect_timeout(Some(Duration::from_secs(3)))
             .read_timeout(Some(Duration::from_secs(60)))
             .write_timeout(Some(Duration::from_secs(60)))
-            .init(vec![
-                // See the module doc: READ COMMITTED avoids REPEATABLE READ's gap-lock deadlocks.
-                "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
-                "SET SESSION innodb_lock_wait_timeout = 10",
-            ]);
+            .init(SESSION_SETUP.to_vec());
         let manager = MySqlConnectionManager::new(opts);
         let pool = r2d2::Pool::builder()
             .max_size(pool_size.max(1))
@@ -118,10 +154,10 @@ impl Store {
                 vec!["(?,?,?,'Y')"; ROWS_PER_STATEMENT].join(",")
             ),
         };
-        store.pool.get().map_err(|source| StoreError::Connect {
+        store.pool.get().map_err(|error| StoreError::Connect {
             host: config.host.clone(),
             port: config.port,
-            source,
+            error,
         })?;
         store.ensure_table()?;
         Ok(store)
@@ -132,7 +168,7 @@ impl Store {
         Ok(self.pool.get()?)
     }
 
-    /// `CREATE TABLE IF NOT EXISTS`, then checks the columns feedd writes are there.
+    /// `CREATE TABLE IF NOT EXISTS`, then checks the table fits what feedd writes.
     pub fn ensure_table(&self) -> Result<(), StoreError> {
         let mut conn = self.pool.get()?;
         conn.query_drop(format!(
@@ -144,20 +180,96 @@ impl Store {
              ) ENGINE=InnoDB",
             self.table
         ))?;
-        let columns: Vec<String> = conn.exec(
-            "SELECT COLUMN_NAME FROM information_schema.COLUMNS
+        self.check_table(&mut conn)
+    }
+
+    /// Reads the table's definition and judges it (`schema::judge`).
+    fn check_table(&self, conn: &mut Connection) -> Result<(), StoreError> {
+        type Row = (
+            String,
+            String,
+            String,
+            Option<u64>,
+            Option<u64>,
+            Option<u64>,
+            String,
+            Option<String>,
+            String,
+        );
+        let rows: Vec<Row> = conn.exec(
+            "SELECT COLUMN_NAME, DATA_TYPE, COLUMN_TYPE, NUMERIC_PRECISION, NUMERIC_SCALE,
+                    CHARACTER_MAXIMUM_LENGTH, IS_NULLABLE, COLUMN_DEFAULT, EXTRA
+             FROM information_schema.COLUMNS
              WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?",
             (&self.table,),
         )?;
-        for column in ["ticket", "login", "volume", "status"] {
-            if !columns.iter().any(|c| c.eq_ignore_ascii_case(column)) {
-                return Err(StoreError::MissingColumn {
-                    table: self.table.clone(),
-                    column,
-                });
-            }
+        let columns: Vec<Column> = rows
+            .into_iter()
+            .map(
+                |(
+                    name,
+                    data_type,
+                    column_type,
+                    precision,
+                    scale,
+                    char_length,
+                    nullable,
+                    default,
+                    extra,
+                )| {
+                    Column {
+                        name,
+                        data_type: data_type.to_ascii_lowercase(),
+                        column_type: column_type.to_ascii_lowercase(),
+                        precision,
+                        scale,
+                        char_length,
+                        nullable: nullable.eq_ignore_ascii_case("YES"),
+                        default,
+                        extra,
+                    }
+                },
+            )
+            .collect();
+        let unique: Vec<String> = conn.exec(
+            "SELECT MAX(COLUMN_NAME) FROM information_schema.STATISTICS
+             WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND NON_UNIQUE = 0
+             GROUP BY INDEX_NAME HAVING COUNT(*) = 1",
+            (&self.table,),
+        )?;
+        let engine: Option<String> = conn.exec_first(
+            "SELECT ENGINE FROM information_schema.TABLES
+             WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?",
+            (&self.table,),
+        )?;
+        let problems = if columns.is_empty() {
+            vec!["it does not exist".to_string()]
+        } else {
+            let mut problems = schema::judge(&columns, &unique);
+            problems.extend(engine.as_deref().and_then(schema::judge_engine));
+            problems
+        };
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(StoreError::Schema {
+                table: self.table.clone(),
+                problems,
+            })
         }
-        Ok(())
+    }
+
+    /// For the log when an operator must act: what the table check says now.
+    pub fn diagnose(&self) -> String {
+        match self
+            .pool
+            .get()
+            .map_err(StoreError::from)
+            .and_then(|mut c| self.check_table(&mut c))
+        {
+            Ok(()) => "the table's columns fit; check grants, disk and the server log".to_string(),
+            Err(e) => e.to_string(),
+        }
     }
 
     /// Commits one batch (one transaction) and returns a verdict per message.
@@ -343,6 +455,33 @@ mod tests {
         assert_eq!(delays[0], Duration::from_millis(10));
         assert_eq!(delays[1], Duration::from_millis(20));
         assert_eq!(*delays.last().unwrap(), Duration::from_secs(2));
+    }
+
+    #[test]
+    fn transient_or_operator() {
+        let server = |code| {
+            StoreError::Mysql(mysql::Error::MySqlError(mysql::MySqlError {
+                state: "HY000".into(),
+                message: "x".into(),
+                code,
+            }))
+        };
+        for code in [1205, 1213, 1040, 1146, 1927] {
+            assert!(server(code).is_transient(), "{code}");
+        }
+        for code in [1054, 1264, 1406, 1364, 1366, 1142, 1114] {
+            assert!(!server(code).is_transient(), "{code}");
+        }
+        assert!(StoreError::Race.is_transient());
+        let schema = StoreError::Schema {
+            table: "fee".into(),
+            problems: vec!["a".into(), "b".into()],
+        };
+        assert!(!schema.is_transient());
+        assert_eq!(
+            schema.to_string(),
+            "table `fee` does not fit what feedd writes: a; b"
+        );
     }
 
     #[test]

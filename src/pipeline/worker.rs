@@ -56,7 +56,10 @@ fn deliver(answered: impl Iterator<Item = (Job, Verdict)>, m: &Metrics) {
     let mut groups: Vec<(Arc<dyn Outbox>, Verdicts)> = Vec::new();
     for (job, verdict) in answered {
         match verdict {
-            Verdict::Accept => m.records_committed.inc_by(job.records.len() as u64),
+            Verdict::Accept { inserted } => {
+                m.records_committed.inc_by(inserted as u64);
+                m.records_acknowledged.inc_by(job.records.len() as u64);
+            }
             Verdict::Conflict(_) => m.messages_rejected.inc(),
         }
         m.ack_latency_seconds.observe(secs(job.received.elapsed()));
@@ -121,6 +124,7 @@ fn commit_with_retry(id: usize, batch: &[Job], shared: &Shared) -> Option<Vec<Ve
     let messages: Vec<&[Record]> = batch.iter().map(|j| j.records.as_slice()).collect();
     let mut backoff = Backoff::new();
     let mut failures = 0u64;
+    let mut was_transient = true;
     loop {
         // A batch that fails is retried on the newest target, so a reload can heal it.
         let store = shared.store.load_full();
@@ -141,8 +145,20 @@ fn commit_with_retry(id: usize, batch: &[Job], shared: &Shared) -> Option<Vec<Ve
             }
             Err(e) => {
                 shared.metrics.db_errors.inc();
-                if failures == 0 {
-                    log::warn!("worker {id}: {}; retrying with backoff", describe(&e));
+                // Held either way (nothing accepted is dropped); the log says who must act.
+                let transient = e.is_transient();
+                if failures == 0 || transient != was_transient {
+                    if transient {
+                        log::warn!("worker {id}: {}; retrying with backoff", describe(&e));
+                    } else {
+                        log::error!(
+                            "worker {id}: {}; an operator must act: {}; holding {} message(s), retrying until fixed",
+                            describe(&e),
+                            store.diagnose(),
+                            batch.len()
+                        );
+                    }
+                    was_transient = transient;
                 } else {
                     log::debug!("worker {id}: attempt {} failed: {e}", failures + 1);
                 }

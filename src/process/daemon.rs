@@ -27,15 +27,24 @@ pub struct Readiness {
 }
 
 enum Channel {
-    Pipe(Option<File>),
+    /// The pipe to the invoker, and whether the report was written. The write end stays open
+    /// until the process exits, so the invoker's end of file after a failure means "exited".
+    Pipe(File, bool),
     /// A serving child: its stdout is a pipe to the supervisor.
     Stdout(bool),
+    /// Nobody waits (the foreground): the failure reaches stderr as the command's error.
+    None,
 }
 
 const READY: &str = "READY";
 const FAILED: &str = "ERR ";
 
 impl Readiness {
+    /// Reports to nobody (a foreground run).
+    pub fn none() -> Readiness {
+        Readiness::on(Channel::None)
+    }
+
     /// Reports on stdout (a serving child to its supervisor).
     pub fn stdout() -> Readiness {
         Readiness::on(Channel::Stdout(false))
@@ -58,11 +67,13 @@ impl Readiness {
 
     fn report(&mut self, line: &str) {
         match &mut self.channel {
-            Channel::Pipe(file) => {
-                if let Some(mut f) = file.take() {
-                    let _ = writeln!(f, "{line}");
+            Channel::Pipe(file, done) => {
+                if !*done {
+                    *done = true;
+                    let _ = writeln!(file, "{line}");
                 }
             }
+            Channel::None => {}
             Channel::Stdout(done) => {
                 if !*done {
                     *done = true;
@@ -137,13 +148,14 @@ pub fn detach(base: &Path, umask: u32) -> Result<Detached, DaemonError> {
         Outcome::Parent(Err(e)) => Err(DaemonError::Detach(e)),
         Outcome::Child(Ok(_)) => {
             drop(read_end);
-            Ok(Detached::Daemon(Readiness::on(Channel::Pipe(Some(
+            Ok(Detached::Daemon(Readiness::on(Channel::Pipe(
                 File::from(write_end),
-            )))))
+                false,
+            ))))
         }
         Outcome::Child(Err(e)) => {
             // The half-made daemon cannot return to a caller that thinks it is the invoker.
-            let mut r = Readiness::on(Channel::Pipe(Some(File::from(write_end))));
+            let mut r = Readiness::on(Channel::Pipe(File::from(write_end), false));
             r.failed(&format!("cannot detach: {e}"));
             std::process::exit(1);
         }

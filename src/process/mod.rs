@@ -2,6 +2,7 @@
 //! the supervisor that restarts the serving process.
 
 pub mod daemon;
+pub mod notify;
 pub mod pidfile;
 pub mod privileges;
 pub mod signals;

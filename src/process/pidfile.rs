@@ -1,6 +1,11 @@
 //! The pidfile and its lock: "running" means "someone holds the flock", never "the file
 //! exists". The lock lives on an open file description opened close-on-exec, so the serving
 //! child started by the supervisor never inherits it.
+//!
+//! The pid to signal is the lock holder's, read from `/proc/locks` for the pidfile's inode,
+//! never the file's content alone: anyone who can write the file could otherwise point
+//! `stop` at another process. A disagreement is reported; a holder that cannot be found is an
+//! error, never a guess.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -12,11 +17,41 @@ use nix::fcntl::{Flock, FlockArg};
 pub enum PidfileError {
     #[error("already running (pid {0})")]
     AlreadyRunning(i32),
-    #[error("pidfile {path}: {source}")]
+    #[error("pidfile {path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
+    #[error(
+        "pidfile {path} is locked, but no lock holder is listed in /proc/locks (the file says {stated}); not signalling anyone"
+    )]
+    HolderUnknown { path: PathBuf, stated: String },
+    #[error("pidfile {path} is locked by pid {holder} but holds no pid; not signalling anyone")]
+    NoPid { path: PathBuf, holder: i32 },
+}
+
+/// Who holds a locked pidfile, and what the file says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Holder {
+    /// The pid holding the exclusive lock (from `/proc/locks`), always > 0.
+    pub pid: i32,
+    /// The pid written in the file.
+    pub stated: i32,
+}
+
+impl Holder {
+    /// `pidfile says N, lock held by M` when the content disagrees with the lock.
+    pub fn disagreement(&self, path: &Path) -> Option<String> {
+        (self.stated != self.pid).then(|| {
+            format!(
+                "pidfile {} says {}, lock held by {}; using {}",
+                path.display(),
+                self.stated,
+                self.pid,
+                self.pid
+            )
+        })
+    }
 }
 
 /// A held pidfile; dropping it removes the file and releases the lock.
@@ -28,9 +63,9 @@ pub struct Pidfile {
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> PidfileError + '_ {
-    move |source| PidfileError::Io {
+    move |error| PidfileError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     }
 }
 
@@ -51,9 +86,10 @@ impl Pidfile {
         let mut file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(locked) => locked,
             Err((mut file, _)) => {
-                return Err(PidfileError::AlreadyRunning(
-                    read_pid(&mut file).unwrap_or(0),
-                ))
+                let pid = lock_holder(&file)
+                    .or_else(|| read_pid(&mut file))
+                    .unwrap_or(0);
+                return Err(PidfileError::AlreadyRunning(pid));
             }
         };
         file.set_len(0).map_err(io_error(path))?;
@@ -85,22 +121,87 @@ fn read_pid(file: &mut File) -> Option<i32> {
     text.trim().parse().ok()
 }
 
-/// The pid of the daemon holding `path`, or `None` if nobody holds it (absent or stale).
-pub fn running_pid(path: &Path) -> Option<i32> {
-    let file = File::open(path).ok()?;
+/// The exclusive flock holder of `file`, from `/proc/locks`
+/// (`N: FLOCK  ADVISORY  WRITE PID MAJ:MIN:INODE 0 EOF`, device numbers in hex).
+fn lock_holder(file: &File) -> Option<i32> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = file.metadata().ok()?;
+    let dev = meta.dev();
+    let wanted = format!(
+        "{:02x}:{:02x}:{}",
+        libc::major(dev),
+        libc::minor(dev),
+        meta.ino()
+    );
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    holder_in(&locks, &wanted)
+}
+
+/// The pid of the granted exclusive FLOCK on `inode` (`MAJ:MIN:INODE`) in `/proc/locks` text.
+fn holder_in(locks: &str, inode: &str) -> Option<i32> {
+    locks.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        // Blocked waiters are listed as `N: -> FLOCK ...`; only granted locks count.
+        match fields.as_slice() {
+            [_, "FLOCK", _, "WRITE", pid, node, ..] if *node == inode => {
+                pid.parse().ok().filter(|p: &i32| *p > 0)
+            }
+            _ => None,
+        }
+    })
+}
+
+/// Who holds `path`: `None` if nobody (absent or stale). An error when it is locked but the
+/// holder or its pid cannot be established: then nobody may be signalled.
+pub fn holder(path: &Path) -> Result<Option<Holder>, PidfileError> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_error(path)(e)),
+    };
     let mut file = match Flock::lock(file, FlockArg::LockSharedNonblock) {
         // We got a lock, so nobody holds it: stale. Dropping it releases ours.
-        Ok(_) => return None,
+        Ok(_) => return Ok(None),
         Err((file, _)) => file,
     };
     // Locked: the holder writes its pid right after locking; wait for it briefly.
+    let mut stated = None;
     for _ in 0..50 {
-        if let Some(pid) = read_pid(&mut file).filter(|p| *p > 0) {
-            return Some(pid);
+        stated = read_pid(&mut file).filter(|p| *p > 0);
+        if stated.is_some() {
+            break;
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    Some(0)
+    let Some(pid) = lock_holder(&file) else {
+        // Released between our probe and the read of /proc/locks (a daemon exiting): stale.
+        if Flock::lock(file, FlockArg::LockSharedNonblock).is_ok() {
+            return Ok(None);
+        }
+        return Err(PidfileError::HolderUnknown {
+            path: path.to_path_buf(),
+            stated: stated.map_or("no pid".to_string(), |p| p.to_string()),
+        });
+    };
+    match stated {
+        Some(stated) => Ok(Some(Holder { pid, stated })),
+        // The same race: a daemon truncating nothing but removing and releasing the file.
+        None if Flock::lock(file, FlockArg::LockSharedNonblock).is_ok() => Ok(None),
+        None => Err(PidfileError::NoPid {
+            path: path.to_path_buf(),
+            holder: pid,
+        }),
+    }
+}
+
+/// The pid of the process holding `path`'s lock, or `None` if nobody holds it. For the command
+/// line: a pidfile whose content disagrees with the lock is reported on stderr.
+pub fn running_pid(path: &Path) -> Result<Option<i32>, PidfileError> {
+    let held = holder(path)?;
+    if let Some(note) = held.and_then(|h| h.disagreement(path)) {
+        eprintln!("feedd: {note}");
+    }
+    Ok(held.map(|h| h.pid))
 }
 
 #[cfg(test)]
@@ -111,18 +212,73 @@ mod tests {
     fn lock_excludes_second_holder_and_stale_file_is_not_running() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("run/feedd.pid");
-        assert_eq!(running_pid(&path), None);
-        let held = Pidfile::acquire(&path, 4242).unwrap();
-        assert_eq!(running_pid(&path), Some(4242));
+        let me = std::process::id() as i32;
+        assert_eq!(running_pid(&path).unwrap(), None);
+        let held = Pidfile::acquire(&path, me as u32).unwrap();
+        assert_eq!(running_pid(&path).unwrap(), Some(me));
         match Pidfile::acquire(&path, 1) {
-            Err(PidfileError::AlreadyRunning(4242)) => {}
+            Err(PidfileError::AlreadyRunning(pid)) => assert_eq!(pid, me),
             other => panic!("{other:?}"),
         }
         drop(held);
         assert!(!path.exists());
         std::fs::write(&path, "999999\n").unwrap(); // left by kill -9
-        assert_eq!(running_pid(&path), None);
+        assert_eq!(running_pid(&path).unwrap(), None);
         let again = Pidfile::acquire(&path, 7).unwrap();
         assert_eq!(std::fs::read_to_string(again.path()).unwrap(), "7\n");
+    }
+
+    /// The file's content is not trusted: the lock holder (this process) is what counts.
+    #[test]
+    fn the_lock_holder_wins_over_the_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("feedd.pid");
+        let me = std::process::id() as i32;
+        let _held = Pidfile::acquire(&path, 4242).unwrap();
+        let h = holder(&path).unwrap().unwrap();
+        assert_eq!(
+            h,
+            Holder {
+                pid: me,
+                stated: 4242
+            }
+        );
+        let note = h.disagreement(&path).unwrap();
+        assert!(
+            note.contains(&format!("says 4242, lock held by {me}")),
+            "{note}"
+        );
+        assert_eq!(running_pid(&path).unwrap(), Some(me));
+        // Locked, but no pid in it: an error, never pid 0.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        let e = holder(&path).unwrap_err().to_string();
+        assert!(e.contains("holds no pid"), "{e}");
+    }
+
+    #[test]
+    fn proc_locks_lines() {
+        let locks = "1: FLOCK  ADVISORY  WRITE 13660 fe:00:5358445 0 EOF\n\
+                     2: -> FLOCK  ADVISORY  WRITE 99 fe:00:77 0 EOF\n\
+                     3: FLOCK  ADVISORY  READ 12 fe:00:78 0 EOF\n\
+                     4: POSIX  ADVISORY  WRITE 13 fe:00:79 0 EOF\n\
+                     5: FLOCK  ADVISORY  WRITE 0 fe:00:80 0 EOF\n";
+        assert_eq!(holder_in(locks, "fe:00:5358445"), Some(13660));
+        assert_eq!(holder_in(locks, "fe:00:77"), None, "a waiter holds nothing");
+        assert_eq!(
+            holder_in(locks, "fe:00:78"),
+            None,
+            "shared is not the daemon's lock"
+        );
+        assert_eq!(holder_in(locks, "fe:00:79"), None);
+        assert_eq!(
+            holder_in(locks, "fe:00:80"),
+            None,
+            "pid 0 is never a holder"
+        );
+        assert_eq!(holder_in(locks, "fe:00:5"), None);
     }
 }

@@ -15,10 +15,10 @@ pub enum PrivilegeError {
     NoGroup(String),
     #[error("[daemon] user/group: set only when feedd is started as root")]
     NotRoot,
-    #[error("dropping privileges: {step}: {source}")]
+    #[error("dropping privileges: {step}: {error}")]
     Syscall {
         step: &'static str,
-        source: nix::Error,
+        error: nix::Error,
     },
     #[error("dropping privileges: root could be regained after setuid")]
     NotDropped,
@@ -41,7 +41,7 @@ pub fn resolve(user: Option<&str>, group: Option<&str>) -> Result<Option<Target>
     if !Uid::effective().is_root() {
         return Err(PrivilegeError::NotRoot);
     }
-    let syscall = |step| move |source| PrivilegeError::Syscall { step, source };
+    let syscall = |step| move |error| PrivilegeError::Syscall { step, error };
     let (name, uid, user_gid) = match user {
         Some(u) => {
             let found = User::from_name(u)
@@ -74,7 +74,7 @@ pub fn hand_over(target: &Target, paths: &[&Path]) {
 
 /// initgroups, setgid, setuid — in that order — then checks that setuid(0) fails.
 pub fn drop_to(target: &Target) -> Result<(), PrivilegeError> {
-    let syscall = |step| move |source| PrivilegeError::Syscall { step, source };
+    let syscall = |step| move |error| PrivilegeError::Syscall { step, error };
     let name = CString::new(target.name.clone())
         .map_err(|_| PrivilegeError::NoUser(target.name.clone()))?;
     nix::unistd::initgroups(&name, target.gid).map_err(syscall("initgroups"))?;

@@ -10,6 +10,8 @@ use crossbeam_channel::Sender;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::{Handle, Signals as HookSignals};
 
+use crate::process::notify::Heartbeat;
+
 /// What a signal asks of the main thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
@@ -39,30 +41,47 @@ impl Signals {
 pub struct SignalThread {
     handle: Handle,
     thread: Option<JoinHandle<()>>,
+    heartbeat: Heartbeat,
 }
 
 impl SignalThread {
     pub fn spawn(signals: Signals, events: Sender<Event>) -> std::io::Result<SignalThread> {
         let mut signals = signals.0;
         let handle = signals.handle();
+        let heartbeat = Heartbeat::new("signals");
+        let beat = heartbeat.clone();
         let thread = std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
-                for signal in signals.forever() {
-                    let event = match signal {
-                        SIGHUP => Event::Reload,
-                        SIGUSR1 => Event::ReopenLog,
-                        _ => Event::Shutdown { signal },
+                // `forever()` unrolled, so the watchdog sees this thread waiting (alive) or
+                // turning; wedged, it sees neither and stops pinging.
+                while !signals.is_closed() {
+                    let pending = {
+                        let _idle = beat.idle();
+                        signals.wait()
                     };
-                    if events.send(event).is_err() {
-                        return;
+                    for signal in pending {
+                        let event = match signal {
+                            SIGHUP => Event::Reload,
+                            SIGUSR1 => Event::ReopenLog,
+                            _ => Event::Shutdown { signal },
+                        };
+                        if events.send(event).is_err() {
+                            return;
+                        }
                     }
                 }
             })?;
         Ok(SignalThread {
             handle,
             thread: Some(thread),
+            heartbeat,
         })
+    }
+
+    /// The signal thread's heartbeat, for the watchdog.
+    pub fn heartbeat(&self) -> Heartbeat {
+        self.heartbeat.clone()
     }
 
     pub fn stop(mut self) {

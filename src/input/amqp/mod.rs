@@ -32,6 +32,7 @@ use crate::input::record;
 use crate::metrics::Metrics;
 use crate::pipeline::classify::Verdict;
 use crate::pipeline::queue::{Full, Intake, Job, Outbox, Queue, ReplyTo, Verdicts, Wake};
+use crate::process::notify::Heartbeat;
 use ledger::Ledger;
 pub use link::{AmqpSettings, Event, Link, LinkError};
 
@@ -138,6 +139,7 @@ pub struct Consumer {
     lost: Option<(Instant, u32)>,
     backoff: Duration,
     next_try: Instant,
+    heartbeat: Heartbeat,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -197,6 +199,7 @@ impl Consumer {
                 lost: None,
                 backoff: BACKOFF_FIRST,
                 next_try: Instant::now(),
+                heartbeat: Heartbeat::new("amqp-consumer"),
             },
             ConsumerHandle {
                 commands: commands_tx,
@@ -205,10 +208,15 @@ impl Consumer {
         ))
     }
 
-    /// Serves until told `finish`. `turned` is called once per loop (liveness).
-    pub fn run(mut self, turned: &dyn Fn()) {
+    /// The consumer's heartbeat, for the watchdog (it turns at least every `IDLE_WAKE`).
+    pub fn heartbeat(&self) -> Heartbeat {
+        self.heartbeat.clone()
+    }
+
+    /// Serves until told `finish`.
+    pub fn run(mut self) {
         loop {
-            turned();
+            self.heartbeat.beat();
             if self.link.is_none() && self.settings.is_some() && self.intake.is_some() {
                 self.reconnect();
             }
@@ -352,7 +360,7 @@ impl Consumer {
                     continue; // its channel is gone: the broker redelivers it
                 }
                 match verdict {
-                    Verdict::Accept => self.ledger.done(t.tag),
+                    Verdict::Accept { .. } => self.ledger.done(t.tag),
                     Verdict::Conflict(reason) => {
                         self.reject(t.tag, &t.body, &t.properties, &reason)
                     }

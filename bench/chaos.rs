@@ -241,7 +241,7 @@ fn main() {
     let mut conn = server.lock().create_db(&db.name);
     common::wait_until(Duration::from_secs(60), || amqp_missing_at(&mut conn) == 0);
     let amqp_missing = amqp_missing_at(&mut conn);
-    let dead_letters = mq.drain("fee.rejected").len();
+    let dead_letters = mq.drain("feedd.rejected").len();
 
     // The invariant, read from the table.
     let rows: HashMap<u64, (u64, String, String)> = conn

@@ -398,3 +398,18 @@ fn a_reload_to_a_broker_that_does_not_answer_fails_and_consumption_goes_on() {
     assert!(feedd.stderr_log().contains("new AMQP target not usable"));
     mq.delete(&queue);
 }
+
+#[test]
+fn check_fails_naming_both_keys_when_both_inputs_are_off() {
+    let db = Db::create("amqp_noinput");
+    let feedd = Feedd::prepare(&db, &["zmq.endpoint =", "amqp.url ="]);
+    let (status, out, err) = feedd.command(&["check", "--conf", "feed.ini"]);
+    assert_eq!(status.code(), Some(1), "{out}{err}");
+    assert!(
+        err.contains("[zmq] endpoint and [amqp] url are both empty"),
+        "{err}"
+    );
+    let feedd = feedd.prepare_in(&db, &["zmq.endpoint =", "amqp.url = amqp://127.0.0.1"]);
+    let (status, out, err) = feedd.command(&["check", "--conf", "feed.ini"]);
+    assert_eq!(status.code(), Some(0), "{out}{err}");
+}

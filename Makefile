@@ -1,7 +1,7 @@
 # Operator and developer entry points (see README.md).
 .PHONY: setup run test bench chaos fuzz-build lint deb
 
-setup:        ## install MariaDB + libzmq if missing, start MariaDB, build feedd
+setup:        ## install MariaDB, RabbitMQ, libzmq if missing, start MariaDB and RabbitMQ, build feedd
 	bash .ci/setup
 	cargo build --release
 
@@ -11,6 +11,7 @@ run: setup    ## serve in the foreground on conf/feed.ini
 test: lint    ## lint, unit + integration tests, then a quick benchmark smoke run (needs `make setup` once)
 	FEEDD_TEST_PACKAGE=1 cargo test --quiet --locked -- --test-threads 4
 	cargo bench --locked --bench ingest -- --quick
+	cargo bench --locked --bench amqp -- --quick
 	cargo bench --locked --bench chaos -- --secs 15
 	cargo bench --locked --bench cluster -- --quick
 	cargo build --locked --manifest-path tests/fuzz/Cargo.toml
@@ -18,8 +19,9 @@ test: lint    ## lint, unit + integration tests, then a quick benchmark smoke ru
 deb:          ## the Debian package, target/debian/feedd_*.deb (needs `cargo install cargo-deb`)
 	cargo deb --locked
 
-bench:        ## the ingest benchmark with its baselines, then Galera and TLS costs
+bench:        ## the ingest and AMQP benchmarks with their baselines, then Galera and TLS costs
 	cargo bench --bench ingest
+	cargo bench --bench amqp
 	cargo bench --bench cluster
 
 chaos:        ## 10 minutes of random faults under load; prints the invariant counts

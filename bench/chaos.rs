@@ -1,12 +1,15 @@
 //! The chaos run: `cargo bench --bench chaos -- --secs 600`.
 //!
-//! A supervised feedd daemon on a private mariadbd, a client that streams messages and resends
-//! whatever is not answered, and an injector that, at random every 1–4 s, kills the database
-//! (restarting it 1–3 s later), kills the serving child, reloads with a changed config, or
-//! sends SIGUSR1. Afterwards the client resends until everything it sent is answered, and the
-//! run prints messages sent / acknowledged / resent, faults injected, and
-//! acknowledged-but-missing-or-different (must be 0: every acknowledged ticket holds exactly
-//! the values sent, status 'Y'). Exit status 1 if it is not 0, or on any FALSE.
+//! A supervised feedd daemon on a private mariadbd and a private RabbitMQ node, a ZeroMQ client
+//! that streams messages and resends whatever is not answered, an AMQP publisher (publisher
+//! confirms; republishes what was not confirmed), and an injector that, at random every 1–4 s,
+//! kills the database or the broker (restarting it 1–3 s later), kills the serving child,
+//! reloads with a changed config, or sends SIGUSR1. Afterwards the client resends until
+//! everything it sent is answered and feedd drains the queue, and the run prints messages
+//! sent / acknowledged / resent, published / confirmed, faults injected,
+//! acknowledged-but-missing-or-different (ZeroMQ: every acknowledged ticket holds exactly the
+//! values sent, status 'Y') and published-but-missing (AMQP: every confirmed publish committed),
+//! both must be 0, and dead letters (must be 0). Exit status 1 if any is not 0, or on any FALSE.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -17,6 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::mariadb::PrivateMariadb;
+use common::rabbit::{Client, PrivateRabbit};
 use common::{Db, Dealer, Feedd};
 use mysql::prelude::Queryable;
 
@@ -44,8 +48,40 @@ fn body(id: u64) -> String {
         .join("\n")
 }
 
+/// AMQP messages take tickets from here on (ZeroMQ ones stay below).
+const AMQP_BASE: u64 = 1 << 32;
+
+/// Publishes `body(AMQP_BASE + id)` for ids 0.. until `stop`, 20 at a time with confirms; a
+/// batch not wholly confirmed (broker gone) is published again on a new connection.
+/// Returns how many ids were confirmed (all ids below it) and how many publishes were repeated.
+fn publisher(url: String, stop: Arc<AtomicBool>) -> (u64, u64) {
+    let (mut confirmed, mut repeated) = (0u64, 0u64);
+    let mut client: Option<Client> = None;
+    while !stop.load(Ordering::Relaxed) {
+        let Some(c) = client.as_ref() else {
+            client = Client::try_connect(&url);
+            if client.is_none() {
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            continue;
+        };
+        let bodies: Vec<String> = (confirmed..confirmed + 20)
+            .map(|id| body(AMQP_BASE + id))
+            .collect();
+        if c.try_publish("fee", &bodies) {
+            confirmed += 20;
+        } else {
+            repeated += 20;
+            client = None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (confirmed, repeated)
+}
+
 #[derive(Default)]
 struct Faults {
+    broker_kills: u64,
     db_kills: u64,
     child_kills: u64,
     reloads: u64,
@@ -65,19 +101,28 @@ fn main() {
     let server = Arc::new(parking_lot::Mutex::new(PrivateMariadb::start()));
     let port = server.lock().port;
     let db = Db::create_on("chaos", port);
+    let broker = Arc::new(parking_lot::Mutex::new(PrivateRabbit::start()));
+    let amqp_url = broker.lock().url();
+    Client::connect(&amqp_url).declare("fee");
+    let url_line = format!("amqp.url = {amqp_url}");
     let feedd = Feedd::prepare(
         &db,
         &[
             "daemon.log_level = info",
             "daemon.shutdown_timeout_ms = 3000",
+            &url_line,
         ],
     );
     feedd.start_daemon();
     let conf = std::fs::read_to_string(feedd.conf_path()).unwrap_or_default();
 
     let stop = Arc::new(AtomicBool::new(false));
+    let publishing = {
+        let (url, stop) = (amqp_url.clone(), Arc::clone(&stop));
+        std::thread::spawn(move || publisher(url, stop))
+    };
     let injector = {
-        let (stop, server) = (Arc::clone(&stop), Arc::clone(&server));
+        let (stop, server, broker) = (Arc::clone(&stop), Arc::clone(&server), Arc::clone(&broker));
         let pidfile_pid = feedd.daemon_pid();
         let conf_path = feedd.conf_path();
         std::thread::spawn(move || {
@@ -88,7 +133,13 @@ fn main() {
                 if stop.load(Ordering::Relaxed) {
                     break;
                 }
-                match rng.next(4) {
+                match rng.next(5) {
+                    4 => {
+                        broker.lock().kill9();
+                        std::thread::sleep(Duration::from_millis(1000 + rng.next(2000)));
+                        broker.lock().restart();
+                        f.broker_kills += 1;
+                    }
                     0 => {
                         server.lock().kill9();
                         std::thread::sleep(Duration::from_millis(1000 + rng.next(2000)));
@@ -171,9 +222,28 @@ fn main() {
     }
     stop.store(true, Ordering::Relaxed);
     let faults = injector.join().unwrap_or_default();
+    let (published, republished) = publishing.join().unwrap_or_default();
+    // feedd drains the queue: nothing ready, and every confirmed publish committed.
+    let mq = Client::connect(&amqp_url);
+    let drained = common::wait_until(Duration::from_secs(120), || mq.ready("fee") == 0);
+    let amqp_missing_at = |conn: &mut mysql::Conn| -> u64 {
+        let first = AMQP_BASE * PER_MSG + 1;
+        let n: u64 = conn
+            .query_first(format!(
+                "SELECT COUNT(*) FROM fee WHERE ticket >= {first} AND ticket < {} AND status = 'Y'",
+                first + published * PER_MSG
+            ))
+            .ok()
+            .flatten()
+            .unwrap_or(0);
+        published * PER_MSG - n
+    };
+    let mut conn = server.lock().create_db(&db.name);
+    common::wait_until(Duration::from_secs(60), || amqp_missing_at(&mut conn) == 0);
+    let amqp_missing = amqp_missing_at(&mut conn);
+    let dead_letters = mq.drain("feedd.rejected").len();
 
     // The invariant, read from the table.
-    let mut conn = server.lock().create_db(&db.name);
     let rows: HashMap<u64, (u64, String, String)> = conn
         .query_map(
             "SELECT ticket, login, CAST(volume AS CHAR), status FROM fee",
@@ -184,6 +254,7 @@ fn main() {
         .collect();
     let missing: u64 = acked
         .iter()
+        .filter(|id| **id < AMQP_BASE)
         .map(|id| common::missing_records(&body(*id), &rows).len() as u64)
         .sum();
     println!(
@@ -194,15 +265,23 @@ fn main() {
     println!("messages resent:              {resent} (late answers to earlier copies: {replies_after_ack})");
     println!("never answered:               {}", in_flight.len());
     println!(
-        "faults injected:              {} (database kill -9: {}, serving child kill -9: {}, reloads: {}, SIGUSR1: {})",
-        faults.db_kills + faults.child_kills + faults.reloads + faults.usr1,
+        "AMQP messages confirmed:      {published} ({} records; republished after a broker loss: {republished})",
+        published * PER_MSG
+    );
+    println!("AMQP queue drained:           {drained}");
+    println!(
+        "faults injected:              {} (broker kill -9: {}, database kill -9: {}, serving child kill -9: {}, reloads: {}, SIGUSR1: {})",
+        faults.broker_kills + faults.db_kills + faults.child_kills + faults.reloads + faults.usr1,
+        faults.broker_kills,
         faults.db_kills,
         faults.child_kills,
         faults.reloads,
         faults.usr1
     );
     println!("FALSE replies:                {}", falses.len());
-    println!("acknowledged-but-missing-or-different: {missing}");
+    println!("acknowledged-but-missing-or-different: {missing} (ZeroMQ)");
+    println!("published-but-missing:        {amqp_missing} records (AMQP)");
+    println!("dead letters:                 {dead_letters}");
     let log_errors = feedd
         .log()
         .lines()
@@ -210,7 +289,14 @@ fn main() {
         .count();
     println!("panics in the log:            {log_errors}");
     feedd.stop_daemon();
-    if missing > 0 || !falses.is_empty() || !in_flight.is_empty() || log_errors > 0 {
+    if missing > 0
+        || amqp_missing > 0
+        || dead_letters > 0
+        || !drained
+        || !falses.is_empty()
+        || !in_flight.is_empty()
+        || log_errors > 0
+    {
         println!("CHAOS RUN FAILED");
         std::process::exit(1);
     }

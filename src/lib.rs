@@ -5,6 +5,7 @@
 //! supervisor, pidfile, privileges, signals). `server` builds and runs them; `commands` is
 //! what each command line verb does.
 
+pub mod amqp_load;
 pub mod commands;
 pub mod config;
 pub mod input;

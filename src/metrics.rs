@@ -54,6 +54,10 @@ pub struct Metrics {
     /// Which store (by its serial) owns `db_host_active`: the one serving, not one a reload
     /// prepared and dropped, nor one replaced by a reload.
     pub db_hosts_owner: Arc<std::sync::atomic::AtomicU64>,
+    pub amqp_deliveries: IntCounter,
+    pub amqp_acks: IntCounter,
+    pub amqp_dead_letters: IntCounter,
+    pub amqp_reconnects: IntCounter,
     queue_depth_gauge: IntGauge,
     /// The queue's own depth, read when the gauge is rendered (the queue owns it).
     queue_depth: DepthReader,
@@ -130,6 +134,22 @@ impl Metrics {
             )?,
             db_host_active,
             db_hosts_owner: Arc::default(),
+            amqp_deliveries: counter(
+                "feedd_amqp_deliveries_total",
+                "AMQP deliveries taken from the broker (redeliveries included)",
+            )?,
+            amqp_acks: counter(
+                "feedd_amqp_acks_total",
+                "AMQP deliveries acknowledged (after COMMIT, or after their dead letter was confirmed)",
+            )?,
+            amqp_dead_letters: counter(
+                "feedd_amqp_dead_letters_total",
+                "AMQP deliveries rejected: published to the dead-letter exchange, or dropped when none is set",
+            )?,
+            amqp_reconnects: counter(
+                "feedd_amqp_reconnects_total",
+                "AMQP connections re-established after a loss",
+            )?,
             queue_depth_gauge,
             queue_depth,
             batch_commit_seconds: histogram(

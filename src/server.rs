@@ -5,7 +5,10 @@
 //!
 //! Threads (all owned and joined here):
 //! - main (the caller's): signal events, reloads, thread failures, the drain;
-//! - receiver (pinned): owns the ROUTER; applies its part of a reload and answers;
+//! - receiver (pinned): owns the ROUTER; applies its part of a reload and answers (absent
+//!   when `[zmq] endpoint` is empty);
+//! - amqp consumer: owns its broker channel; acks after COMMIT; same commands as the receiver
+//!   (idle while `[amqp] url` is empty);
 //! - N workers (pinned): end when the queue is closed and drained;
 //! - signals: turns signals into events for the main thread, nothing more;
 //! - a reload preparer, while a reload is being prepared (parse, new pool, new listener);
@@ -15,8 +18,8 @@
 //! side, so a SIGTERM is never kept waiting) → main → each owner applies its part and answers
 //! → only when every part took is the new config published and the reload counted.
 //!
-//! Shutdown: stop intake → workers drain and commit → receiver sends the last replies →
-//! join. If `shutdown_timeout_ms` passes first, workers abandon what is uncommitted (never
+//! Shutdown: stop intake (the consumer sends `basic.cancel`) → workers drain and commit →
+//! receiver sends the last replies, consumer acks what committed and closes → join. If `shutdown_timeout_ms` passes first, workers abandon what is uncommitted (never
 //! answered, so clients resend) and the process exits anyway.
 
 use std::path::PathBuf;
@@ -29,6 +32,7 @@ use arc_swap::ArcSwap;
 use crossbeam_channel::{select, Receiver as Chan, Sender};
 
 use crate::config::{self, Config};
+use crate::input::amqp::{AmqpSettings, Consumer, ConsumerError, ConsumerHandle, Link};
 use crate::input::receiver::{Receiver, ReceiverError, ReceiverHandle, ZmqSettings};
 use crate::input::zap::ZapHandler;
 use crate::logging::Logging;
@@ -47,6 +51,8 @@ pub enum ServeError {
     Receiver(#[from] ReceiverError),
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    #[error(transparent)]
+    Amqp(#[from] ConsumerError),
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
     #[error("CURVE authentication handler: {0}")]
@@ -75,6 +81,7 @@ pub enum Outcome {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Role {
     Receiver,
+    Consumer,
     Worker(usize),
 }
 
@@ -82,6 +89,7 @@ impl std::fmt::Display for Role {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Role::Receiver => f.write_str("receiver"),
+            Role::Consumer => f.write_str("amqp-consumer"),
             Role::Worker(id) => write!(f, "worker-{id}"),
         }
     }
@@ -140,8 +148,10 @@ pub struct Bound {
     queue: Queue,
     context: zmq::Context,
     zap: ZapHandler,
-    receiver: Receiver,
-    receiver_handle: ReceiverHandle,
+    receiver: Option<Receiver>,
+    receiver_handle: Option<ReceiverHandle>,
+    consumer: Consumer,
+    consumer_handle: ConsumerHandle,
     metrics_server: Option<MetricsServer>,
     signals: Signals,
     logging: Arc<Logging>,
@@ -185,8 +195,16 @@ impl Server {
         let zap = ZapHandler::start(&context, Arc::clone(&shared.config), metrics.clone())
             .map_err(ServeError::Zap)?;
         let settings = ZmqSettings::of(&shared.config.load());
-        let (receiver, receiver_handle) = Receiver::bind(&context, settings, &queue, metrics)?;
-        log::info!("listening on {}", receiver.bound_endpoint());
+        let (receiver, receiver_handle) = if settings.endpoint.is_empty() {
+            log::info!("ZeroMQ input off ([zmq] endpoint is empty)");
+            (None, None)
+        } else {
+            let (r, h) = Receiver::bind(&context, settings, &queue, metrics.clone())?;
+            log::info!("listening on {}", r.bound_endpoint());
+            (Some(r), Some(h))
+        };
+        let (consumer, consumer_handle) =
+            Consumer::connect(Arc::clone(&shared.config), &queue, metrics)?;
         Ok(Bound {
             shared,
             queue,
@@ -194,6 +212,8 @@ impl Server {
             zap,
             receiver,
             receiver_handle,
+            consumer,
+            consumer_handle,
             metrics_server,
             signals,
             logging,
@@ -209,6 +229,8 @@ struct Prepared {
     store: Option<Store>,
     /// A new listener (or none), when `[metrics] listen` changed.
     metrics_server: Option<Option<MetricsServer>>,
+    /// New AMQP settings (`None`: off) and their connected link, when `[amqp]` changed.
+    amqp: Option<(Option<AmqpSettings>, Option<Link>)>,
 }
 
 /// The preparer thread of the reload under way.
@@ -220,9 +242,9 @@ struct Preparing {
 }
 
 impl Bound {
-    /// The endpoint bound (with a wildcard port resolved).
-    pub fn endpoint(&self) -> &str {
-        self.receiver.bound_endpoint()
+    /// The endpoint bound (with a wildcard port resolved); `None` with ZeroMQ off.
+    pub fn endpoint(&self) -> Option<&str> {
+        self.receiver.as_ref().map(Receiver::bound_endpoint)
     }
 
     /// Starts the threads and serves until SIGTERM/SIGINT or a thread failure; then drains.
@@ -236,6 +258,8 @@ impl Bound {
             zap,
             receiver,
             receiver_handle,
+            consumer,
+            consumer_handle,
             mut metrics_server,
             signals,
             logging,
@@ -264,9 +288,21 @@ impl Bound {
         }
         // From here only the inputs' intakes keep the queue open.
         queue.seal();
-        let receiver_beat = receiver.heartbeat();
-        let receiver_thread = spawn_pinned(Role::Receiver, core(0), &exits_tx, move || {
-            receiver.run().map_err(|e| e.to_string())
+        let receiver_beat = receiver.as_ref().map(Receiver::heartbeat);
+        let receiver_thread = match receiver {
+            Some(receiver) => Some(spawn_pinned(
+                Role::Receiver,
+                core(0),
+                &exits_tx,
+                move || receiver.run().map_err(|e| e.to_string()),
+            )?),
+            None => None,
+        };
+        let consumer_beat = consumer.heartbeat();
+        // Not pinned: it mostly waits on the broker, and lapin's own threads are not pinned.
+        let consumer_thread = spawn_pinned(Role::Consumer, None, &exits_tx, move || {
+            consumer.run();
+            Ok(())
         })?;
         let (events_tx, events_rx) = crossbeam_channel::unbounded();
         let signal_thread = SignalThread::spawn(signals, events_tx)?;
@@ -277,14 +313,16 @@ impl Bound {
         // systemd: READY at the moment `--daemon` reports ready; then the watchdog.
         let watchdog = notify.as_ref().and_then(|n| {
             n.ready();
-            let beats = vec![receiver_beat, signal_thread.heartbeat()];
+            let mut beats = vec![consumer_beat, signal_thread.heartbeat()];
+            beats.extend(receiver_beat);
             start_watchdog(n, beats, &shared, &queue)
         });
 
         let mut main = Main {
             shared: &shared,
             queue: &queue,
-            receiver: &receiver_handle,
+            receiver: receiver_handle.as_ref(),
+            consumer: &consumer_handle,
             metrics_server: &mut metrics_server,
             logging: &logging,
             notify: notify.as_ref(),
@@ -299,7 +337,11 @@ impl Bound {
         if let Some(n) = &notify {
             n.stopping();
         }
-        let outcome = shut_down(&shared, &receiver_handle, &exits_rx, workers, failure);
+        let inputs = Inputs {
+            receiver: receiver_handle.as_ref(),
+            consumer: &consumer_handle,
+        };
+        let outcome = shut_down(&shared, &inputs, &exits_rx, workers, failure);
         drop(watchdog);
         signal_thread.stop();
         if let Some(p) = preparing {
@@ -314,7 +356,10 @@ impl Bound {
         }
         drop(metrics_server);
         drop(zap);
-        let _ = receiver_thread.join();
+        if let Some(t) = receiver_thread {
+            let _ = t.join();
+        }
+        let _ = consumer_thread.join();
         if outcome == Outcome::Drained {
             for t in worker_threads {
                 let _ = t.join();
@@ -322,7 +367,9 @@ impl Bound {
         }
         // A worker abandoned mid-query holds no socket: the context can close regardless.
         drop(context);
-        crate::input::receiver::remove_ipc_file(&receiver_handle.bound());
+        if let Some(receiver) = &receiver_handle {
+            crate::input::receiver::remove_ipc_file(&receiver.bound());
+        }
         Ok(outcome)
     }
 }
@@ -331,7 +378,8 @@ impl Bound {
 struct Main<'a> {
     shared: &'a Shared,
     queue: &'a Queue,
-    receiver: &'a ReceiverHandle,
+    receiver: Option<&'a ReceiverHandle>,
+    consumer: &'a ConsumerHandle,
     metrics_server: &'a mut Option<MetricsServer>,
     logging: &'a Arc<Logging>,
     notify: Option<&'a Notifier>,
@@ -476,9 +524,19 @@ impl Main<'_> {
             config: new,
             store,
             metrics_server,
+            amqp,
         } = prepared;
         // Always asked: the receiver may be bound to nothing after an earlier failure.
-        self.apply_receiver(ZmqSettings::of(&new), events)?;
+        if self.receiver.is_some() {
+            self.apply_receiver(ZmqSettings::of(&new), events)?;
+        }
+        if let Some((settings, link)) = amqp {
+            // The new broker already answered (in the preparer); the switch itself only
+            // drains the old channel, so it cannot leave the reload half applied.
+            self.consumer
+                .apply(settings, link, new.daemon.shutdown_timeout())
+                .map_err(Interrupted::Failed)?;
+        }
         // Nothing below can fail: from here the reload is applied whole.
         if let Some(store) = store {
             store.publish();
@@ -526,7 +584,11 @@ fn start_watchdog(
     let snapshot = move || {
         let c = config.load();
         Snapshot {
-            inputs: format!("zmq {}", c.zmq.endpoint),
+            inputs: match (&c.zmq.endpoint, &c.amqp.url) {
+                (z, None) => format!("zmq {z}"),
+                (z, Some(url)) if z.is_empty() => format!("amqp {url}"),
+                (z, Some(url)) => format!("zmq {z}, amqp {url}"),
+            },
             committed: metrics.records_committed.get(),
             queue_depth: depth.records(),
             // The host taking writes, which a host list may have moved to.
@@ -557,7 +619,10 @@ impl Main<'_> {
     ) -> Result<(), Interrupted> {
         // The drain of the messages in flight, then a bind retry loop (about 2 s).
         let deadline = Instant::now() + settings.drain + Duration::from_secs(10);
-        let answer = self.receiver.apply(settings);
+        let Some(receiver) = self.receiver else {
+            return Ok(()); // ZeroMQ input off
+        };
+        let answer = receiver.apply(settings);
         loop {
             select! {
                 recv(answer) -> result => {
@@ -598,6 +663,19 @@ fn prepare(
         log::warn!("{key} changed: takes effect only after a restart; keeping the old value");
     }
     logging.check(&new).map_err(|e| e.to_string())?;
+    if old.zmq.endpoint.is_empty() != new.zmq.endpoint.is_empty() {
+        // The receiver exists or not for the process's life.
+        log::warn!("[zmq] endpoint: turning the ZeroMQ input on or off takes effect only after a restart; keeping the old value");
+        new.zmq.endpoint = old.zmq.endpoint.clone();
+    }
+    let amqp = match AmqpSettings::of(&new) {
+        s if s == AmqpSettings::of(old) => None,
+        None => Some((None, None)),
+        Some(s) => {
+            let link = Link::connect(&s).map_err(|e| format!("new AMQP target not usable: {e}"))?;
+            Some((Some(s), Some(link)))
+        }
+    };
     let metrics_server = if new.metrics.listen != old.metrics.listen {
         match new.metrics.listen {
             None => Some(None),
@@ -629,21 +707,32 @@ fn prepare(
         config: new,
         store,
         metrics_server,
+        amqp,
     })
+}
+
+/// The inputs' handles, for the drain.
+struct Inputs<'a> {
+    receiver: Option<&'a ReceiverHandle>,
+    consumer: &'a ConsumerHandle,
 }
 
 fn shut_down(
     shared: &Shared,
-    receiver: &ReceiverHandle,
+    inputs: &Inputs<'_>,
     exits: &Chan<Exit>,
     workers: usize,
     failure: Option<(Option<Role>, String)>,
 ) -> Outcome {
     let timeout = shared.config.load().daemon.shutdown_timeout();
     let deadline = Instant::now() + timeout;
-    receiver.stop_intake();
+    if let Some(receiver) = inputs.receiver {
+        receiver.stop_intake();
+    }
+    inputs.consumer.stop_intake();
     let failed_role = failure.as_ref().and_then(|(role, _)| *role);
-    let mut receiver_gone = failed_role == Some(Role::Receiver);
+    let mut receiver_gone = failed_role == Some(Role::Receiver) || inputs.receiver.is_none();
+    let mut consumer_gone = failed_role == Some(Role::Consumer);
     let mut workers_left = workers - usize::from(matches!(failed_role, Some(Role::Worker(_))));
     while workers_left > 0 {
         match exits.recv_deadline(deadline) {
@@ -653,6 +742,7 @@ fn shut_down(
                 }
                 match role {
                     Role::Receiver => receiver_gone = true,
+                    Role::Consumer => consumer_gone = true,
                     Role::Worker(_) => workers_left -= 1,
                 }
             }
@@ -667,14 +757,20 @@ fn shut_down(
         );
         shared.abandon.store(true, Ordering::Relaxed);
     }
-    if !receiver_gone {
+    if let Some(receiver) = inputs.receiver.filter(|_| !receiver_gone) {
         receiver.finish();
-        // The receiver only sends what is already delivered; this wait is short.
-        let until = Instant::now() + Duration::from_secs(2);
-        while let Ok((role, _)) = exits.recv_deadline(until) {
-            if role == Role::Receiver {
-                break;
-            }
+    }
+    if !consumer_gone {
+        inputs.consumer.finish();
+    }
+    // The inputs only send what is already delivered (and close); this wait is short.
+    let until = Instant::now() + Duration::from_secs(5);
+    while !(receiver_gone && consumer_gone) {
+        match exits.recv_deadline(until) {
+            Ok((Role::Receiver, _)) => receiver_gone = true,
+            Ok((Role::Consumer, _)) => consumer_gone = true,
+            Ok(_) => {}
+            Err(_) => break,
         }
     }
     match failure {

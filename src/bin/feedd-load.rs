@@ -43,10 +43,40 @@ struct Cli {
     /// CURVE: this client's Z85 secret key
     #[arg(long, requires = "curve_server_key")]
     curve_client_key: Option<String>,
+    /// AMQP instead of ZeroMQ: publish to this broker URL with confirms, wait for the drain
+    #[arg(long, requires = "queue")]
+    amqp: Option<String>,
+    /// AMQP: the queue feedd consumes
+    #[arg(long)]
+    queue: Option<String>,
+    /// AMQP: feedd's metrics address (host:port), to also wait until every delivery is acked
+    #[arg(long)]
+    metrics: Option<String>,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let (Some(url), Some(queue)) = (&cli.amqp, &cli.queue) {
+        let options = feedd::amqp_load::AmqpLoadOptions {
+            url: url.clone(),
+            queue: queue.clone(),
+            records: cli.records,
+            per_msg: cli.per_msg,
+            start_ticket: cli.start_ticket,
+            metrics: cli.metrics.clone(),
+            timeout: Duration::from_secs(cli.timeout),
+        };
+        return match feedd::amqp_load::run(&options) {
+            Ok(report) => {
+                println!("{}", report.summary());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("feedd-load: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     let curve = match (&cli.curve_server_key, &cli.curve_client_key) {
         (Some(s), Some(c)) => match (CurveKey::from_z85(s), CurveKey::from_z85(c)) {
             (Ok(s), Ok(c)) => Some((s, c)),

@@ -18,8 +18,11 @@ pub use sections::{
 
 use sections::Section;
 
+mod amqp;
+pub use amqp::{AmqpConfig, AmqpUrl};
+
 /// The sections a config file may have.
-const SECTIONS: [&str; 5] = ["daemon", "zmq", "mysql", "pipeline", "metrics"];
+const SECTIONS: [&str; 6] = ["daemon", "zmq", "mysql", "amqp", "pipeline", "metrics"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -44,13 +47,15 @@ pub enum ConfigError {
         reason: String,
     },
     #[error(
-        "{file}: line {line}: unknown section [{section}] (allowed: daemon, zmq, mysql, pipeline, metrics)"
+        "{file}: line {line}: unknown section [{section}] (allowed: daemon, zmq, mysql, amqp, pipeline, metrics)"
     )]
     UnknownSection {
         file: PathBuf,
         line: usize,
         section: String,
     },
+    #[error("{file}: [zmq] endpoint and [amqp] url are both empty: feedd would have no input (set at least one)")]
+    NoInput { file: PathBuf },
     #[error("{file}: line {line}: {reason}")]
     AllowList {
         file: PathBuf,
@@ -68,6 +73,7 @@ pub struct Config {
     pub daemon: DaemonConfig,
     pub zmq: ZmqConfig,
     pub mysql: MysqlConfig,
+    pub amqp: AmqpConfig,
     pub pipeline: PipelineConfig,
     pub metrics: MetricsConfig,
 }
@@ -112,6 +118,14 @@ impl Config {
         let mut mysql_s = Section::take(&mut ini, file, "mysql");
         let mysql = MysqlConfig::from_section(&mut mysql_s, base)?;
         mysql_s.finish()?;
+        let mut amqp_s = Section::take(&mut ini, file, "amqp");
+        let amqp = AmqpConfig::parse(&mut amqp_s)?;
+        amqp_s.finish()?;
+        if zmq.endpoint.is_empty() && amqp.url.is_none() {
+            return Err(ConfigError::NoInput {
+                file: file.to_path_buf(),
+            });
+        }
         let mut pipeline_s = Section::take(&mut ini, file, "pipeline");
         let pipeline = PipelineConfig::from_section(&mut pipeline_s)?;
         pipeline_s.finish()?;
@@ -124,6 +138,7 @@ impl Config {
             daemon,
             zmq,
             mysql,
+            amqp,
             pipeline,
             metrics,
         })

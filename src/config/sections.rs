@@ -166,16 +166,22 @@ impl<'a> Section<'a> {
         }
     }
 
-    fn string(&mut self, key: &str, default: &str) -> Result<String, ConfigError> {
+    pub(super) fn string(&mut self, key: &str, default: &str) -> Result<String, ConfigError> {
         self.raw(key, default)
     }
 
-    fn optional(&mut self, key: &str) -> Result<Option<String>, ConfigError> {
+    pub(super) fn optional(&mut self, key: &str) -> Result<Option<String>, ConfigError> {
         let v = self.raw(key, "")?;
         Ok(if v.is_empty() { None } else { Some(v) })
     }
 
-    fn number<T>(&mut self, key: &str, default: T, min: T, max: T) -> Result<T, ConfigError>
+    pub(super) fn number<T>(
+        &mut self,
+        key: &str,
+        default: T,
+        min: T,
+        max: T,
+    ) -> Result<T, ConfigError>
     where
         T: std::str::FromStr + PartialOrd + fmt::Display + Copy,
     {
@@ -300,7 +306,10 @@ impl ZmqConfig {
         Ok(ZmqConfig {
             endpoint: {
                 let raw = s.string("endpoint", "tcp://127.0.0.1:5555")?;
-                validate_endpoint(&raw).map_err(|reason| s.error("endpoint", reason))?;
+                // Empty turns the ZeroMQ input off (then [amqp] url must be set).
+                if !raw.is_empty() {
+                    validate_endpoint(&raw).map_err(|reason| s.error("endpoint", reason))?;
+                }
                 raw
             },
             max_message_bytes: s.number("max_message_bytes", 1_048_576, 64, 64 << 20)?,

@@ -7,6 +7,7 @@
 
 pub mod galera;
 pub mod mariadb;
+pub mod rabbit;
 pub mod tls;
 
 use std::collections::HashMap;
@@ -131,6 +132,7 @@ pub fn config_text(db: &Db, zmq_port: u16, overrides: &[&str]) -> String {
                 format!("database = {}", db.name),
             ],
         ),
+        ("amqp".into(), vec![]),
         ("pipeline".into(), vec![]),
         ("metrics".into(), vec!["listen =".into()]),
     ];

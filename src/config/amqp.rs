@@ -1,0 +1,178 @@
+//! The `[amqp]` section: the broker feedd consumes from (SPEC §3, §4b).
+//!
+//! The URL may hold a password, so it is kept as a `Secret` and shown everywhere (logs,
+//! errors) in its redacted form `amqp://user@host:port/vhost`.
+
+use std::fmt;
+use std::str::FromStr;
+
+use lapin::uri::{AMQPScheme, AMQPUri};
+
+use super::{ConfigError, Secret, Section};
+
+/// Largest prefetch AMQP can carry (`basic.qos` prefetch-count is a short).
+pub const MAX_PREFETCH: usize = 65_535;
+
+/// A broker URL, checked at load time; its text is only handed to the client library.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AmqpUrl {
+    url: Secret,
+    shown: String,
+}
+
+impl AmqpUrl {
+    pub fn parse(raw: &str) -> Result<AmqpUrl, String> {
+        let uri = AMQPUri::from_str(raw).map_err(|e| {
+            format!("not an AMQP URL ({e}); expected amqp://USER:PASS@HOST:5672/VHOST or amqps://…")
+        })?;
+        let scheme = match uri.scheme {
+            AMQPScheme::AMQP => "amqp",
+            AMQPScheme::AMQPS => "amqps",
+        };
+        let shown = format!(
+            "{scheme}://{}@{}:{}/{}",
+            uri.authority.userinfo.username, uri.authority.host, uri.authority.port, uri.vhost
+        );
+        Ok(AmqpUrl {
+            url: Secret(raw.to_string()),
+            shown,
+        })
+    }
+
+    /// The full URL, password included: for the client library only.
+    pub fn expose(&self) -> &str {
+        self.url.expose()
+    }
+}
+
+impl fmt::Display for AmqpUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.shown)
+    }
+}
+
+impl fmt::Debug for AmqpUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "AmqpUrl({})", self.shown)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AmqpConfig {
+    /// `None`: the AMQP input is off.
+    pub url: Option<AmqpUrl>,
+    pub queue: String,
+    /// 0: 2 × batch_size (see `prefetch_for`).
+    pub prefetch: usize,
+    /// `None`: rejected deliveries are dropped (logged).
+    pub dead_letter_exchange: Option<String>,
+}
+
+impl AmqpConfig {
+    pub(super) fn parse(s: &mut Section<'_>) -> Result<AmqpConfig, ConfigError> {
+        let url = match s.optional("url")? {
+            None => None,
+            Some(raw) => Some(AmqpUrl::parse(&raw).map_err(|reason| s.error("url", reason))?),
+        };
+        let queue = s.string("queue", "fee")?;
+        check_name(&queue).map_err(|reason| s.error("queue", reason))?;
+        let prefetch = s.number("prefetch", 0, 0, MAX_PREFETCH)?;
+        let dead_letter_exchange = s.string("dead_letter_exchange", "feedd.rejected")?;
+        if !dead_letter_exchange.is_empty() {
+            check_name(&dead_letter_exchange)
+                .map_err(|reason| s.error("dead_letter_exchange", reason))?;
+        }
+        Ok(AmqpConfig {
+            url,
+            queue,
+            prefetch,
+            dead_letter_exchange: (!dead_letter_exchange.is_empty())
+                .then_some(dead_letter_exchange),
+        })
+    }
+
+    /// The prefetch in force: `prefetch`, or 2 × `batch_size` for 0 (a smaller window would
+    /// keep batches from filling), capped at what AMQP can carry.
+    pub fn prefetch_for(&self, batch_size: usize) -> u16 {
+        let p = if self.prefetch > 0 {
+            self.prefetch
+        } else {
+            batch_size.saturating_mul(2)
+        };
+        u16::try_from(p.min(MAX_PREFETCH)).unwrap_or(u16::MAX)
+    }
+}
+
+/// Queue and exchange names: AMQP short strings, and no `amq.` prefix (reserved).
+fn check_name(raw: &str) -> Result<(), String> {
+    if raw.is_empty() || raw.len() > 255 {
+        return Err(format!("`{raw}` must be 1 to 255 bytes"));
+    }
+    if raw.starts_with("amq.") {
+        return Err(format!(
+            "`{raw}`: names starting with `amq.` are reserved by the broker"
+        ));
+    }
+    if raw.chars().any(char::is_control) {
+        return Err(format!("`{raw}` holds a control character"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+    use std::path::Path;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::parse(text, Path::new("/etc/feed.ini"), Path::new("/srv"))
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_and_url() {
+        let c = parse("").unwrap();
+        assert_eq!(c.amqp.url, None);
+        assert_eq!(c.amqp.queue, "fee");
+        assert_eq!(
+            c.amqp.dead_letter_exchange.as_deref(),
+            Some("feedd.rejected")
+        );
+        assert_eq!(c.amqp.prefetch_for(1000), 2000);
+        assert_eq!(c.amqp.prefetch_for(21_845), 43_690);
+        let c = parse(
+            "[amqp]\nurl = amqp://feed:hunter2@mq:5673/prod\nprefetch = 10\ndead_letter_exchange =",
+        )
+        .unwrap();
+        let url = c.amqp.url.as_ref().unwrap();
+        assert_eq!(url.to_string(), "amqp://feed@mq:5673/prod");
+        assert!(!format!("{c:?}").contains("hunter2"));
+        assert_eq!(c.amqp.prefetch_for(1000), 10);
+        assert_eq!(c.amqp.dead_letter_exchange, None);
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let e = parse("[amqp]\nurl = http://x").unwrap_err();
+        assert!(e.contains("[amqp] url: not an AMQP URL"), "{e}");
+        let e = parse("[amqp]\nqueue = amq.x").unwrap_err();
+        assert!(e.contains("[amqp] queue"), "{e}");
+        assert!(parse("[amqp]\nprefetch = 70000")
+            .unwrap_err()
+            .contains("[amqp] prefetch"));
+        assert!(parse("[amqp]\nnope = 1")
+            .unwrap_err()
+            .contains("[amqp] nope: unknown key"));
+    }
+
+    #[test]
+    fn zeromq_off_needs_amqp_on() {
+        let e = parse("[zmq]\nendpoint =").unwrap_err();
+        assert!(
+            e.contains("[zmq] endpoint and [amqp] url are both empty"),
+            "{e}"
+        );
+        let c = parse("[zmq]\nendpoint =\n[amqp]\nurl = amqp://127.0.0.1").unwrap();
+        assert!(c.zmq.endpoint.is_empty());
+    }
+}

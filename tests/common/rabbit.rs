@@ -1,0 +1,319 @@
+//! RabbitMQ for tests: a blocking client (publish with confirms, queue counts, reading dead
+//! letters) on the shared broker (127.0.0.1:5672, guest, started by .ci/setup), and a
+//! private broker for tests that kill or restart it: its own node name, ports, mnesia and
+//! log dirs in a temp dir, the caller's Erlang cookie ($HOME), its own process group.
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+
+use super::{free_port, wait_until};
+
+pub fn shared_url() -> String {
+    std::env::var("FEEDD_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+pub fn url_on(port: u16) -> String {
+    format!("amqp://guest:guest@127.0.0.1:{port}/%2f")
+}
+
+/// A queue name of the test's own (and its dead-letter exchange/queue name).
+pub fn names(test: &str) -> (String, String) {
+    let q = format!("feedd_t_{test}_{}", std::process::id());
+    let dlx = format!("{q}.rejected");
+    (q, dlx)
+}
+
+/// A blocking AMQP client for the test's side.
+pub struct Client {
+    conn: Connection,
+    ch: Channel,
+}
+
+impl Client {
+    pub fn connect(url: &str) -> Client {
+        Self::try_connect(url).expect("RabbitMQ answers (run .ci/setup)")
+    }
+
+    /// A client, or `None` when the broker does not answer within 5 s (a starting node may
+    /// accept TCP before it speaks AMQP).
+    pub fn try_connect(url: &str) -> Option<Client> {
+        use smol::future::FutureExt;
+        smol::block_on(
+            async {
+                let conn = Connection::connect(url, ConnectionProperties::default())
+                    .await
+                    .ok()?;
+                let ch = conn.create_channel().await.ok()?;
+                ch.confirm_select(ConfirmSelectOptions::default())
+                    .await
+                    .ok()?;
+                Some(Client { conn, ch })
+            }
+            .or(async {
+                smol::Timer::after(Duration::from_secs(5)).await;
+                None
+            }),
+        )
+    }
+
+    /// Declares `queue` durable (as feedd would) so messages can wait in it.
+    pub fn declare(&self, queue: &str) {
+        smol::block_on(self.ch.queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        ))
+        .unwrap();
+    }
+
+    /// Deletes the queue (and `queue`.rejected with its exchange), ignoring absent ones.
+    pub fn delete(&self, queue: &str) {
+        smol::block_on(async {
+            for q in [queue.to_string(), format!("{queue}.rejected")] {
+                let _ = self
+                    .ch
+                    .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                    .await;
+                let _ = self
+                    .ch
+                    .exchange_delete(q.as_str().into(), Default::default())
+                    .await;
+            }
+        });
+    }
+
+    /// Publishes every body (persistent) to `queue` through the default exchange, with
+    /// `headers` on each; returns once the broker confirmed all of them.
+    pub fn publish(&self, queue: &str, bodies: &[String], headers: &[(&str, &str)]) {
+        let mut table = FieldTable::default();
+        for (k, v) in headers {
+            table.insert((*k).into(), AMQPValue::LongString((*v).into()));
+        }
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_headers(table);
+        smol::block_on(async {
+            let mut confirms = Vec::with_capacity(bodies.len());
+            for b in bodies {
+                let c = self
+                    .ch
+                    .basic_publish(
+                        "".into(),
+                        queue.into(),
+                        BasicPublishOptions::default(),
+                        b.as_bytes(),
+                        props.clone(),
+                    )
+                    .await
+                    .unwrap();
+                confirms.push(c);
+                if confirms.len() >= 1000 {
+                    for c in confirms.drain(..) {
+                        assert!(c.await.unwrap().is_ack(), "broker confirmed");
+                    }
+                }
+            }
+            for c in confirms {
+                assert!(c.await.unwrap().is_ack(), "broker confirmed");
+            }
+        });
+    }
+
+    /// Publishes every body (persistent) to `queue`; true only if the broker confirmed all
+    /// within 10 s (false when the broker is gone: the caller publishes them again).
+    pub fn try_publish(&self, queue: &str, bodies: &[String]) -> bool {
+        use smol::future::FutureExt;
+        let props = BasicProperties::default().with_delivery_mode(2);
+        smol::block_on(
+            async {
+                let mut confirms = Vec::with_capacity(bodies.len());
+                for b in bodies {
+                    let c = self
+                        .ch
+                        .basic_publish(
+                            "".into(),
+                            queue.into(),
+                            BasicPublishOptions::default(),
+                            b.as_bytes(),
+                            props.clone(),
+                        )
+                        .await;
+                    match c {
+                        Ok(c) => confirms.push(c),
+                        Err(_) => return false,
+                    }
+                }
+                for c in confirms {
+                    if !matches!(c.await, Ok(conf) if conf.is_ack()) {
+                        return false;
+                    }
+                }
+                true
+            }
+            .or(async {
+                smol::Timer::after(Duration::from_secs(10)).await;
+                false
+            }),
+        )
+    }
+
+    /// Ready messages and consumers of `queue` (passive declare); None if it does not exist.
+    pub fn counts(&self, queue: &str) -> Option<(u32, u32)> {
+        let ch = smol::block_on(self.conn.create_channel()).ok()?;
+        let q = smol::block_on(ch.queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        ))
+        .ok()?;
+        let _ = smol::block_on(ch.close(200, "".into()));
+        Some((q.message_count(), q.consumer_count()))
+    }
+
+    pub fn ready(&self, queue: &str) -> u32 {
+        self.counts(queue).map_or(0, |c| c.0)
+    }
+
+    /// Takes every message waiting in `queue`: (body, headers as text).
+    pub fn drain(&self, queue: &str) -> Vec<(String, BTreeMap<String, String>)> {
+        let mut out = Vec::new();
+        while let Some(m) = smol::block_on(
+            self.ch
+                .basic_get(queue.into(), BasicGetOptions { no_ack: false }),
+        )
+        .unwrap()
+        {
+            let mut headers = BTreeMap::new();
+            if let Some(h) = m.delivery.properties.headers() {
+                for (k, v) in h.inner() {
+                    let text = match v {
+                        AMQPValue::LongString(s) => {
+                            String::from_utf8_lossy(s.as_bytes()).into_owned()
+                        }
+                        AMQPValue::ShortString(s) => s.as_str().to_string(),
+                        other => format!("{other:?}"),
+                    };
+                    headers.insert(k.as_str().to_string(), text);
+                }
+            }
+            out.push((
+                String::from_utf8_lossy(&m.delivery.data).into_owned(),
+                headers,
+            ));
+            smol::block_on(
+                self.ch
+                    .basic_ack(m.delivery.delivery_tag, BasicAckOptions::default()),
+            )
+            .unwrap();
+        }
+        out
+    }
+}
+
+/// A private `rabbitmq-server` on free ports (start takes ~10 s).
+pub struct PrivateRabbit {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    dist_port: u16,
+    node: String,
+    child: Option<Child>,
+}
+
+impl PrivateRabbit {
+    pub fn start() -> PrivateRabbit {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut r = PrivateRabbit {
+            node: format!("feedd_t_{}_{port}@localhost", std::process::id()),
+            dist_port: free_port(),
+            dir,
+            port,
+            child: None,
+        };
+        r.restart();
+        r
+    }
+
+    pub fn url(&self) -> String {
+        url_on(self.port)
+    }
+
+    /// Starts the node on the same data dir and ports (after `kill9`).
+    pub fn restart(&mut self) {
+        use std::os::unix::process::CommandExt;
+        assert!(self.child.is_none(), "already running");
+        let d = self.dir.path();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(d.join("server.log"))
+            .unwrap();
+        let script = [
+            "/usr/lib/rabbitmq/bin/rabbitmq-server",
+            "/usr/sbin/rabbitmq-server",
+        ]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("rabbitmq-server (run .ci/setup)");
+        let child = Command::new(script)
+            .env("RABBITMQ_NODENAME", &self.node)
+            .env("RABBITMQ_NODE_PORT", self.port.to_string())
+            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
+            .env("RABBITMQ_MNESIA_BASE", d.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", d.join("log"))
+            .env("RABBITMQ_PID_FILE", d.join("pid"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", d.join("plugins"))
+            .env("RABBITMQ_CONFIG_FILE", d.join("none"))
+            .env_remove("RABBITMQ_ALLOW_INPUT")
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let url = self.url();
+        assert!(
+            wait_until(Duration::from_secs(60), || Client::try_connect(&url)
+                .is_some()),
+            "private RabbitMQ did not start: {}",
+            std::fs::read_to_string(d.join("server.log")).unwrap_or_default()
+        );
+    }
+
+    /// SIGKILL to the whole node (script and Erlang VM), as a crash.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe {
+                libc::kill(-(c.id() as i32), libc::SIGKILL);
+            }
+            let _ = c.wait();
+            // The VM is a child of the script: wait until the port is free again.
+            let port = self.port;
+            wait_until(Duration::from_secs(10), || {
+                std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
+            });
+        }
+    }
+}
+
+impl Drop for PrivateRabbit {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

@@ -11,11 +11,18 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+#[path = "../src/bin/feedd-load/amqp.rs"]
+#[allow(dead_code)]
+mod amqp_load;
+#[path = "../src/bin/feedd-load/load.rs"]
+#[allow(dead_code)]
+mod load;
+
 use std::time::{Duration, Instant};
 
+use amqp_load::AmqpLoadOptions;
 use common::rabbit::{self, Client};
 use common::{Db, Feedd};
-use feedd::amqp_load::{self, AmqpLoadOptions};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use mysql::prelude::Queryable;
@@ -68,7 +75,7 @@ fn ceiling(records: u64, clients: u64) -> f64 {
                 while t + 1000 <= first + per {
                     let params: Vec<mysql::Value> = (t..t + 1000)
                         .flat_map(|t| {
-                            let r = feedd::load::record_for(t);
+                            let r = load::record_for(t);
                             [r.ticket.into(), r.login.into(), r.volume.to_string().into()]
                         })
                         .collect();

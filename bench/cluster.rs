@@ -11,6 +11,10 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+#[path = "../src/bin/feedd-load/load.rs"]
+#[allow(dead_code)]
+mod load;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +22,7 @@ use common::galera::GaleraCluster;
 use common::mariadb::PrivateMariadb;
 use common::tls::{tls_args, Pki};
 use common::{Db, Feedd};
-use feedd::load::{self, LoadOptions, Progress};
+use load::{LoadOptions, Progress};
 
 struct Plan {
     runs: usize,

@@ -24,12 +24,16 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+#[path = "../src/bin/feedd-load/load.rs"]
+#[allow(dead_code)]
+mod load;
+
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Db, Feedd};
-use feedd::load::{self, LoadOptions, LoadReport, Progress};
+use load::{LoadOptions, LoadReport, Progress};
 use mysql::prelude::Queryable;
 
 struct Plan {

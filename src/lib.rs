@@ -5,11 +5,9 @@
 //! supervisor, pidfile, privileges, signals). `server` builds and runs them; `commands` is
 //! what each command line verb does.
 
-pub mod amqp_load;
 pub mod commands;
 pub mod config;
 pub mod input;
-pub mod load;
 pub mod logging;
 pub mod metrics;
 pub mod pipeline;

@@ -11,7 +11,7 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOpti
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 
-use crate::load::record_for;
+use super::load::record_for;
 
 #[derive(Debug, Clone)]
 pub struct AmqpLoadOptions {

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
-use crate::config::CurveKey;
-use crate::input::record::{Record, Volume};
+use feedd::config::CurveKey;
+use feedd::input::record::{Record, Volume};
 
 #[derive(Debug, Clone)]
 pub struct LoadOptions {

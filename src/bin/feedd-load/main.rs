@@ -1,4 +1,11 @@
 //! `feedd-load`: drives a running feedd and reports records/s and ack latency.
+//!
+//! A binary of its own, outside the daemon's library: `load` (ZeroMQ DEALER clients, HDR
+//! latency) and `amqp` (publisher with confirms) are its modules, and the benches include
+//! them by path, so `hdrhistogram` and `indicatif` are never linked into the daemon.
+
+mod amqp;
+mod load;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -8,7 +15,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use feedd::config::CurveKey;
-use feedd::load::{self, LoadOptions, Progress};
+use load::{LoadOptions, Progress};
 
 #[derive(Parser)]
 #[command(name = "feedd-load", version, about = "Load generator for feedd")]
@@ -57,7 +64,7 @@ struct Cli {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let (Some(url), Some(queue)) = (&cli.amqp, &cli.queue) {
-        let options = feedd::amqp_load::AmqpLoadOptions {
+        let options = amqp::AmqpLoadOptions {
             url: url.clone(),
             queue: queue.clone(),
             records: cli.records,
@@ -66,7 +73,7 @@ fn main() -> ExitCode {
             metrics: cli.metrics.clone(),
             timeout: Duration::from_secs(cli.timeout),
         };
-        return match feedd::amqp_load::run(&options) {
+        return match amqp::run(&options) {
             Ok(report) => {
                 println!("{}", report.summary());
                 ExitCode::SUCCESS

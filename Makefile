@@ -13,14 +13,16 @@ test: lint    ## lint, unit + integration tests, then a quick benchmark smoke ru
 	cargo bench --locked --bench ingest -- --quick
 	cargo bench --locked --bench amqp -- --quick
 	cargo bench --locked --bench chaos -- --secs 15
+	cargo bench --locked --bench cluster -- --quick
 	cargo build --locked --manifest-path tests/fuzz/Cargo.toml
 
 deb:          ## the Debian package, target/debian/feedd_*.deb (needs `cargo install cargo-deb`)
 	cargo deb --locked
 
-bench:        ## the ingest and AMQP benchmarks with their baselines
+bench:        ## the ingest benchmark with its baselines, AMQP draining, then Galera and TLS costs
 	cargo bench --bench ingest
 	cargo bench --bench amqp
+	cargo bench --bench cluster
 
 chaos:        ## 10 minutes of random faults under load; prints the invariant counts
 	cargo bench --bench chaos -- --secs 600

@@ -1,12 +1,25 @@
-//! `cargo bench`: feedd's ingest rate and ack latency over a matrix of workers × batch_size ×
-//! records per message, and in the same run, on the same rows and server, the two baselines:
-//! (a) the database's own ceiling — 1,000-row multi-row INSERTs straight from 1, 2 and 4
-//! clients (text and prepared), best of them; (b) the original PHP daemon's pattern — a REP
-//! loop writing each record with INSERT 'N' + UPDATE 'Y', autocommit, one at a time.
+//! `cargo bench`: feedd's ingest rate, ack latency and cost per record over a matrix of
+//! workers × batch_size × records per message, against baselines measured in the same run on
+//! the same rows and server:
+//! (a) the database's own ceiling — 1,000-row multi-row INSERTs straight from client
+//!     connections. Measured twice: interleaved, a short prepared run with as many connections
+//!     as the cell has workers right before each cell run (the cell's ratio is taken against
+//!     that neighbour, so a ceiling that drifts during the run cancels out), and once as the
+//!     best of 1, 2, 4 clients × text, prepared (so no ratio hides behind a weak baseline);
+//! (b) the original PHP daemon's pattern — a REP loop writing each record with INSERT 'N' +
+//!     UPDATE 'Y', autocommit, one at a time.
 //!
-//! Every cell runs ≥ 3 s after a calibration run, median of 3. `-- --quick` (or
-//! FEEDD_BENCH_QUICK=1) runs a small version for CI. Results go to target/bench/ingest.{csv,json}.
-//! Needs MariaDB as the README's setup leaves it (or FEEDD_TEST_MYSQL_HOST/PORT).
+//! Every cell: median of 3 runs of ≥ 3 s after a calibration run; its ratio to (a) is the
+//! median of the per-run ratios, printed with their spread. Also per cell: feedd's and
+//! mariadbd's CPU seconds per million records (/proc/<pid>/stat; mariadbd's is the whole
+//! server, so other clients of a shared server count too) and feedd's peak RSS. Then the
+//! latency floor: ack p50/p99 at 25/50/90 % of the peak 1-record rate, next to the latency of
+//! an empty COMMIT (a round trip: the floor the server imposes) and of a one-row autocommit
+//! INSERT (a round trip plus the log flush), measured between those runs.
+//!
+//! `-- --quick` (or FEEDD_BENCH_QUICK=1) runs a small version for CI. Results go to
+//! target/bench/ingest.{csv,json}. Needs MariaDB as the README's setup leaves it (or
+//! FEEDD_TEST_MYSQL_HOST/PORT).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -23,23 +36,85 @@ struct Plan {
     quick: bool,
     runs: usize,
     min_secs: f64,
+    /// Length of each interleaved ceiling run.
+    ceiling_secs: f64,
 }
 
-#[derive(Clone)]
+/// One feedd run and its interleaved ceiling.
+#[derive(Clone, Debug)]
+struct Run {
+    rate: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    peak_rss_kib: u64,
+    feedd_cpu_s: f64,
+    db_cpu_s: Option<f64>,
+    records: u64,
+    /// Rows/s of the prepared ceiling with `workers` connections, measured right before.
+    ceiling: f64,
+}
+
+#[derive(Clone, Debug)]
 struct Cell {
     workers: usize,
     batch_size: usize,
     per_msg: usize,
     in_flight: usize,
-    rate: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    peak_rss_kib: u64,
+    runs: Vec<Run>,
+}
+
+impl Cell {
+    fn rate(&self) -> f64 {
+        median(self.runs.iter().map(|r| r.rate).collect())
+    }
+    fn p50_ms(&self) -> f64 {
+        median(self.runs.iter().map(|r| r.p50_ms).collect())
+    }
+    fn p99_ms(&self) -> f64 {
+        median(self.runs.iter().map(|r| r.p99_ms).collect())
+    }
+    /// Per-run ratios to the interleaved ceiling.
+    fn ratios(&self) -> Vec<f64> {
+        self.runs.iter().map(|r| r.rate / r.ceiling).collect()
+    }
+    fn ceiling(&self) -> f64 {
+        median(self.runs.iter().map(|r| r.ceiling).collect())
+    }
+    fn peak_rss_mib(&self) -> f64 {
+        self.runs.iter().map(|r| r.peak_rss_kib).max().unwrap_or(0) as f64 / 1024.0
+    }
+    /// feedd's CPU seconds per million records (median of runs).
+    fn feedd_cpu_per_m(&self) -> f64 {
+        median(
+            self.runs
+                .iter()
+                .map(|r| r.feedd_cpu_s * 1e6 / r.records as f64)
+                .collect(),
+        )
+    }
+    fn db_cpu_per_m(&self) -> Option<f64> {
+        let v: Option<Vec<f64>> = self
+            .runs
+            .iter()
+            .map(|r| r.db_cpu_s.map(|s| s * 1e6 / r.records as f64))
+            .collect();
+        v.map(median)
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
+}
+
+/// "min–max" of the values.
+fn spread(v: &[f64], digits: usize) -> String {
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{lo:.digits$}–{hi:.digits$}")
 }
 
 fn table_sql(table: &str) -> String {
@@ -65,7 +140,37 @@ fn default_window(per_msg: usize) -> usize {
     }
 }
 
+/// CPU seconds (user + system) a process has used so far, from /proc/<pid>/stat.
+fn cpu_seconds(pid: i32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| ticks as f64 / hz as f64)
+}
+
+/// The database server's pid, when it runs on this machine and its pid file is readable.
+fn server_pid() -> Option<i32> {
+    let db = Db::create("bench_pid");
+    let file: String = db.conn().query_first("SELECT @@pid_file").ok()??;
+    let pid: i32 = std::fs::read_to_string(file).ok()?.trim().parse().ok()?;
+    cpu_seconds(pid).map(|_| pid)
+}
+
+fn peak_rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// One feedd run: fresh database, feedd started with the cell's settings, load, stop.
+#[allow(clippy::too_many_arguments)]
 fn run_feedd(
     workers: usize,
     batch_size: usize,
@@ -73,7 +178,8 @@ fn run_feedd(
     window: usize,
     records: u64,
     rate: Option<f64>,
-) -> (LoadReport, u64) {
+    db_pid: Option<i32>,
+) -> (LoadReport, Run) {
     let db = Db::create(&format!("bench_w{workers}_b{batch_size}_k{per_msg}"));
     let w = format!("pipeline.workers = {workers}");
     let b = format!("pipeline.batch_size = {batch_size}");
@@ -89,85 +195,87 @@ fn run_feedd(
         curve: None,
         rate,
     };
+    let cpu0 = cpu_seconds(feedd.pid()).unwrap_or(0.0);
+    let db0 = db_pid.and_then(cpu_seconds);
     let report = load::run(&options, Arc::new(Progress::default())).expect("load run");
+    let feedd_cpu_s = cpu_seconds(feedd.pid()).unwrap_or(0.0) - cpu0;
+    let db_cpu_s = db0.and_then(|c0| Some(db_pid.and_then(cpu_seconds)? - c0));
     assert!(report.ok(), "feedd run failed: {}", report.summary());
     let peak = peak_rss_kib(feedd.pid());
     feedd.signal(libc::SIGTERM);
     feedd.wait(Duration::from_secs(20));
-    (report, peak)
+    let run = Run {
+        rate: report.records_per_sec(),
+        p50_ms: report.latency_ms(0.5),
+        p99_ms: report.latency_ms(0.99),
+        peak_rss_kib: peak,
+        feedd_cpu_s,
+        db_cpu_s,
+        records: report.records_acked,
+        ceiling: f64::NAN,
+    };
+    (report, run)
 }
 
-fn peak_rss_kib(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
-}
-
-/// Runs a measurement until it lasts ≥ min_secs (calibrating the size), then `runs` times.
-fn measure<F: FnMut(u64) -> (f64, f64, f64, u64)>(
+/// A cell: a calibration run sizes the load to ≥ min_secs, then `runs` runs, each right after
+/// its own interleaved ceiling run with `workers` connections.
+fn cell(
     plan: &Plan,
-    start: u64,
-    mut f: F,
-) -> Vec<(f64, f64, f64, u64)> {
-    let mut n = start;
+    workers: usize,
+    batch_size: usize,
+    per_msg: usize,
+    window: usize,
+    db_pid: Option<i32>,
+) -> Cell {
+    let mut records: u64 = if plan.quick { 2_000 } else { 20_000 };
     if !plan.quick {
-        let (rate, ..) = f(n);
-        n = ((rate * plan.min_secs * 1.15) as u64).max(n);
+        let (_, r) = run_feedd(workers, batch_size, per_msg, window, records, None, db_pid);
+        records = ((r.rate * plan.min_secs * 1.15) as u64).max(records);
     }
-    (0..plan.runs).map(|_| f(n)).collect()
-}
-
-fn cell(plan: &Plan, workers: usize, batch_size: usize, per_msg: usize, window: usize) -> Cell {
-    let start = if plan.quick { 2_000 } else { 20_000 };
-    let results = measure(plan, start, |n| {
-        let (r, peak) = run_feedd(workers, batch_size, per_msg, window, n, None);
-        (
-            r.records_per_sec(),
-            r.latency_ms(0.5),
-            r.latency_ms(0.99),
-            peak,
-        )
-    });
+    let runs = (0..plan.runs)
+        .map(|_| {
+            let ceiling = db_ceiling_for(plan.ceiling_secs, workers as u64, true);
+            let (_, mut r) = run_feedd(workers, batch_size, per_msg, window, records, None, db_pid);
+            r.ceiling = ceiling;
+            r
+        })
+        .collect();
     Cell {
         workers,
         batch_size,
         per_msg,
         in_flight: 4 * window,
-        rate: median(results.iter().map(|r| r.0).collect()),
-        p50_ms: median(results.iter().map(|r| r.1).collect()),
-        p99_ms: median(results.iter().map(|r| r.2).collect()),
-        peak_rss_kib: results.iter().map(|r| r.3).max().unwrap_or(0),
+        runs,
     }
 }
 
-/// Baseline (a): 1,000-row INSERTs from `clients` connections; `prepared` uses the binary
-/// protocol with 3,000 placeholders, else text statements. Returns rows/s.
-fn db_ceiling(records: u64, clients: u64, prepared: bool) -> f64 {
+/// Baseline (a) for `secs`: 1,000-row INSERTs from `clients` connections until the time is
+/// up; `prepared` uses the binary protocol with 3,000 placeholders, else text statements.
+/// Returns rows/s.
+fn db_ceiling_for(secs: f64, clients: u64, prepared: bool) -> f64 {
     let db = Db::create(&format!("bench_ceiling_{clients}_{prepared}"));
     db.conn().query_drop(table_sql("fee")).unwrap();
     let started = Instant::now();
+    let until = started + Duration::from_secs_f64(secs);
+    // Disjoint ticket ranges, far larger than any client can fill in `secs`.
+    let span = 1u64 << 40;
     let threads: Vec<_> = (0..clients)
         .map(|c| {
             let mut conn = db.conn();
-            let per = records / clients;
             std::thread::spawn(move || {
-                let first = 1 + c * per;
+                let values = vec!["(?,?,?,'Y')"; 1000].join(",");
                 let stmt = prepared.then(|| {
-                    let values = vec!["(?,?,?,'Y')"; 1000].join(",");
                     conn.prep(format!(
                         "INSERT INTO fee (ticket,login,volume,status) VALUES {values}"
                     ))
                     .unwrap()
                 });
-                let mut t = first;
-                while t < first + per {
-                    let n = 1000.min(first + per - t);
-                    match (&stmt, n) {
-                        (Some(stmt), 1000) => {
-                            let params: Vec<mysql::Value> = (t..t + n)
+                let mut t = 1 + c * span;
+                let mut rows = 0u64;
+                while Instant::now() < until {
+                    match &stmt {
+                        Some(stmt) => {
+                            let params: Vec<mysql::Value> = (t..t + 1000)
                                 .flat_map(|t| {
                                     let (a, b, v) = row(t);
                                     [a.into(), b.into(), v.into()]
@@ -175,13 +283,13 @@ fn db_ceiling(records: u64, clients: u64, prepared: bool) -> f64 {
                                 .collect();
                             conn.exec_drop(stmt, params).unwrap();
                         }
-                        _ => {
+                        None => {
                             let mut sql = String::from(
                                 "INSERT INTO fee (ticket,login,volume,status) VALUES ",
                             );
-                            for t in t..t + n {
+                            for t in t..t + 1000 {
                                 let (a, b, v) = row(t);
-                                if t > first && !sql.ends_with(' ') {
+                                if !sql.ends_with(' ') {
                                     sql.push(',');
                                 }
                                 let _ = write!(sql, "({a},{b},{v},'Y')");
@@ -189,17 +297,42 @@ fn db_ceiling(records: u64, clients: u64, prepared: bool) -> f64 {
                             conn.query_drop(sql).unwrap();
                         }
                     }
-                    t += n;
+                    t += 1000;
+                    rows += 1000;
                 }
+                rows
             })
         })
         .collect();
-    for t in threads {
-        t.join().unwrap();
-    }
-    let rate = (records / clients * clients) as f64 / started.elapsed().as_secs_f64();
-    assert_eq!(db.count(), records / clients * clients);
+    let rows: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    let rate = rows as f64 / started.elapsed().as_secs_f64();
+    assert_eq!(db.count(), rows);
     rate
+}
+
+/// The latency floor the server imposes, measured over `n` tries each: p50 of an empty
+/// transaction's COMMIT (a round trip) and of a one-row autocommit INSERT (a round trip plus
+/// the redo log flush), in ms.
+fn commit_floor(n: u64) -> (f64, f64) {
+    let db = Db::create("bench_floor");
+    let mut conn = db.conn();
+    conn.query_drop(table_sql("fee")).unwrap();
+    let mut empty = Vec::new();
+    let mut one = Vec::new();
+    for t in 1..=n {
+        conn.query_drop("BEGIN").unwrap();
+        let s = Instant::now();
+        conn.query_drop("COMMIT").unwrap();
+        empty.push(s.elapsed().as_secs_f64() * 1e3);
+        let (a, b, v) = row(t);
+        let s = Instant::now();
+        conn.query_drop(format!(
+            "INSERT INTO fee (ticket,login,volume,status) VALUES ({a},{b},{v},'Y')"
+        ))
+        .unwrap();
+        one.push(s.elapsed().as_secs_f64() * 1e3);
+    }
+    (median(empty), median(one))
 }
 
 /// Baseline (b): the PHP daemon's loop — REP socket, reply, INSERT 'N', UPDATE 'Y', autocommit,
@@ -240,6 +373,14 @@ fn seed_pattern(records: u64) -> f64 {
     rate
 }
 
+/// A target line: what was asked, what was measured, whether it held.
+fn target(name: &str, measured: String, held: bool) {
+    println!(
+        "  [{}] {name}: {measured}",
+        if held { "held" } else { "MISSED" }
+    );
+}
+
 fn main() {
     let quick =
         std::env::args().any(|a| a == "--quick") || std::env::var_os("FEEDD_BENCH_QUICK").is_some();
@@ -247,6 +388,7 @@ fn main() {
         quick,
         runs: if quick { 1 } else { 3 },
         min_secs: 3.0,
+        ceiling_secs: if quick { 0.2 } else { 1.0 },
     };
     println!(
         "feedd ingest benchmark{} — {} cores",
@@ -255,131 +397,318 @@ fn main() {
             .map(|n| n.get())
             .unwrap_or(1)
     );
+    let db_pid = server_pid();
+    if db_pid.is_none() {
+        println!("  (database server's pid not readable: no mariadbd CPU column)");
+    }
 
-    // Baseline (a): best of 1/2/4 clients, text and prepared.
-    let ceiling_records = if quick { 20_000 } else { 600_000 };
-    let mut ceilings = Vec::new();
+    // Baseline (a), best of clients: printed once, the strictest reference.
+    let mut best_ceiling: (f64, u64, bool) = (0.0, 0, false);
     for clients in [1, 2, 4] {
         for prepared in [false, true] {
             let rates: Vec<f64> = (0..plan.runs)
-                .map(|_| db_ceiling(ceiling_records, clients, prepared))
+                .map(|_| db_ceiling_for(plan.ceiling_secs * 1.5, clients, prepared))
                 .collect();
-            let r = median(rates);
+            let r = median(rates.clone());
             println!(
-                "  (a) database ceiling, {clients} client(s), {}: {r:.0} rows/s",
-                if prepared { "prepared" } else { "text" }
+                "  (a) database ceiling, {clients} client(s), {}: {r:.0} rows/s ({})",
+                if prepared { "prepared" } else { "text" },
+                spread(&rates, 0)
             );
-            ceilings.push(r);
-        }
-    }
-    let ceiling = ceilings.iter().copied().fold(0.0, f64::max);
-    // Baseline (b): the seed pattern.
-    let seed_records = if quick { 500 } else { 8_000 };
-    let seed = median((0..plan.runs).map(|_| seed_pattern(seed_records)).collect());
-    println!("  (a) ceiling = {ceiling:.0} rows/s   (b) seed pattern = {seed:.0} records/s\n");
-
-    let mut cells = Vec::new();
-    println!(
-        "{:>7} {:>10} {:>7} {:>12} {:>8} {:>8} {:>9} {:>9} {:>9}",
-        "workers",
-        "batch_size",
-        "rec/msg",
-        "records/s",
-        "p50 ms",
-        "p99 ms",
-        "× (a)",
-        "× (b)",
-        "RSS MiB"
-    );
-    for workers in [1, 2] {
-        for batch_size in [100, 1000] {
-            for per_msg in [1, 10, 100] {
-                let c = cell(&plan, workers, batch_size, per_msg, default_window(per_msg));
-                println!(
-                    "{:>7} {:>10} {:>7} {:>12.0} {:>8.2} {:>8.2} {:>9.2} {:>9.1} {:>9.1}",
-                    c.workers,
-                    c.batch_size,
-                    c.per_msg,
-                    c.rate,
-                    c.p50_ms,
-                    c.p99_ms,
-                    c.rate / ceiling,
-                    c.rate / seed,
-                    c.peak_rss_kib as f64 / 1024.0
-                );
-                cells.push(c);
+            if r > best_ceiling.0 {
+                best_ceiling = (r, clients, prepared);
             }
         }
     }
+    let best = best_ceiling.0;
+    // Baseline (b): the seed pattern.
+    let seed_records = if quick { 500 } else { 8_000 };
+    let seeds: Vec<f64> = (0..plan.runs).map(|_| seed_pattern(seed_records)).collect();
+    let seed = median(seeds.clone());
+    println!(
+        "  best-of-clients ceiling (a*) = {best:.0} rows/s ({} client(s), {})   (b) seed pattern = {seed:.0} records/s ({})\n",
+        best_ceiling.1,
+        if best_ceiling.2 { "prepared" } else { "text" },
+        spread(&seeds, 0)
+    );
 
-    // Ack latency at half the peak rate of the best 1-record-per-message cell.
-    let best = cells
+    let configs: &[(usize, usize)] = if quick {
+        &[(1, 1000), (2, 1000)]
+    } else {
+        &[
+            (1, 100),
+            (2, 100),
+            (1, 1000),
+            (2, 1000),
+            (3, 1000),
+            (4, 1000),
+        ]
+    };
+    let mut specs: Vec<(usize, usize, usize)> = Vec::new();
+    for &(w, b) in configs {
+        for k in [1, 10, 100] {
+            specs.push((w, b, k));
+        }
+    }
+    if !quick {
+        specs.push((1, 2000, 100));
+        specs.push((2, 2000, 100));
+    }
+    println!(
+        "ratio × (a) = median of per-run ratios to the interleaved ceiling with as many connections as workers; [spread]"
+    );
+    println!(
+        "{:>3} {:>5} {:>4} {:>9} {:>17} {:>6} {:>6} {:>18} {:>6} {:>6} {:>9} {:>9} {:>5}",
+        "wkr",
+        "batch",
+        "r/m",
+        "records/s",
+        "[spread]",
+        "p50ms",
+        "p99ms",
+        "× (a) [spread]",
+        "×(a*)",
+        "×(b)",
+        "feedd s/M",
+        "maria s/M",
+        "RSS M"
+    );
+    let mut cells = Vec::new();
+    for (w, b, k) in specs {
+        let c = cell(&plan, w, b, k, default_window(k), db_pid);
+        print_cell(&c, best, seed);
+        cells.push(c);
+    }
+
+    // Latency floor at 1 record per message: the best such cell's peak, offered at fractions.
+    let peak_cell = cells
         .iter()
         .filter(|c| c.per_msg == 1)
-        .max_by(|a, b| a.rate.total_cmp(&b.rate))
+        .max_by(|a, b| a.rate().total_cmp(&b.rate()))
         .cloned()
-        .unwrap();
-    let half = best.rate / 2.0;
-    let records = if quick { 2_000 } else { (half * 4.0) as u64 };
-    let p99s: Vec<f64> = (0..plan.runs)
-        .map(|_| {
-            run_feedd(
-                best.workers,
-                best.batch_size,
+        .expect("a 1-record cell");
+    let peak = peak_cell.rate();
+    println!(
+        "\nlatency floor, 1 record/message (workers {}, batch_size {}, peak {peak:.0} records/s):",
+        peak_cell.workers, peak_cell.batch_size
+    );
+    let mut floors_empty = Vec::new();
+    let mut floors_one = Vec::new();
+    let mut at = Vec::new();
+    for fraction in [0.25, 0.5, 0.9] {
+        let rate = peak * fraction;
+        let records = if quick { 1_000 } else { (rate * 3.0) as u64 };
+        let mut p50s = Vec::new();
+        let mut p99s = Vec::new();
+        for _ in 0..plan.runs {
+            let (empty, one) = commit_floor(if quick { 50 } else { 500 });
+            floors_empty.push(empty);
+            floors_one.push(one);
+            let (_, r) = run_feedd(
+                peak_cell.workers,
+                peak_cell.batch_size,
                 1,
                 default_window(1),
                 records,
-                Some(half),
-            )
-            .0
-            .latency_ms(0.99)
-        })
-        .collect();
-    let p99_half = median(p99s);
-    println!("\nack latency p99 at half the peak 1-record rate ({half:.0} records/s, workers {}, batch_size {}): {p99_half:.2} ms", best.workers, best.batch_size);
-    // Single records are bound by commit latency × messages in flight: a deeper window.
-    let deep = cell(&plan, 1, 1000, 1, 256);
+                Some(rate),
+                None,
+            );
+            p50s.push(r.p50_ms);
+            p99s.push(r.p99_ms);
+        }
+        let (p50, p99) = (median(p50s.clone()), median(p99s));
+        println!(
+            "  at {:>2.0} % of peak ({rate:.0} records/s): ack p50 {p50:.2} ms [{}], p99 {p99:.2} ms",
+            fraction * 100.0,
+            spread(&p50s, 2)
+        );
+        at.push((fraction, p50, p99));
+    }
+    let floor_empty = median(floors_empty.clone());
+    let floor_one = median(floors_one.clone());
     println!(
-        "1 record/message with 1,024 in flight (workers 1, batch_size 1000): {:.0} records/s, p99 {:.2} ms, {:.2} × (a), {:.1} × (b)",
-        deep.rate,
-        deep.p99_ms,
-        deep.rate / ceiling,
-        deep.rate / seed
-    );
-    cells.push(deep);
-    let peak_rss = cells.iter().map(|c| c.peak_rss_kib).max().unwrap_or(0);
-    println!(
-        "peak feedd RSS over all cells: {:.1} MiB",
-        peak_rss as f64 / 1024.0
+        "  server floor, same run: empty COMMIT {floor_empty:.3} ms [{}], one-row autocommit INSERT {floor_one:.3} ms [{}]",
+        spread(&floors_empty, 3),
+        spread(&floors_one, 3)
     );
 
-    write_results(&cells, ceiling, seed, p99_half, quick);
+    if !quick {
+        // Single records are bound by commit latency × messages in flight: a deeper window.
+        let deep = cell(&plan, 1, 1000, 1, 256, db_pid);
+        println!("1 record/message with 1,024 in flight:");
+        print_cell(&deep, best, seed);
+        cells.push(deep);
+    }
+    let peak_rss = cells.iter().map(|c| c.peak_rss_mib()).fold(0.0, f64::max);
+
+    if quick {
+        println!("\ntargets (this run; a quick run is too short to judge them):");
+    } else {
+        println!("\ntargets (this run):");
+    }
+    let best_of = |k: usize| {
+        cells
+            .iter()
+            .filter(|c| c.per_msg == k && c.in_flight == 4 * default_window(k))
+            .max_by(|a, b| median(a.ratios()).total_cmp(&median(b.ratios())))
+            .cloned()
+    };
+    let name = |c: &Cell| format!("workers {}, batch_size {}", c.workers, c.batch_size);
+    if let Some(c) = best_of(100) {
+        let r = median(c.ratios());
+        target(
+            "100 rec/msg ≥ 0.9 × interleaved ceiling",
+            format!("{r:.2} [{}] ({})", spread(&c.ratios(), 2), name(&c)),
+            r >= 0.9,
+        );
+        let r = c.rate() / best;
+        target(
+            "100 rec/msg ≥ 0.8 × best-of-clients ceiling",
+            format!("{r:.2} ({})", name(&c)),
+            r >= 0.8,
+        );
+        if let Some(db) = c.db_cpu_per_m() {
+            let r = c.feedd_cpu_per_m() / db;
+            target(
+                "100 rec/msg: feedd CPU ≤ 0.2 × mariadbd CPU per record",
+                format!(
+                    "{r:.2} ({:.2} s vs {db:.2} s per million records, {})",
+                    c.feedd_cpu_per_m(),
+                    name(&c)
+                ),
+                r <= 0.2,
+            );
+        }
+    }
+    if let Some(c) = best_of(10) {
+        let r = median(c.ratios());
+        target(
+            "10 rec/msg ≥ 0.6 × interleaved ceiling",
+            format!("{r:.2} [{}] ({})", spread(&c.ratios(), 2), name(&c)),
+            r >= 0.6,
+        );
+    }
+    if let Some(c) = best_of(1) {
+        let r = c.rate() / seed;
+        target(
+            "1 rec/msg, 4 × 32 in flight ≥ 40 × seed pattern (b)",
+            format!(
+                "{r:.1} [{}] ({})",
+                spread(&c.runs.iter().map(|x| x.rate / seed).collect::<Vec<_>>(), 1),
+                name(&c)
+            ),
+            r >= 40.0,
+        );
+    }
+    target(
+        "peak RSS ≤ 64 MiB",
+        format!("{peak_rss:.1} MiB"),
+        peak_rss <= 64.0,
+    );
+    if let Some(&(_, p50, _)) = at.first() {
+        target(
+            "ack p50 at 25 % of peak within 1 ms of the empty-COMMIT floor",
+            format!("{p50:.2} ms vs {floor_empty:.3} ms"),
+            p50 - floor_empty <= 1.0,
+        );
+    }
+    println!("  (≥ 1.5 × the code before issue 12 at 1 rec/msg: measured by alternating the two builds; see README)");
+
+    let floor = Floor {
+        empty_commit_ms: floor_empty,
+        one_row_insert_ms: floor_one,
+        at,
+    };
+    write_results(&cells, best, seed, &floor, quick);
 }
 
-fn write_results(cells: &[Cell], ceiling: f64, seed: f64, p99_half: f64, quick: bool) {
+fn print_cell(c: &Cell, best: f64, seed: f64) {
+    let rates: Vec<f64> = c.runs.iter().map(|r| r.rate).collect();
+    println!(
+        "{:>3} {:>5} {:>4} {:>9.0} {:>17} {:>6.2} {:>6.2} {:>5.2} {:>12} {:>6.2} {:>6.1} {:>9.2} {:>9} {:>5.1}",
+        c.workers,
+        c.batch_size,
+        c.per_msg,
+        c.rate(),
+        format!("[{}]", spread(&rates, 0)),
+        c.p50_ms(),
+        c.p99_ms(),
+        median(c.ratios()),
+        format!("[{}]", spread(&c.ratios(), 2)),
+        c.rate() / best,
+        c.rate() / seed,
+        c.feedd_cpu_per_m(),
+        c.db_cpu_per_m()
+            .map(|s| format!("{s:.2}"))
+            .unwrap_or_else(|| "n/a".into()),
+        c.peak_rss_mib()
+    );
+}
+
+struct Floor {
+    empty_commit_ms: f64,
+    one_row_insert_ms: f64,
+    /// (fraction of peak, ack p50 ms, ack p99 ms)
+    at: Vec<(f64, f64, f64)>,
+}
+
+fn write_results(cells: &[Cell], best: f64, seed: f64, floor: &Floor, quick: bool) {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
     let _ = std::fs::create_dir_all(&dir);
-    let mut csv = String::from("workers,batch_size,records_per_message,in_flight,records_per_sec,ack_p50_ms,ack_p99_ms,ratio_ceiling,ratio_seed,peak_rss_kib\n");
-    let mut json = format!("{{\"quick\":{quick},\"ceiling_rows_per_sec\":{ceiling:.0},\"seed_records_per_sec\":{seed:.0},\"ack_p99_ms_at_half_peak\":{p99_half:.3},\"cells\":[");
+    let mut csv = String::from("workers,batch_size,records_per_message,in_flight,records_per_sec,ack_p50_ms,ack_p99_ms,interleaved_ceiling,ratio_interleaved,ratio_interleaved_min,ratio_interleaved_max,ratio_best_ceiling,ratio_seed,feedd_cpu_s_per_million,mariadbd_cpu_s_per_million,peak_rss_kib\n");
+    let mut json = format!(
+        "{{\"quick\":{quick},\"best_ceiling_rows_per_sec\":{best:.0},\"seed_records_per_sec\":{seed:.0},\"empty_commit_ms\":{:.3},\"one_row_insert_ms\":{:.3},\"latency_at_fraction_of_peak\":[{}],\"cells\":[",
+        floor.empty_commit_ms,
+        floor.one_row_insert_ms,
+        floor
+            .at
+            .iter()
+            .map(|(f, p50, p99)| format!("{{\"fraction\":{f},\"ack_p50_ms\":{p50:.3},\"ack_p99_ms\":{p99:.3}}}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
     for (i, c) in cells.iter().enumerate() {
+        let ratios = c.ratios();
+        let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let db = c
+            .db_cpu_per_m()
+            .map(|s| format!("{s:.3}"))
+            .unwrap_or_default();
+        let rss = c.runs.iter().map(|r| r.peak_rss_kib).max().unwrap_or(0);
         let _ = writeln!(
             csv,
-            "{},{},{},{},{:.0},{:.3},{:.3},{:.3},{:.2},{}",
+            "{},{},{},{},{:.0},{:.3},{:.3},{:.0},{:.3},{lo:.3},{hi:.3},{:.3},{:.2},{:.3},{db},{rss}",
             c.workers,
             c.batch_size,
             c.per_msg,
             c.in_flight,
-            c.rate,
-            c.p50_ms,
-            c.p99_ms,
-            c.rate / ceiling,
-            c.rate / seed,
-            c.peak_rss_kib
+            c.rate(),
+            c.p50_ms(),
+            c.p99_ms(),
+            c.ceiling(),
+            median(ratios.clone()),
+            c.rate() / best,
+            c.rate() / seed,
+            c.feedd_cpu_per_m(),
         );
         let _ = write!(
             json,
-            "{}{{\"workers\":{},\"batch_size\":{},\"records_per_message\":{},\"in_flight\":{},\"records_per_sec\":{:.0},\"ack_p50_ms\":{:.3},\"ack_p99_ms\":{:.3},\"ratio_ceiling\":{:.3},\"ratio_seed\":{:.2},\"peak_rss_kib\":{}}}",
-            if i > 0 { "," } else { "" }, c.workers, c.batch_size, c.per_msg, c.in_flight, c.rate, c.p50_ms, c.p99_ms, c.rate / ceiling, c.rate / seed, c.peak_rss_kib
+            "{}{{\"workers\":{},\"batch_size\":{},\"records_per_message\":{},\"in_flight\":{},\"records_per_sec\":{:.0},\"ack_p50_ms\":{:.3},\"ack_p99_ms\":{:.3},\"interleaved_ceiling\":{:.0},\"ratio_interleaved\":{:.3},\"ratio_interleaved_min\":{lo:.3},\"ratio_interleaved_max\":{hi:.3},\"ratio_best_ceiling\":{:.3},\"ratio_seed\":{:.2},\"feedd_cpu_s_per_million\":{:.3},\"mariadbd_cpu_s_per_million\":{},\"peak_rss_kib\":{rss}}}",
+            if i > 0 { "," } else { "" },
+            c.workers,
+            c.batch_size,
+            c.per_msg,
+            c.in_flight,
+            c.rate(),
+            c.p50_ms(),
+            c.p99_ms(),
+            c.ceiling(),
+            median(ratios),
+            c.rate() / best,
+            c.rate() / seed,
+            c.feedd_cpu_per_m(),
+            if db.is_empty() { "null".to_string() } else { db },
         );
     }
     json.push_str("]}\n");

@@ -52,6 +52,12 @@ pub struct Metrics {
     pub amqp_acks: IntCounter,
     pub amqp_dead_letters: IntCounter,
     pub amqp_reconnects: IntCounter,
+    /// Moves along the `[mysql] host` list, and which host takes writes (1) or not (0).
+    pub db_failovers: IntCounter,
+    pub db_host_active: IntGaugeVec,
+    /// Which store (by its serial) owns `db_host_active`: the one serving, not one a reload
+    /// prepared and dropped, nor one replaced by a reload.
+    pub db_hosts_owner: Arc<std::sync::atomic::AtomicU64>,
     queue_depth_gauge: IntGauge,
     /// The queue's own depth, read when the gauge is rendered (the queue owns it).
     queue_depth: DepthReader,
@@ -86,6 +92,14 @@ impl Metrics {
         let build = IntGaugeVec::new(Opts::new("feedd_build_info", "feedd version"), &["version"])?;
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         registry.register(Box::new(build))?;
+        let db_host_active = IntGaugeVec::new(
+            Opts::new(
+                "feedd_db_host_active",
+                "1 for the [mysql] host taking writes, 0 for the others of the list",
+            ),
+            &["host"],
+        )?;
+        registry.register(Box::new(db_host_active.clone()))?;
         Ok(Metrics {
             messages_received: counter(
                 "feedd_messages_received_total",
@@ -130,6 +144,12 @@ impl Metrics {
                 "feedd_amqp_reconnects_total",
                 "AMQP connections re-established after a loss",
             )?,
+            db_failovers: counter(
+                "feedd_db_failovers_total",
+                "Moves to the next [mysql] host (refused, lost, read-only, not primary)",
+            )?,
+            db_host_active,
+            db_hosts_owner: Arc::default(),
             queue_depth_gauge,
             queue_depth,
             batch_commit_seconds: histogram(

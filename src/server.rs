@@ -172,11 +172,11 @@ impl Server {
         let metrics = Metrics::new(queue.depth_reader())?;
         let workers = config.pipeline.worker_count();
         let pool_size = config.mysql.pool_size_for(workers);
-        let store = Store::connect(&config.mysql, pool_size)?;
+        let store = Store::connect(&config.mysql, pool_size, &metrics)?;
+        store.publish();
         log::info!(
-            "database {}:{}/{} table `{}` ready (pool of {pool_size})",
-            config.mysql.host,
-            config.mysql.port,
+            "database {}/{} table `{}` ready (pool of {pool_size})",
+            store.active_host(),
             config.mysql.database,
             config.mysql.table
         );
@@ -326,6 +326,7 @@ impl Bound {
             metrics_server: &mut metrics_server,
             logging: &logging,
             notify: notify.as_ref(),
+            reload_again: false,
             workers,
             file: config.file.clone(),
             base: config.base_dir.clone(),
@@ -366,6 +367,9 @@ impl Bound {
         }
         // A worker abandoned mid-query holds no socket: the context can close regardless.
         drop(context);
+        if let Some(handle) = &receiver_handle {
+            crate::input::receiver::remove_ipc_file(&handle.bound());
+        }
         Ok(outcome)
     }
 }
@@ -379,6 +383,8 @@ struct Main<'a> {
     metrics_server: &'a mut Option<MetricsServer>,
     logging: &'a Arc<Logging>,
     notify: Option<&'a Notifier>,
+    /// A SIGHUP came while a reload was being applied: prepare another one after it.
+    reload_again: bool,
     workers: usize,
     file: PathBuf,
     base: PathBuf,
@@ -429,7 +435,21 @@ impl Main<'_> {
                         p.again
                     });
                     let result = result.unwrap_or_else(|_| Err("the reload preparer died".into()));
-                    let applied = result.and_then(|prepared| self.apply(prepared));
+                    let applied = match result {
+                        Ok(prepared) => self.apply(prepared, events),
+                        Err(reason) => Err(Interrupted::Failed(reason)),
+                    };
+                    let again = again || std::mem::take(&mut self.reload_again);
+                    let applied = match applied {
+                        Ok(()) => Ok(()),
+                        Err(Interrupted::Failed(reason)) => Err(reason),
+                        Err(Interrupted::Shutdown(signal)) => {
+                            log::info!(
+                                "signal {signal}: shutting down, draining the queue; the reload being applied is abandoned"
+                            );
+                            return (None, None);
+                        }
+                    };
                     match &applied {
                         Ok(()) => {
                             self.shared.metrics.config_reloads.inc();
@@ -499,34 +519,32 @@ impl Main<'_> {
     }
 
     /// Each owner applies its part; the new config is published only when every part took.
-    fn apply(&mut self, prepared: Prepared) -> Result<(), String> {
+    fn apply(&mut self, prepared: Prepared, events: &Chan<Event>) -> Result<(), Interrupted> {
         let Prepared {
             config: new,
             store,
             metrics_server,
             amqp,
         } = prepared;
-        let old = self.shared.config.load_full();
-        let settings = ZmqSettings::of(&new);
-        if let Some(receiver) = self.receiver.filter(|_| settings != ZmqSettings::of(&old)) {
-            receiver.apply(settings)?;
-        }
+        // Always asked: the receiver may be bound to nothing after an earlier failure.
+        self.apply_receiver(ZmqSettings::of(&new), events)?;
         if let Some((settings, link)) = amqp {
             // The new broker already answered (in the preparer); the switch itself only
             // drains the old channel, so it cannot leave the reload half applied.
             self.consumer
-                .apply(settings, link, new.daemon.shutdown_timeout())?;
+                .apply(settings, link, new.daemon.shutdown_timeout())
+                .map_err(Interrupted::Failed)?;
         }
         // Nothing below can fail: from here the reload is applied whole.
         if let Some(store) = store {
-            self.shared.store.store(Arc::new(store));
+            store.publish();
             log::info!(
-                "database target now {}:{}/{}.{}",
-                new.mysql.host,
-                new.mysql.port,
+                "database target now {}/{}.{}",
+                store.active_host(),
                 new.mysql.database,
                 new.mysql.table
             );
+            self.shared.store.store(Arc::new(store));
         }
         if let Some(server) = metrics_server {
             // Dropping the old listener stops it; the new one is already bound.
@@ -559,6 +577,7 @@ fn start_watchdog(
     queue: &Queue,
 ) -> Option<Watchdog> {
     let (config, metrics) = (Arc::clone(&shared.config), shared.metrics.clone());
+    let store = Arc::clone(&shared.store);
     let depth = queue.depth_reader();
     let snapshot = move || {
         let c = config.load();
@@ -570,13 +589,58 @@ fn start_watchdog(
             },
             committed: metrics.records_committed.get(),
             queue_depth: depth.records(),
-            database: format!("{}:{}/{}", c.mysql.host, c.mysql.port, c.mysql.database),
+            // The host taking writes, which a host list may have moved to.
+            database: format!("{}/{}", store.load().active_host(), c.mysql.database),
         }
     };
     notifier
         .start_watchdog(beats, snapshot)
         .map_err(|e| log::error!("cannot start the systemd watchdog thread: {e}"))
         .ok()
+}
+
+/// Why a reload was not applied.
+enum Interrupted {
+    /// A part did not take (the reason); nothing of the reload stays applied.
+    Failed(String),
+    /// SIGTERM/SIGINT came while an owner was applying its part: abandon it and drain.
+    Shutdown(i32),
+}
+
+impl Main<'_> {
+    /// The receiver's part of a reload. It may wait for the old socket's messages to be
+    /// answered; signals are still handled meanwhile, and a shutdown abandons the reload.
+    fn apply_receiver(
+        &mut self,
+        settings: ZmqSettings,
+        events: &Chan<Event>,
+    ) -> Result<(), Interrupted> {
+        // The drain of the messages in flight, then a bind retry loop (about 2 s).
+        let Some(receiver) = self.receiver else {
+            return Ok(()); // ZeroMQ input off
+        };
+        let deadline = Instant::now() + settings.drain + Duration::from_secs(10);
+        let answer = receiver.apply(settings);
+        loop {
+            select! {
+                recv(answer) -> result => {
+                    return match result {
+                        Ok(result) => result.map_err(Interrupted::Failed),
+                        Err(_) => Err(Interrupted::Failed("the receiver is gone".into())),
+                    };
+                }
+                recv(events) -> event => match event {
+                    Ok(Event::Shutdown { signal }) => return Err(Interrupted::Shutdown(signal)),
+                    Ok(Event::ReopenLog) => self.logging.reopen(),
+                    Ok(Event::Reload) => self.reload_again = true,
+                    Err(_) => return Err(Interrupted::Failed("signal thread gone".into())),
+                },
+                default(deadline.saturating_duration_since(Instant::now())) => {
+                    return Err(Interrupted::Failed("the receiver did not answer".into()));
+                }
+            }
+        }
+    }
 }
 
 /// Everything of a reload that can fail, done without touching the running daemon.
@@ -623,7 +687,7 @@ fn prepare(
     let store = if new.mysql != old.mysql {
         let pool_size = new.mysql.pool_size_for(workers);
         Some(
-            Store::connect(&new.mysql, pool_size)
+            Store::connect(&new.mysql, pool_size, metrics)
                 .map_err(|e| format!("new database target not usable: {e}"))?,
         )
     } else {

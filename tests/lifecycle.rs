@@ -8,6 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use common::*;
+use mysql::prelude::Queryable;
 
 fn reload_counts(addr: &str) -> (f64, f64) {
     let text = http_get(addr, "/metrics");
@@ -348,4 +349,88 @@ fn sigterm_right_behind_a_slow_reload_is_acted_on_at_once() {
         "SIGTERM waited {took:?} for the reload"
     );
     assert!(f.stderr_log().contains("the reload under way is abandoned"));
+}
+
+#[test]
+fn ipc_endpoints_never_delete_a_file_and_leave_no_socket_behind() {
+    let db = Db::create("l_ipc");
+    let (addr, listen) = metrics_listen();
+    let f = Feedd::prepare(&db, &[&listen]);
+    let sock = f.dir.path().join("feedd.sock");
+    let plain = f.dir.path().join("plain");
+    std::fs::write(&plain, "not a socket").unwrap();
+    let ipc = format!("ipc://{}", sock.display());
+    let f = f.prepare_in(&db, &[&listen, &format!("zmq.endpoint = {ipc}")]);
+    let mut f = f.spawn_foreground();
+    assert_eq!(Req::connect(&ipc).ask("1,1,1"), "TRUE");
+    // A second instance on the same path is refused, the first keeps serving.
+    let other = Feedd::prepare(&db, &[&format!("zmq.endpoint = {ipc}")]);
+    let (status, _, err) = other.command(&["--conf", "feed.ini"]);
+    assert_eq!(status.code(), Some(1));
+    assert!(err.contains("already listening"), "{err}");
+    assert_eq!(Req::connect(&ipc).ask("2,1,1"), "TRUE");
+    // A reload to a path that is a regular file fails and leaves the file alone.
+    rewrite(&f, &ipc, &format!("ipc://{}", plain.display()));
+    f.signal(libc::SIGHUP);
+    wait_counts(&addr, (0.0, 1.0));
+    assert_eq!(std::fs::read_to_string(&plain).unwrap(), "not a socket");
+    // A reload to another path moves there and removes the old socket file.
+    let moved = f.dir.path().join("moved.sock");
+    rewrite(
+        &f,
+        &format!("ipc://{}", plain.display()),
+        &format!("ipc://{}", moved.display()),
+    );
+    f.signal(libc::SIGHUP);
+    wait_counts(&addr, (1.0, 1.0));
+    assert!(!sock.exists(), "the old socket file is removed");
+    let moved_ipc = format!("ipc://{}", moved.display());
+    assert_eq!(Req::connect(&moved_ipc).ask("3,1,1"), "TRUE");
+    f.signal(libc::SIGTERM);
+    assert!(f.wait(Duration::from_secs(10)).success());
+    assert!(!moved.exists(), "no socket file left after a clean exit");
+}
+
+#[test]
+fn sigterm_during_an_endpoint_move_abandons_it_at_once() {
+    let db = Db::create("l_move_term");
+    let (addr, listen) = metrics_listen();
+    let mut f = Feedd::start(&db, &[&listen, "daemon.shutdown_timeout_ms = 3000"]);
+    // A message that cannot commit (its ticket is locked): the move waits for its answer.
+    let mut other = db.conn();
+    other.query_drop("BEGIN").unwrap();
+    other
+        .query_drop("INSERT INTO fee (ticket, login, volume, status) VALUES (1, 1, 1, 'Y')")
+        .unwrap();
+    let dealer = Dealer::connect(&f.endpoint());
+    dealer.send(1, "1,1,1");
+    assert!(wait_until(Duration::from_secs(10), || {
+        metric(
+            &http_get(&addr, "/metrics"),
+            "feedd_messages_received_total",
+        ) >= 1.0
+    }));
+    rewrite(
+        &f,
+        &format!("127.0.0.1:{}", f.port),
+        &format!("127.0.0.1:{}", free_port()),
+    );
+    f.signal(libc::SIGHUP);
+    f.wait_for_log("SIGHUP: reloading", Duration::from_secs(5));
+    f.wait_for_log("before the old socket closes", Duration::from_secs(5));
+    let asked = Instant::now();
+    f.signal(libc::SIGTERM);
+    let status = f.wait(Duration::from_secs(20));
+    let took = asked.elapsed();
+    other.query_drop("ROLLBACK").unwrap();
+    assert!(status.success(), "{}", f.stderr_log());
+    assert!(
+        took < Duration::from_millis(3500),
+        "SIGTERM waited {took:?} (the drain is 3 s)"
+    );
+    assert!(
+        f.stderr_log().contains("reload being applied is abandoned"),
+        "{}",
+        f.stderr_log()
+    );
 }

@@ -285,3 +285,45 @@ fn curve_switched_on_by_reload_rebinds_the_endpoint() {
     assert_eq!(db.count(), 2);
     assert!(!f.stderr_log().contains(&server.1));
 }
+
+#[test]
+fn curve_allowlist_holds_after_the_privilege_drop() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root to drop to nobody");
+        return;
+    }
+    // The drop signals every thread (glibc's setxid): the ZAP handler must survive it, and
+    // were it ever gone, CURVE handshakes must be refused rather than let through.
+    let db = Db::create("curve_drop");
+    let server = curve_pair();
+    let allowed = curve_pair();
+    let f = Feedd::prepare(&db, &[]);
+    let list = f.dir.path().join("clients.keys");
+    std::fs::write(&list, format!("{}\n", allowed.0)).unwrap();
+    let secret = format!("zmq.curve_secret_key = \"{}\"", server.1);
+    let clients = format!("zmq.curve_allowed_clients = {}", list.display());
+    let f = Feedd::prepare_in(
+        f,
+        &db,
+        &[
+            &secret,
+            &clients,
+            "daemon.user = nobody",
+            "daemon.group = nogroup",
+        ],
+    );
+    std::fs::set_permissions(f.conf_path(), std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(f.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let f = f.spawn_foreground();
+    f.wait_for_log("privileges dropped", Duration::from_secs(10));
+    let good = Dealer::connect_curve(&f.endpoint(), &server.0, &allowed);
+    assert_eq!(good.ask("1,1,1").as_deref(), Some("TRUE"));
+    let stranger = Dealer::connect_curve(&f.endpoint(), &server.0, &curve_pair());
+    assert_eq!(stranger.ask("2,1,1"), None, "an unlisted key gets nothing");
+    assert_eq!(db.count(), 1);
+    assert!(
+        !f.stderr_log().contains("handler stopped"),
+        "{}",
+        f.stderr_log()
+    );
+}

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 pub use keys::{read_allow_list, CurveKey, Secret};
 pub use sections::{
-    DaemonConfig, MetricsConfig, MysqlConfig, PipelineConfig, ZmqConfig, MAX_BATCH_SIZE,
+    DaemonConfig, MetricsConfig, MysqlConfig, PipelineConfig, TlsMode, ZmqConfig, MAX_BATCH_SIZE,
 };
 
 use sections::Section;
@@ -116,7 +116,7 @@ impl Config {
         let zmq = ZmqConfig::from_section(&mut zmq_s, base)?;
         zmq_s.finish()?;
         let mut mysql_s = Section::take(&mut ini, file, "mysql");
-        let mysql = MysqlConfig::from_section(&mut mysql_s)?;
+        let mysql = MysqlConfig::from_section(&mut mysql_s, base)?;
         mysql_s.finish()?;
         let mut amqp_s = Section::take(&mut ini, file, "amqp");
         let amqp = AmqpConfig::parse(&mut amqp_s)?;
@@ -421,5 +421,63 @@ mod tests {
         let a = parse("").unwrap();
         let b = parse("[pipeline]\nworkers = 3\nbatch_size = 5").unwrap();
         assert_eq!(restart_only_changes(&a, &b), vec!["[pipeline] workers"]);
+    }
+
+    #[test]
+    fn host_list() {
+        let c = parse("[mysql]\nhost = db1:3307, db2, [::1]\nport = 3310").unwrap();
+        assert_eq!(c.mysql.hosts_text(), "db1:3307, db2:3310, [::1]:3310");
+        assert_eq!(parse("").unwrap().mysql.hosts_text(), "127.0.0.1:3306");
+        let e = err("[mysql]\nhost = db1, db2:99999");
+        assert!(
+            e.contains("[mysql] host") && e.contains("entry `db2:99999`"),
+            "{e}"
+        );
+        assert!(err("[mysql]\nhost =").contains("[mysql] host: must name at least one host"));
+        assert!(err("[mysql]\nhost = db1,,db2").contains("entry 2 is empty"));
+    }
+
+    #[test]
+    fn tls_settings() {
+        let c = parse("[mysql]\ntls = required").unwrap();
+        assert_eq!(c.mysql.tls, TlsMode::Required);
+        assert_eq!(parse("").unwrap().mysql.tls, TlsMode::Off);
+        assert!(err("[mysql]\ntls = yes").contains("not one of off, required"));
+        let e = err("[mysql]\ntls = verify_identity");
+        assert!(e.contains("[mysql] tls_ca_file: must name the CA"), "{e}");
+        let e = err("[mysql]\ntls_ca_file = ca.pem");
+        assert!(e.contains("no effect with tls = off"), "{e}");
+        let e = err("[mysql]\ntls = required\ntls_cert_file = c.pem");
+        assert!(
+            e.contains("[mysql] tls_key_file: tls_cert_file and tls_key_file go together"),
+            "{e}"
+        );
+        // Relative to the start directory; a missing file is named with the reason.
+        let e = err("[mysql]\ntls = verify_ca\ntls_ca_file = nope/ca.pem");
+        assert!(e.contains("cannot read /srv/nope/ca.pem"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(
+            &junk,
+            "-----BEGIN PRIVATE KEY-----\nc2VjcmV0IGtleSBieXRlcw==\n",
+        )
+        .unwrap();
+        let e = err(&format!(
+            "[mysql]\ntls = verify_ca\ntls_ca_file = {}",
+            junk.display()
+        ));
+        assert!(e.contains("no PEM certificate in it"), "{e}");
+        let e = err(&format!(
+            "[mysql]\ntls = required\ntls_cert_file = {0}\ntls_key_file = {0}",
+            junk.display()
+        ));
+        assert!(
+            e.contains("tls_cert_file") && e.contains("no PEM certificate"),
+            "{e}"
+        );
+        assert!(
+            !e.contains("c2VjcmV0"),
+            "nothing read from a key file is shown: {e}"
+        );
     }
 }

@@ -14,6 +14,7 @@ use log::LevelFilter;
 use super::ini::{self, Entry, IniSection};
 use super::keys::{read_allow_list, CurveKey, Secret};
 use super::ConfigError;
+use crate::pipeline::hosts::{parse_hosts, HostAddr};
 
 /// Largest `batch_size`: a prepared multi-row INSERT may hold at most 65,535 placeholders
 /// (3 per record); text statements stay far below `max_allowed_packet` at this size.
@@ -44,7 +45,8 @@ pub struct ZmqConfig {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct MysqlConfig {
-    pub host: String,
+    /// The failover list in order (one entry for a single host); `port` already applied.
+    pub hosts: Vec<HostAddr>,
     pub port: u16,
     pub user: String,
     pub password: Secret,
@@ -52,6 +54,24 @@ pub struct MysqlConfig {
     pub table: String,
     /// 0: workers + 1.
     pub pool_size: u32,
+    pub tls: TlsMode,
+    /// PEM CA bundle; required by `verify_ca` and `verify_identity`.
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM client certificate and its key, both or neither (accounts that REQUIRE X509).
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+}
+
+/// `[mysql] tls`: how the connection to the database is secured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    Off,
+    /// Encrypted, the server certificate not checked.
+    Required,
+    /// The server certificate must chain to `tls_ca_file`; its name is not checked.
+    VerifyCa,
+    /// As `VerifyCa`, and the certificate must name the host connected to.
+    VerifyIdentity,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -94,6 +114,12 @@ impl PipelineConfig {
 }
 
 impl MysqlConfig {
+    /// The host list as written back: `db1:3306, db2:3306`.
+    pub fn hosts_text(&self) -> String {
+        let list: Vec<String> = self.hosts.iter().map(|h| h.to_string()).collect();
+        list.join(", ")
+    }
+
     /// The pool size this config asks for, with 0 resolved against the worker count.
     pub fn pool_size_for(&self, workers: usize) -> u32 {
         if self.pool_size > 0 {
@@ -295,16 +321,29 @@ impl ZmqConfig {
 }
 
 impl MysqlConfig {
-    pub fn from_section(s: &mut Section<'_>) -> Result<MysqlConfig, ConfigError> {
+    pub fn from_section(s: &mut Section<'_>, base: &Path) -> Result<MysqlConfig, ConfigError> {
+        let raw_hosts = s.string("host", "127.0.0.1")?;
+        let port = s.number("port", 3306, 1, 65535)?;
+        let hosts = parse_hosts(&raw_hosts, port).map_err(|e| s.error("host", e.to_string()))?;
+        let tls = match s.string("tls", "off")?.to_ascii_lowercase().as_str() {
+            "off" => TlsMode::Off,
+            "required" => TlsMode::Required,
+            "verify_ca" => TlsMode::VerifyCa,
+            "verify_identity" => TlsMode::VerifyIdentity,
+            other => {
+                return Err(s.error(
+                    "tls",
+                    format!("`{other}` is not one of off, required, verify_ca, verify_identity"),
+                ))
+            }
+        };
+        let tls_ca_file = s.optional_path("tls_ca_file", base)?;
+        let tls_cert_file = s.optional_path("tls_cert_file", base)?;
+        let tls_key_file = s.optional_path("tls_key_file", base)?;
+        check_tls_files(s, tls, &tls_ca_file, &tls_cert_file, &tls_key_file)?;
         Ok(MysqlConfig {
-            host: {
-                let raw = s.string("host", "127.0.0.1")?;
-                if raw.is_empty() {
-                    return Err(s.error("host", "must not be empty"));
-                }
-                raw
-            },
-            port: s.number("port", 3306, 1, 65535)?,
+            hosts,
+            port,
             user: s.string("user", "root")?,
             password: Secret(s.string("password", "")?),
             database: {
@@ -318,8 +357,83 @@ impl MysqlConfig {
                 raw
             },
             pool_size: s.number("pool_size", 0, 0, 1024)?,
+            tls,
+            tls_ca_file,
+            tls_cert_file,
+            tls_key_file,
         })
     }
+}
+
+/// The TLS files fit the mode, are readable and hold what they should (certificates, a
+/// private key). Errors name the key and the file, never anything read from it.
+fn check_tls_files(
+    s: &Section<'_>,
+    tls: TlsMode,
+    ca: &Option<PathBuf>,
+    cert: &Option<PathBuf>,
+    key: &Option<PathBuf>,
+) -> Result<(), ConfigError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    if tls == TlsMode::Off {
+        for (name, file) in [
+            ("tls_ca_file", ca),
+            ("tls_cert_file", cert),
+            ("tls_key_file", key),
+        ] {
+            if file.is_some() {
+                return Err(s.error(name, "has no effect with tls = off; set tls or remove it"));
+            }
+        }
+        return Ok(());
+    }
+    if matches!(tls, TlsMode::VerifyCa | TlsMode::VerifyIdentity) && ca.is_none() {
+        return Err(s.error(
+            "tls_ca_file",
+            "must name the CA bundle that signed the server certificate (tls = verify_ca or verify_identity)",
+        ));
+    }
+    if cert.is_some() != key.is_some() {
+        return Err(s.error(
+            if cert.is_some() {
+                "tls_key_file"
+            } else {
+                "tls_cert_file"
+            },
+            "tls_cert_file and tls_key_file go together (a client certificate and its key)",
+        ));
+    }
+    let read = |name: &str, path: &Path| -> Result<Vec<u8>, ConfigError> {
+        std::fs::read(path)
+            .map_err(|e| s.error(name, format!("cannot read {}: {e}", path.display())))
+    };
+    for (name, file) in [("tls_ca_file", ca), ("tls_cert_file", cert)] {
+        if let Some(path) = file {
+            let pem = read(name, path)?;
+            let certs = CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>();
+            if !certs.is_ok_and(|c| !c.is_empty()) {
+                return Err(s.error(
+                    name,
+                    format!(
+                        "{}: no PEM certificate in it (-----BEGIN CERTIFICATE-----)",
+                        path.display()
+                    ),
+                ));
+            }
+        }
+    }
+    if let Some(path) = key {
+        let pem = read("tls_key_file", path)?;
+        // The parser's own error is not shown: it could quote a line of the key.
+        if PrivateKeyDer::from_pem_slice(&pem).is_err() {
+            return Err(s.error(
+                "tls_key_file",
+                format!("{}: no PEM private key in it", path.display()),
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl PipelineConfig {

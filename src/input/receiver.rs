@@ -41,6 +41,8 @@ pub enum ReceiverError {
     Bind { endpoint: String, error: zmq::Error },
     #[error("cannot bind {endpoint}: a socket is already listening on {path}")]
     IpcInUse { endpoint: String, path: String },
+    #[error("cannot bind {endpoint}: {path} exists and is not a socket (libzmq would delete it)")]
+    IpcNotSocket { endpoint: String, path: String },
     #[error("receiver socket: {0}")]
     Socket(zmq::Error),
     #[error("receiver mailbox: {0}")]
@@ -117,6 +119,7 @@ impl Outbox for ZmqOutbox {
 pub struct ReceiverHandle {
     commands: Sender<Command>,
     bell: Arc<Doorbell>,
+    last_bound: Arc<parking_lot::Mutex<String>>,
 }
 
 impl ReceiverHandle {
@@ -126,14 +129,19 @@ impl ReceiverHandle {
         }
     }
 
-    /// Applies new settings; `Ok` once bound, or why not (the old settings keep serving).
-    pub fn apply(&self, settings: ZmqSettings) -> Result<(), String> {
+    /// Asks the receiver to apply new settings; the answer (`Ok` once bound, or why not:
+    /// the old settings keep serving) comes on the returned channel. It may take up to the
+    /// drain of the messages in flight plus a bind retry (about 2 s); a stop sent meanwhile
+    /// abandons it.
+    pub fn apply(&self, settings: ZmqSettings) -> Chan<Result<(), String>> {
         let (tx, rx) = crossbeam_channel::bounded(1);
-        // Bounded by the drain of the messages in flight, then a bind retry loop (about 2 s).
-        let wait = settings.drain + Duration::from_secs(10);
         self.send(Command::Apply(settings, tx));
-        rx.recv_timeout(wait)
-            .unwrap_or_else(|_| Err("the receiver did not answer".into()))
+        rx
+    }
+
+    /// The endpoint the receiver serves (or served last).
+    pub fn bound(&self) -> String {
+        self.last_bound.lock().clone()
     }
 
     pub fn stop_intake(&self) {
@@ -166,6 +174,10 @@ pub struct Receiver {
     metrics: Metrics,
     /// Bumped once per loop turn; the systemd watchdog pings only while it moves.
     heartbeat: Heartbeat,
+    /// A stop or finish that arrived while a reload waited for answers: carried out next.
+    interrupted: Option<Command>,
+    /// The endpoint bound, shared with the handle (read after the receiver has returned).
+    last_bound: Arc<parking_lot::Mutex<String>>,
 }
 
 impl Receiver {
@@ -178,8 +190,8 @@ impl Receiver {
     ) -> Result<(Receiver, ReceiverHandle), ReceiverError> {
         let bell = Arc::new(Doorbell::new()?);
         let intake = queue.intake(Arc::clone(&bell) as Arc<dyn Wake>);
-        let router = context.socket(zmq::ROUTER)?;
-        configure_router(&router, &settings)?;
+        let mut router = context.socket(zmq::ROUTER)?;
+        configure_router(&mut router, &settings)?;
         refuse_live_ipc(&settings.endpoint)?;
         router
             .bind(&settings.endpoint)
@@ -194,9 +206,11 @@ impl Receiver {
             verdicts: verdicts_tx,
             bell: Arc::clone(&bell),
         });
+        let last_bound = Arc::new(parking_lot::Mutex::new(bound.clone()));
         let handle = ReceiverHandle {
             commands: commands_tx,
             bell: Arc::clone(&bell),
+            last_bound: Arc::clone(&last_bound),
         };
         Ok((
             Receiver {
@@ -214,6 +228,8 @@ impl Receiver {
                 held: None,
                 metrics,
                 heartbeat: Heartbeat::new("receiver"),
+                interrupted: None,
+                last_bound: Arc::clone(&last_bound),
             },
             handle,
         ))
@@ -230,13 +246,13 @@ impl Receiver {
     }
 
     /// Serves until told `finish`; then sends the replies already delivered and returns.
+    /// An `ipc://` socket file is left for `remove_ipc_file` once the context has closed the
+    /// listener (libzmq closes it asynchronously and never unlinks a named one itself).
     pub fn run(mut self) -> Result<(), ReceiverError> {
         let result = self.serve();
-        // Time for the last replies to leave; then the socket (and an ipc:// file) goes.
+        // Time for the last replies to leave.
         let _ = self.router.set_linger(1000);
-        let bound = self.bound.clone();
-        drop(self);
-        remove_ipc_file(&bound);
+        *self.last_bound.lock() = self.bound.clone();
         result
     }
 
@@ -274,7 +290,11 @@ impl Receiver {
 
     /// Carries out the main thread's commands; true when told to finish.
     fn obey(&mut self) -> Result<bool, ReceiverError> {
-        while let Ok(command) = self.commands.try_recv() {
+        while let Some(command) = self
+            .interrupted
+            .take()
+            .or_else(|| self.commands.try_recv().ok())
+        {
             match command {
                 Command::Apply(settings, answer) => {
                     let result = self.apply(settings);
@@ -366,9 +386,29 @@ impl Receiver {
 
     /// Sends verdicts (and queues the held message) until every message read so far is
     /// answered, or `drain` passes. Nothing is read from the ROUTER meanwhile.
-    fn quiesce(&mut self, drain: Duration) {
+    ///
+    /// False when a stop or finish command came meanwhile: the reload is abandoned (the
+    /// command is carried out next) so a shutdown never waits for it.
+    fn quiesce(&mut self, drain: Duration) -> bool {
         let deadline = Instant::now() + drain;
+        if self.in_flight > 0 {
+            log::debug!(
+                "receiver: answering {} message(s) in flight before the old socket closes",
+                self.in_flight
+            );
+        }
         while self.in_flight > 0 {
+            if let Ok(command) = self.commands.try_recv() {
+                match command {
+                    Command::Apply(_, answer) => {
+                        let _ = answer.send(Err("another reload is being applied".into()));
+                    }
+                    other => {
+                        self.interrupted = Some(other);
+                        return false;
+                    }
+                }
+            }
             self.heartbeat.beat();
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -377,19 +417,20 @@ impl Receiver {
                     self.in_flight,
                     drain.as_millis()
                 );
-                return;
+                return true;
             }
             let mut items = [zmq::PollItem::from_fd(self.bell.fd(), zmq::POLLIN)];
             let ms = i64::try_from(left.as_millis())
                 .unwrap_or(i64::MAX)
                 .clamp(1, 100);
             if zmq::poll(&mut items, ms).is_err() {
-                return;
+                return true;
             }
             self.bell.clear();
             self.send_verdicts();
             self.retry_held();
         }
+        true
     }
 
     /// Applies reloaded settings, all or nothing. Any change takes a fresh socket: libzmq
@@ -398,13 +439,16 @@ impl Receiver {
     /// (and committed) with nobody to answer. A fresh socket lets the old one answer what it
     /// read and close without being read again.
     fn apply(&mut self, new: ZmqSettings) -> Result<(), String> {
-        if new == self.settings {
+        // Bound to nothing (a failed reload could not get the old address back): any reload
+        // tries to bind again.
+        let serving = !self.bound.is_empty();
+        if new == self.settings && serving {
             return Ok(());
         }
         let same_listener = new.endpoint == self.settings.endpoint
             && new.curve_secret_key == self.settings.curve_secret_key
             && new.max_message_bytes == self.settings.max_message_bytes;
-        if !same_listener {
+        if !same_listener || !serving {
             self.replace_socket(&new)?;
         }
         self.settings = new;
@@ -419,21 +463,25 @@ impl Receiver {
         let fresh = self
             .context
             .socket(zmq::ROUTER)
-            .and_then(|s| configure_router(&s, new).map(|()| s))
+            .and_then(|mut s| configure_router(&mut s, new).map(|()| s))
             .map_err(|e| format!("[zmq]: cannot make a socket: {e}"))?;
         let bind_error =
             |e: zmq::Error| format!("[zmq] endpoint: cannot bind {}: {e}", new.endpoint);
-        let bound_early = if new.endpoint == self.settings.endpoint {
+        let bound_early = if new.endpoint == self.settings.endpoint || self.bound.is_empty() {
             false
         } else {
             refuse_live_ipc(&new.endpoint).map_err(|e| e.to_string())?;
             match fresh.bind(&new.endpoint) {
                 Ok(()) => true,
-                Err(zmq::Error::EADDRINUSE) if same_port(&new.endpoint, &self.bound) => false,
+                // In use by our own listener only if the addresses overlap; else by another.
+                Err(zmq::Error::EADDRINUSE) if overlaps(&new.endpoint, &self.bound) => false,
                 Err(e) => return Err(bind_error(e)),
             }
         };
-        self.quiesce(new.drain);
+        if !self.quiesce(new.drain) {
+            // `fresh` (and a new address it bound) goes; the old socket serves on.
+            return Err("abandoned: shutting down".into());
+        }
         let old = std::mem::replace(&mut self.router, fresh);
         // Time for the replies just sent to leave; the listener closes at once regardless.
         let _ = old.set_linger(1000);
@@ -445,14 +493,17 @@ impl Receiver {
                 let restored = self
                     .context
                     .socket(zmq::ROUTER)
-                    .and_then(|s| configure_router(&s, &self.settings).map(|()| s))
+                    .and_then(|mut s| configure_router(&mut s, &self.settings).map(|()| s))
                     .and_then(|s| bind_retrying(&s, &self.settings.endpoint).map(|()| s));
                 match restored {
                     Ok(s) => self.router = s,
-                    Err(back) => log::error!(
-                        "receiver: cannot bind {} again: {back}; serving nothing",
-                        self.settings.endpoint
-                    ),
+                    Err(back) => {
+                        log::error!(
+                            "receiver: cannot bind {} again: {back}; serving nothing until a reload binds an endpoint",
+                            self.settings.endpoint
+                        );
+                        self.bound.clear();
+                    }
                 }
                 return Err(bind_error(e));
             }
@@ -461,8 +512,11 @@ impl Receiver {
             &mut self.bound,
             last_endpoint(&self.router).unwrap_or_else(|| new.endpoint.clone()),
         );
+        *self.last_bound.lock() = self.bound.clone();
         if old_bound != self.bound {
-            remove_ipc_file(&old_bound);
+            // Ours until a moment ago; the old listener may still be closing, so the file
+            // goes by name (a new instance would have been refused while we held it).
+            unlink_ipc(&old_bound);
         }
         log::info!(
             "receiver: now serving {} (was {old_bound}) on a new socket (CURVE {}, size guard {} bytes); clients of the old one reconnect",
@@ -493,24 +547,34 @@ fn send(router: &zmq::Socket, envelope: &[Vec<u8>], text: &[u8]) {
     }
 }
 
-/// Both TCP endpoints on the same port (the new one cannot be bound beside the old one).
-fn same_port(a: &str, b: &str) -> bool {
-    let port = |e: &str| {
+/// Two TCP endpoints that one listener's address excludes the other's: the same port, and the
+/// same host or a wildcard on either side (`tcp://127.0.0.1:P` and `tcp://*:P`).
+fn overlaps(a: &str, b: &str) -> bool {
+    let split = |e: &str| {
         e.strip_prefix("tcp://")
             .and_then(|rest| rest.rsplit_once(':'))
-            .map(|(_, p)| p.to_string())
+            .map(|(h, p)| (h.to_string(), p.to_string()))
     };
-    matches!((port(a), port(b)), (Some(x), Some(y)) if x == y)
+    let wildcard = |h: &str| matches!(h, "*" | "0.0.0.0" | "[::]" | "::" | "[*]");
+    match (split(a), split(b)) {
+        (Some((ha, pa)), Some((hb, pb))) => {
+            pa == pb && (ha == hb || wildcard(&ha) || wildcard(&hb))
+        }
+        _ => false,
+    }
 }
 
 /// libzmq unlinks an existing `ipc://` socket file on bind, silently stealing the address of
 /// another running instance: refuse when something answers on it.
 fn refuse_live_ipc(endpoint: &str) -> Result<(), ReceiverError> {
-    let Some(path) = endpoint.strip_prefix("ipc://") else {
+    let Some(path) = ipc_path(endpoint) else {
         return Ok(());
     };
-    if path.starts_with('@') || path == "*" {
-        return Ok(()); // abstract namespace or a generated name: no file to steal
+    if std::fs::symlink_metadata(path).is_ok() && !is_socket(path) {
+        return Err(ReceiverError::IpcNotSocket {
+            endpoint: endpoint.to_string(),
+            path: path.to_string(),
+        });
     }
     match std::os::unix::net::UnixStream::connect(path) {
         Ok(_) => Err(ReceiverError::IpcInUse {
@@ -521,13 +585,31 @@ fn refuse_live_ipc(endpoint: &str) -> Result<(), ReceiverError> {
     }
 }
 
-/// Removes our `ipc://` socket file after our listener is gone (nothing answers on it).
-fn remove_ipc_file(endpoint: &str) {
-    if let Some(path) = endpoint.strip_prefix("ipc://") {
-        if !path.starts_with('@') && refuse_live_ipc(endpoint).is_ok() {
+/// Removes our `ipc://` socket file once our listener is gone (nothing answers on it); for
+/// the server to call after the ZeroMQ context has closed.
+pub fn remove_ipc_file(endpoint: &str) {
+    if refuse_live_ipc(endpoint).is_ok() {
+        unlink_ipc(endpoint);
+    }
+}
+
+fn unlink_ipc(endpoint: &str) {
+    if let Some(path) = ipc_path(endpoint) {
+        if is_socket(path) {
             let _ = std::fs::remove_file(path);
         }
     }
+}
+
+/// The file of an `ipc://` endpoint (none for the abstract namespace or a generated name).
+fn ipc_path(endpoint: &str) -> Option<&str> {
+    let path = endpoint.strip_prefix("ipc://")?;
+    (!path.starts_with('@') && path != "*").then_some(path)
+}
+
+fn is_socket(path: &str) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
 }
 
 /// What to do with one message read from the ROUTER.
@@ -608,7 +690,7 @@ fn guard_bytes(max_message_bytes: usize) -> usize {
     max_message_bytes.saturating_mul(4).saturating_add(65_536)
 }
 
-fn configure_router(router: &zmq::Socket, settings: &ZmqSettings) -> Result<(), zmq::Error> {
+fn configure_router(router: &mut zmq::Socket, settings: &ZmqSettings) -> Result<(), zmq::Error> {
     // A peer sending more than this is disconnected by libzmq: a memory guard well above the
     // size answered `FALSE too large`.
     router.set_maxmsgsize(
@@ -619,6 +701,7 @@ fn configure_router(router: &zmq::Socket, settings: &ZmqSettings) -> Result<(), 
     match &settings.curve_secret_key {
         Some(key) => {
             router.set_zap_domain("feedd")?;
+            enforce_zap(router)?;
             router.set_curve_server(true)?;
             router.set_curve_secretkey(&key.0)?;
         }
@@ -630,6 +713,29 @@ fn configure_router(router: &zmq::Socket, settings: &ZmqSettings) -> Result<(), 
         }
     }
     Ok(())
+}
+
+/// With CURVE on, a handshake is refused when no ZAP handler answers, instead of libzmq's
+/// default of letting it through unchecked (the allowlist must never fail open).
+/// `zmq` 0.9 has no setter for `ZMQ_ZAP_ENFORCE_DOMAIN` (libzmq 4.3's option 93).
+fn enforce_zap(router: &mut zmq::Socket) -> Result<(), zmq::Error> {
+    const ZMQ_ZAP_ENFORCE_DOMAIN: std::os::raw::c_int = 93;
+    let on: std::os::raw::c_int = 1;
+    // SAFETY: a live socket owned by this thread; the value is a c_int of the given size.
+    let rc = unsafe {
+        zmq_sys::zmq_setsockopt(
+            router.as_mut_ptr(),
+            ZMQ_ZAP_ENFORCE_DOMAIN,
+            std::ptr::from_ref(&on).cast(),
+            std::mem::size_of::<std::os::raw::c_int>(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        // SAFETY: reads this thread's errno as libzmq left it.
+        Err(zmq::Error::from_raw(unsafe { zmq_sys::zmq_errno() }))
+    }
 }
 
 /// Binds `endpoint`. Right after an unbind of the same address libzmq may still hold the
@@ -664,6 +770,16 @@ fn last_endpoint(socket: &zmq::Socket) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_overlapping_addresses_wait_for_the_old_listener() {
+        assert!(overlaps("tcp://*:5555", "tcp://127.0.0.1:5555"));
+        assert!(overlaps("tcp://127.0.0.1:5555", "tcp://0.0.0.0:5555"));
+        assert!(overlaps("tcp://127.0.0.1:5555", "tcp://127.0.0.1:5555"));
+        assert!(!overlaps("tcp://127.0.0.2:5555", "tcp://127.0.0.1:5555"));
+        assert!(!overlaps("tcp://*:5556", "tcp://127.0.0.1:5555"));
+        assert!(!overlaps("ipc:///tmp/a", "tcp://127.0.0.1:5555"));
+    }
 
     fn frames(parts: &[&[u8]]) -> Vec<Vec<u8>> {
         parts.iter().map(|p| p.to_vec()).collect()

@@ -89,10 +89,17 @@ fn serve(
     let mut refused_since_log = 0u64;
     let mut last_log: Option<Instant> = None;
     while !stop.load(Ordering::Relaxed) {
-        if socket.poll(zmq::POLLIN, 200)? == 0 {
-            continue;
+        // EINTR is routine here: the privilege drop (glibc's setxid) signals every thread.
+        match socket.poll(zmq::POLLIN, 200) {
+            Ok(0) | Err(zmq::Error::EINTR) => continue,
+            Ok(_) => {}
+            Err(e) => return Err(e),
         }
-        let frames = socket.recv_multipart(0)?;
+        let frames = match socket.recv_multipart(zmq::DONTWAIT) {
+            Ok(frames) => frames,
+            Err(zmq::Error::EINTR | zmq::Error::EAGAIN) => continue,
+            Err(e) => return Err(e),
+        };
         // version, request id, domain, address, identity, mechanism, credentials…
         let field = |i: usize| frames.get(i).map(Vec::as_slice).unwrap_or_default();
         let request_id = field(1).to_vec();

@@ -49,9 +49,47 @@ pub struct Plan {
 /// Decides a batch. Messages are taken in order: a later message that disagrees with an
 /// earlier accepted one (or with the table) is refused; identical records are stored once.
 pub fn plan(messages: &[&[Record]], stored: &HashMap<u64, StoredRow>) -> Plan {
-    let mut plan = Plan::default();
+    if stored.is_empty() {
+        if let Some(plan) = all_new(messages) {
+            return plan;
+        }
+    }
+    general(messages, stored)
+}
+
+/// The common case, cheaply: nothing stored and no ticket twice in the batch, so every record
+/// is inserted and every message accepted — what `general` decides then, too. Sorting the
+/// tickets costs a fraction of hashing each one twice (which showed at ~13% of feedd's CPU at
+/// 100 records per message), and cannot be made quadratic by chosen tickets.
+fn all_new(messages: &[&[Record]]) -> Option<Plan> {
+    let mut tickets: Vec<u64> = messages
+        .iter()
+        .flat_map(|m| m.iter().map(|r| r.ticket))
+        .collect();
+    tickets.sort_unstable();
+    if tickets.windows(2).any(|w| w[0] == w[1]) {
+        return None;
+    }
+    Some(Plan {
+        inserts: messages.iter().flat_map(|m| m.iter().copied()).collect(),
+        mark_committed: Vec::new(),
+        verdicts: messages
+            .iter()
+            .map(|m| Verdict::Accept { inserted: m.len() })
+            .collect(),
+    })
+}
+
+fn general(messages: &[&[Record]], stored: &HashMap<u64, StoredRow>) -> Plan {
+    let records: usize = messages.iter().map(|m| m.len()).sum();
+    let mut plan = Plan {
+        inserts: Vec::with_capacity(records),
+        mark_committed: Vec::new(),
+        verdicts: Vec::with_capacity(messages.len()),
+    };
     // tickets accepted earlier in this batch and not yet in the table
-    let mut pending: HashMap<u64, Record> = HashMap::new();
+    // (sized up front: growing it showed in profiles at 100 records per message)
+    let mut pending: HashMap<u64, Record> = HashMap::with_capacity(records);
     // tickets already in `mark_committed` (a set: a batch may hold thousands of them)
     let mut marked: HashSet<u64> = HashSet::new();
     for records in messages {
@@ -187,6 +225,25 @@ mod tests {
         let p = plan(&[&a, &a], &stored);
         assert!(p.inserts.is_empty());
         assert_eq!(p.mark_committed, vec![1]);
+    }
+
+    #[test]
+    fn the_shortcut_decides_like_the_general_plan() {
+        let a = [rec(1, 1), rec(2, 1)];
+        let b = [rec(3, 1)];
+        let dup = [rec(2, 1)];
+        let clash = [rec(3, 2)];
+        let empty = HashMap::new();
+        for batch in [
+            vec![&a[..], &b[..]],
+            vec![&a[..], &dup[..]],
+            vec![&b[..], &clash[..], &a[..]],
+            vec![&a[..], &a[..]],
+        ] {
+            assert_eq!(plan(&batch, &empty), general(&batch, &empty), "{batch:?}");
+        }
+        assert!(super::all_new(&[&a[..], &b[..]]).is_some());
+        assert!(super::all_new(&[&a[..], &dup[..]]).is_none());
     }
 
     #[test]

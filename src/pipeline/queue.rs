@@ -69,6 +69,8 @@ struct Paused {
     wake: Arc<dyn Wake>,
 }
 
+/// The pause/wake handshake (an input sets its flag then reads the depth; a worker lowers the
+/// depth then reads the flags) is store-then-load on both sides: SeqCst, or both could miss.
 struct State {
     depth: AtomicUsize,
     capacity: AtomicUsize,
@@ -79,18 +81,18 @@ struct State {
 
 impl State {
     fn wake_paused(&self) {
-        if !self.any_paused.swap(false, Ordering::AcqRel) {
+        if !self.any_paused.swap(false, Ordering::SeqCst) {
             return;
         }
         for input in self.inputs.lock().iter() {
-            if input.flag.swap(false, Ordering::AcqRel) {
+            if input.flag.swap(false, Ordering::SeqCst) {
                 input.wake.wake();
             }
         }
     }
 
     fn has_room(&self, records: usize) -> bool {
-        let depth = self.depth.load(Ordering::Acquire);
+        let depth = self.depth.load(Ordering::SeqCst);
         // An empty queue takes any message, so one larger than the capacity cannot stall.
         depth == 0 || depth + records <= self.capacity.load(Ordering::Relaxed)
     }
@@ -184,11 +186,11 @@ impl Intake {
         if self.state.has_room(records) {
             return true;
         }
-        self.paused.store(true, Ordering::Release);
-        self.state.any_paused.store(true, Ordering::Release);
+        self.paused.store(true, Ordering::SeqCst);
+        self.state.any_paused.store(true, Ordering::SeqCst);
         // Room may have freed between the check and the flag: look once more.
         if self.state.has_room(records) {
-            self.paused.store(false, Ordering::Release);
+            self.paused.store(false, Ordering::SeqCst);
             return true;
         }
         false
@@ -200,11 +202,11 @@ impl Intake {
         if !self.has_room(n) {
             return Err(Full(job));
         }
-        self.state.depth.fetch_add(n, Ordering::AcqRel);
+        self.state.depth.fetch_add(n, Ordering::SeqCst);
         if let Err(e) = self.tx.send(job) {
             // Unreachable while this intake lives (the queue owns a receiver), but never lose
             // the count if it happens.
-            self.state.depth.fetch_sub(n, Ordering::AcqRel);
+            self.state.depth.fetch_sub(n, Ordering::SeqCst);
             return Err(Full(e.0));
         }
         Ok(())
@@ -220,7 +222,7 @@ pub struct Take {
 impl Take {
     /// Frees `records` of room (called once a batch is gathered) and wakes paused inputs.
     pub fn taken(&self, records: usize) {
-        self.state.depth.fetch_sub(records, Ordering::AcqRel);
+        self.state.depth.fetch_sub(records, Ordering::SeqCst);
         self.state.wake_paused();
     }
 }

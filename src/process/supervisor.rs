@@ -235,7 +235,7 @@ fn supervise(
                     lived.as_secs_f64(),
                     delay.as_secs_f64()
                 );
-                if wait_or_stop(rx, delay) {
+                if wait_or_stop(rx, delay, logging) {
                     log::info!("supervisor: stopped while waiting to restart");
                     return Ok(0);
                 }
@@ -256,12 +256,14 @@ fn supervise(
     }
 }
 
-/// Waits `delay` while still honouring TERM/INT; true if told to stop meanwhile.
-fn wait_or_stop(rx: &Receiver<Event>, delay: Duration) -> bool {
+/// Waits `delay` while still honouring TERM/INT (true if told to stop meanwhile) and
+/// reopening the supervisor's own log on HUP/USR1 (the next child reads the config afresh).
+fn wait_or_stop(rx: &Receiver<Event>, delay: Duration, logging: &Logging) -> bool {
     let until = Instant::now() + delay;
     loop {
         match rx.recv_deadline(until) {
             Ok(Event::Signal(s)) if s == SIGTERM || s == SIGINT => return true,
+            Ok(Event::Signal(s)) if s == SIGHUP || s == SIGUSR1 => logging.reopen(),
             Ok(_) => {}
             Err(_) => return false,
         }

@@ -14,9 +14,13 @@ pub struct PrivateMariadb {
     pub dir: tempfile::TempDir,
     pub port: u16,
     child: Option<Child>,
+    /// Server options beyond the defaults (e.g. TLS), given last.
+    extra: Vec<String>,
+    /// Accounts enforced (root@127.0.0.1 without password); else --skip-grant-tables.
+    grants: bool,
 }
 
-fn binary(name: &str) -> String {
+pub fn binary(name: &str) -> String {
     for dir in ["/usr/sbin", "/usr/bin", "/usr/local/bin", "/usr/local/sbin"] {
         let p = format!("{dir}/{name}");
         if std::path::Path::new(&p).exists() {
@@ -29,6 +33,16 @@ fn binary(name: &str) -> String {
 impl PrivateMariadb {
     /// Initialises a data dir and starts the server; returns once it answers.
     pub fn start() -> PrivateMariadb {
+        PrivateMariadb::init(&[], false)
+    }
+
+    /// Like `start`, with the grant tables on (root@127.0.0.1 without password; accounts,
+    /// privileges and REQUIRE clauses enforced) and extra server options.
+    pub fn start_with(extra: &[String]) -> PrivateMariadb {
+        PrivateMariadb::init(extra, true)
+    }
+
+    fn init(extra: &[String], grants: bool) -> PrivateMariadb {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         let tmp = dir.path().join("tmp");
@@ -55,6 +69,8 @@ impl PrivateMariadb {
             dir,
             port: free_port(),
             child: None,
+            extra: extra.to_vec(),
+            grants,
         };
         db.restart();
         db
@@ -88,15 +104,17 @@ impl PrivateMariadb {
                 "--tmpdir={}",
                 self.dir.path().join("tmp").display()
             ))
+            .args((!self.grants).then_some("--skip-grant-tables"))
             .args([
                 "--bind-address=127.0.0.1",
                 "--user=root",
-                "--skip-grant-tables",
                 "--skip-name-resolve",
                 "--innodb-buffer-pool-size=32M",
                 "--innodb-log-file-size=16M",
                 "--skip-log-bin",
             ])
+            // Last, so they override the defaults above.
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -118,7 +136,11 @@ impl PrivateMariadb {
             .user(Some("root"))
             .prefer_socket(false)
             .tcp_connect_timeout(Some(Duration::from_millis(500)));
-        mysql::Conn::new(opts).is_ok()
+        // A server error (e.g. TLS required) still means the server is up.
+        matches!(
+            mysql::Conn::new(opts),
+            Ok(_) | Err(mysql::Error::MySqlError(_))
+        )
     }
 
     pub fn conn(&self) -> mysql::Conn {

@@ -5,8 +5,10 @@
 //! with an empty password, as the README's setup leaves it.
 #![allow(dead_code)]
 
+pub mod galera;
 pub mod mariadb;
 pub mod rabbit;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -57,12 +59,18 @@ impl Db {
 
     /// A database on the server at 127.0.0.1:`port` (a private mariadbd).
     pub fn create_on(test: &str, port: u16) -> Db {
+        Db::create_with(test, port, None)
+    }
+
+    /// `create_on` with TLS options for a server that requires secure transport.
+    pub fn create_with(test: &str, port: u16, ssl: Option<mysql::SslOpts>) -> Db {
         let name = format!("feedd_t_{}_{}", test, std::process::id());
         let opts = mysql::OptsBuilder::new()
             .ip_or_hostname(Some(mysql_host()))
             .tcp_port(port)
             .user(Some("root"))
-            .prefer_socket(false);
+            .prefer_socket(false)
+            .ssl_opts(ssl);
         let pool = mysql::Pool::new(opts)
             .expect("MariaDB on FEEDD_TEST_MYSQL_PORT (run the README setup)");
         let mut conn = pool.get_conn().expect("connection");
@@ -334,6 +342,21 @@ impl Dealer {
         Dealer(s)
     }
 
+    /// One DEALER connected to several feedd: messages spread round-robin over the live ones.
+    /// `ZMQ_IMMEDIATE` keeps messages off a peer that is down (else they queue there).
+    pub fn connect_all(endpoints: &[String]) -> Dealer {
+        let s = context().socket(zmq::DEALER).unwrap();
+        s.set_linger(0).unwrap();
+        s.set_rcvtimeo(30_000).unwrap();
+        s.set_sndhwm(0).unwrap();
+        s.set_rcvhwm(0).unwrap();
+        s.set_immediate(true).unwrap();
+        for e in endpoints {
+            s.connect(e).unwrap();
+        }
+        Dealer(s)
+    }
+
     /// Sends `body` tagged with `id`: frames [id, "", body].
     pub fn send(&self, id: u64, body: &str) {
         self.0
@@ -579,7 +602,23 @@ impl Resender {
         patience: Duration,
         deadline: Duration,
     ) -> Resender {
-        let dealer = Dealer::connect(endpoint);
+        Resender::run_on(
+            Dealer::connect(endpoint),
+            bodies,
+            window,
+            patience,
+            deadline,
+        )
+    }
+
+    /// `run` on a DEALER of the caller's (e.g. one connected to several feedd).
+    pub fn run_on(
+        dealer: Dealer,
+        bodies: &[String],
+        window: usize,
+        patience: Duration,
+        deadline: Duration,
+    ) -> Resender {
         dealer.0.set_rcvtimeo(50).unwrap();
         let mut r = Resender {
             acked: Default::default(),

@@ -257,8 +257,13 @@ fn client(
         }
         let wait_ms =
             match due(next).filter(|_| next < messages && in_flight < options.window.max(1)) {
-                // Paced and allowed to send: wake when the next message is due.
-                Some(at) => at.saturating_duration_since(Instant::now()).as_millis() as i64,
+                // Paced and allowed to send: wake when the next message is due, rounded up to
+                // poll's millisecond: rounding down made every wait under 1 ms a busy loop that
+                // took a core from feedd and the database (a reply still wakes it at once).
+                Some(at) => at
+                    .saturating_duration_since(Instant::now())
+                    .as_micros()
+                    .div_ceil(1000) as i64,
                 None => options.reply_timeout.as_millis() as i64,
             };
         if socket.poll(zmq::POLLIN, wait_ms)? == 0 {

@@ -22,7 +22,7 @@ use crate::config::{Config, CurveKey};
 use crate::input::mailbox::Doorbell;
 use crate::input::record::{self, Record};
 use crate::metrics::Metrics;
-use crate::pipeline::queue::{Full, Intake, Job, Outbox, Queue, ReplyTo, Verdicts, Wake};
+use crate::pipeline::queue::{Intake, Job, Outbox, Queue, ReplyTo, Verdicts, Wake};
 use crate::process::notify::Heartbeat;
 
 /// Most messages read in one go before the mailbox gets a turn (fairness to replies).
@@ -370,17 +370,12 @@ impl Receiver {
                 }),
             },
         };
-        if let Err(Full(job)) = intake.push(job) {
-            self.held = Some(job);
-        }
+        intake.push_or_hold(job, &mut self.held);
     }
 
     fn retry_held(&mut self) {
-        let (Some(intake), Some(job)) = (&self.intake, self.held.take()) else {
-            return;
-        };
-        if let Err(Full(job)) = intake.push(job) {
-            self.held = Some(job);
+        if let Some(intake) = &self.intake {
+            intake.retry(&mut self.held);
         }
     }
 

@@ -213,6 +213,23 @@ impl Intake {
     }
 }
 
+impl Intake {
+    /// Queues `job`, or keeps it in `held` when full (the input reads nothing more until it
+    /// is woken and `retry` queues it).
+    pub fn push_or_hold(&self, job: Job, held: &mut Option<Job>) {
+        if let Err(Full(job)) = self.push(job) {
+            *held = Some(job);
+        }
+    }
+
+    /// Queues the held job if there is room now.
+    pub fn retry(&self, held: &mut Option<Job>) {
+        if let Some(job) = held.take() {
+            self.push_or_hold(job, held);
+        }
+    }
+}
+
 /// A worker's pull handle: the channel, plus `taken` to free room after a batch is gathered.
 pub struct Take {
     pub rx: Receiver<Job>,

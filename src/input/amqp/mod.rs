@@ -31,7 +31,7 @@ use crate::config::Config;
 use crate::input::record;
 use crate::metrics::Metrics;
 use crate::pipeline::classify::Verdict;
-use crate::pipeline::queue::{Full, Intake, Job, Outbox, Queue, ReplyTo, Verdicts, Wake};
+use crate::pipeline::queue::{Intake, Job, Outbox, Queue, ReplyTo, Verdicts, Wake};
 use crate::process::notify::Heartbeat;
 use ledger::Ledger;
 pub use link::{AmqpSettings, Event, Link, LinkError};
@@ -310,19 +310,14 @@ impl Consumer {
                         }),
                     },
                 };
-                if let Err(Full(job)) = intake.push(job) {
-                    self.held = Some(job);
-                }
+                intake.push_or_hold(job, &mut self.held);
             }
         }
     }
 
     fn retry_held(&mut self) {
-        let (Some(intake), Some(job)) = (&self.intake, self.held.take()) else {
-            return;
-        };
-        if let Err(Full(job)) = intake.push(job) {
-            self.held = Some(job);
+        if let Some(intake) = &self.intake {
+            intake.retry(&mut self.held);
         }
     }
 

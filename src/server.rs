@@ -333,7 +333,6 @@ impl Bound {
         };
         drop(config);
         let (failure, preparing) = main.serve(&events_rx, &exits_rx);
-        let shutdown_started = Instant::now();
         if let Some(n) = &notify {
             n.stopping();
         }
@@ -346,9 +345,9 @@ impl Bound {
         signal_thread.stop();
         if let Some(p) = preparing {
             // It may be waiting on a database that does not answer (up to the pool's connect
-            // timeout): joined if it finishes within the drain time, else left to the exit.
-            let left = shutdown_started + shared.config.load().daemon.shutdown_timeout();
-            if p.done.recv_deadline(left).is_ok() {
+            // timeout): joined if it is done by now, else left to the exit, which must not wait
+            // for a reload that was abandoned.
+            if p.done.try_recv().is_ok() {
                 let _ = p.thread.join();
             } else {
                 log::debug!("the abandoned reload is still connecting; exiting without it");
@@ -532,10 +531,16 @@ impl Main<'_> {
         }
         if let Some((settings, link)) = amqp {
             // The new broker already answered (in the preparer); the switch itself only
-            // drains the old channel, so it cannot leave the reload half applied.
-            self.consumer
-                .apply(settings, link, new.daemon.shutdown_timeout())
-                .map_err(Interrupted::Failed)?;
+            // drains the old channel for the running shutdown_timeout_ms, so it cannot fail
+            // half way: the wait here is bounded by that drain, not by the new file's value.
+            let drain = self.shared.config.load().daemon.shutdown_timeout();
+            let answer = self.consumer.apply(settings, link);
+            self.await_part(
+                &answer,
+                drain + Duration::from_secs(10),
+                events,
+                "the AMQP consumer",
+            )?;
         }
         // Nothing below can fail: from here the reload is applied whole.
         if let Some(store) = store {
@@ -618,17 +623,30 @@ impl Main<'_> {
         events: &Chan<Event>,
     ) -> Result<(), Interrupted> {
         // The drain of the messages in flight, then a bind retry loop (about 2 s).
-        let deadline = Instant::now() + settings.drain + Duration::from_secs(10);
+        let wait = settings.drain + Duration::from_secs(10);
         let Some(receiver) = self.receiver else {
             return Ok(()); // ZeroMQ input off
         };
         let answer = receiver.apply(settings);
+        self.await_part(&answer, wait, events, "the receiver")
+    }
+
+    /// Waits for an owner's answer to its part of a reload, handling signals meanwhile: a
+    /// shutdown abandons the reload (the owner, told to stop, cuts its wait short).
+    fn await_part(
+        &mut self,
+        answer: &Chan<Result<(), String>>,
+        wait: Duration,
+        events: &Chan<Event>,
+        owner: &str,
+    ) -> Result<(), Interrupted> {
+        let deadline = Instant::now() + wait;
         loop {
             select! {
                 recv(answer) -> result => {
                     return match result {
                         Ok(result) => result.map_err(Interrupted::Failed),
-                        Err(_) => Err(Interrupted::Failed("the receiver is gone".into())),
+                        Err(_) => Err(Interrupted::Failed(format!("{owner} is gone"))),
                     };
                 }
                 recv(events) -> event => match event {
@@ -638,7 +656,7 @@ impl Main<'_> {
                     Err(_) => return Err(Interrupted::Failed("signal thread gone".into())),
                 },
                 default(deadline.saturating_duration_since(Instant::now())) => {
-                    return Err(Interrupted::Failed("the receiver did not answer".into()));
+                    return Err(Interrupted::Failed(format!("{owner} did not answer")));
                 }
             }
         }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use common::mariadb::PrivateMariadb;
 use common::rabbit::{self, Client, PrivateRabbit};
 use common::{http_get, metric, wait_until, Db, Feedd};
+use mysql::prelude::Queryable;
 
 /// The config overrides that point feedd at `url`/`queue`, ZeroMQ off unless `zmq`.
 fn amqp_overrides(url: &str, queue: &str, zmq: bool, extra: &[&str]) -> Vec<String> {
@@ -409,4 +410,53 @@ fn check_fails_naming_both_keys_when_both_inputs_are_off() {
     let feedd = feedd.prepare_in(&db, &["zmq.endpoint =", "amqp.url = amqp://127.0.0.1"]);
     let (status, out, err) = feedd.command(&["check", "--conf", "feed.ini"]);
     assert_eq!(status.code(), Some(0), "{out}{err}");
+}
+
+#[test]
+fn sigterm_during_a_queue_switch_is_acted_on_at_once() {
+    let db = Db::create("amqp_switch_term");
+    let (queue, _) = rabbit::names("switch_a");
+    let (other_queue, _) = rabbit::names("switch_b");
+    let mq = Client::connect(&rabbit::shared_url());
+    mq.delete(&queue);
+    mq.delete(&other_queue);
+    let (addr, listen) = common::metrics_listen();
+    let timeout = "daemon.shutdown_timeout_ms = 3000";
+    let feedd = start(
+        &db,
+        &amqp_overrides(&rabbit::shared_url(), &queue, false, &[&listen, timeout]),
+    );
+    // A delivery that cannot commit (its ticket is locked): the switch waits for its answer.
+    let mut lock = db.conn();
+    lock.query_drop("BEGIN").unwrap();
+    lock.query_drop("INSERT INTO fee (ticket, login, volume, status) VALUES (1, 1, 1, 'Y')")
+        .unwrap();
+    mq.publish(&queue, &["1,1,1".to_string()], &[]);
+    assert!(wait_until(Duration::from_secs(20), || metrics(
+        &addr,
+        "feedd_amqp_deliveries_total"
+    ) >= 1.0));
+    let switched = amqp_overrides(
+        &rabbit::shared_url(),
+        &other_queue,
+        false,
+        &[&listen, timeout],
+    );
+    let refs: Vec<&str> = switched.iter().map(String::as_str).collect();
+    let mut feedd = feedd.prepare_in(&db, &refs);
+    feedd.signal(libc::SIGHUP);
+    feedd.wait_for_log("before switching", Duration::from_secs(20));
+    let asked = std::time::Instant::now();
+    feedd.signal(libc::SIGTERM);
+    let status = feedd.wait(Duration::from_secs(30));
+    let took = asked.elapsed();
+    lock.query_drop("ROLLBACK").unwrap();
+    assert!(status.success(), "{}", feedd.stderr_log());
+    assert!(
+        took < Duration::from_millis(4500),
+        "SIGTERM waited {took:?} (shutdown_timeout_ms 3000)\n{}",
+        feedd.stderr_log()
+    );
+    mq.delete(&queue);
+    mq.delete(&other_queue);
 }

@@ -99,17 +99,18 @@ impl ConsumerHandle {
         }
     }
 
-    /// Switches to `settings` over `link` (already connected); answers once switched.
+    /// Asks the consumer to switch to `settings` over `link` (already connected); the answer
+    /// comes on the returned channel once switched, after the old channel's deliveries in
+    /// flight are answered (bounded by the running `shutdown_timeout_ms`). A stop sent
+    /// meanwhile cuts that wait short.
     pub fn apply(
         &self,
         settings: Option<AmqpSettings>,
         link: Option<Link>,
-        drain: Duration,
-    ) -> Result<(), String> {
+    ) -> Chan<Result<(), String>> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.send(Command::Apply(Box::new((settings, link)), tx));
-        rx.recv_timeout(drain + Duration::from_secs(10))
-            .unwrap_or_else(|_| Err("the AMQP consumer did not answer".into()))
+        rx
     }
 
     pub fn stop_intake(&self) {
@@ -140,6 +141,8 @@ pub struct Consumer {
     backoff: Duration,
     next_try: Instant,
     heartbeat: Heartbeat,
+    /// A stop or finish that came while a switch waited for answers: carried out next.
+    interrupted: Option<Command>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -200,6 +203,7 @@ impl Consumer {
                 backoff: BACKOFF_FIRST,
                 next_try: Instant::now(),
                 heartbeat: Heartbeat::new("amqp-consumer"),
+                interrupted: None,
             },
             ConsumerHandle {
                 commands: commands_tx,
@@ -443,7 +447,11 @@ impl Consumer {
 
     /// Carries out the main thread's commands; true when told to finish.
     fn obey(&mut self) -> bool {
-        while let Ok(command) = self.commands.try_recv() {
+        while let Some(command) = self
+            .interrupted
+            .take()
+            .or_else(|| self.commands.try_recv().ok())
+        {
             match command {
                 Command::Apply(new, answer) => {
                     let (settings, link) = *new;
@@ -485,7 +493,26 @@ impl Consumer {
         }
         let drain = self.config.load().daemon.shutdown_timeout();
         let deadline = Instant::now() + drain;
+        if self.ledger.pending() > 0 {
+            log::info!(
+                "amqp: answering {} delivery(ies) of the old channel before switching",
+                self.ledger.pending()
+            );
+        }
         while self.link.is_some() && self.ledger.pending() > 0 && Instant::now() < deadline {
+            // The watchdog must see this wait as progress, and a stop must cut it short.
+            self.heartbeat.beat();
+            if let Ok(command) = self.commands.try_recv() {
+                match command {
+                    Command::Apply(_, answer) => {
+                        let _ = answer.send(Err("another reload is being applied".into()));
+                    }
+                    other => {
+                        self.interrupted = Some(other);
+                        break;
+                    }
+                }
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             if let Event::Mail = wait_bell(&self.bell_rx, left.min(IDLE_WAKE)) {
                 while self.bell_rx.try_recv().is_ok() {}

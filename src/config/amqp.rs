@@ -39,6 +39,18 @@ impl AmqpUrl {
         })
     }
 
+    /// Whether the URL carries a password (a secret in the file that holds it).
+    /// Read from the text: the parsed URI fills in guest/guest when none is written.
+    pub fn has_password(&self) -> bool {
+        let text = self.url.expose();
+        let rest = text.split_once("://").map_or(text, |(_, rest)| rest);
+        let authority = rest.split('/').next().unwrap_or_default();
+        authority
+            .rsplit_once('@')
+            .and_then(|(userinfo, _)| userinfo.split_once(':'))
+            .is_some_and(|(_, password)| !password.is_empty())
+    }
+
     /// The full URL, password included: for the client library only.
     pub fn expose(&self) -> &str {
         self.url.expose()
@@ -127,6 +139,14 @@ mod tests {
     fn parse(text: &str) -> Result<Config, String> {
         Config::parse(text, Path::new("/etc/feed.ini"), Path::new("/srv"))
             .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_password_is_seen_only_when_written() {
+        let url = |t: &str| super::AmqpUrl::parse(t).unwrap();
+        assert!(url("amqp://feed:s3cret@mq:5672/%2f").has_password());
+        assert!(!url("amqp://mq:5672/%2f").has_password());
+        assert!(!url("amqp://feed@mq/%2f").has_password());
     }
 
     #[test]

@@ -148,7 +148,9 @@ impl Config {
 /// A warning when the file holds a secret and group or others can read it.
 pub fn exposure_warning(config: &Config) -> Option<String> {
     use std::os::unix::fs::PermissionsExt;
-    let has_secret = !config.mysql.password.is_empty() || config.zmq.curve_secret_key.is_some();
+    let has_secret = !config.mysql.password.is_empty()
+        || config.zmq.curve_secret_key.is_some()
+        || config.amqp.url.as_ref().is_some_and(|u| u.has_password());
     let mode = std::fs::metadata(&config.file).ok()?.permissions().mode();
     (has_secret && mode & 0o077 != 0).then(|| {
         format!(

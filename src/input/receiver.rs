@@ -22,7 +22,7 @@ use crate::config::{Config, CurveKey};
 use crate::input::mailbox::Doorbell;
 use crate::input::record::{self, Record};
 use crate::metrics::Metrics;
-use crate::pipeline::queue::{Intake, Job, Outbox, Queue, ReplyTo, Verdicts, Wake};
+use crate::pipeline::queue::{ChannelOutbox, Intake, Job, Outbox, Queue, ReplyTo, Verdicts, Wake};
 use crate::process::notify::Heartbeat;
 
 /// Most messages read in one go before the mailbox gets a turn (fairness to replies).
@@ -98,21 +98,6 @@ enum Command {
 struct Envelope {
     frames: Vec<Vec<u8>>,
     socket: u64,
-}
-
-/// Verdicts from workers, for the receiver to send.
-struct ZmqOutbox {
-    verdicts: Sender<Verdicts>,
-    bell: Arc<Doorbell>,
-}
-
-impl Outbox for ZmqOutbox {
-    fn deliver(&self, verdicts: Verdicts) {
-        // Fails only once the receiver has returned; the clients then resend.
-        if self.verdicts.send(verdicts).is_ok() {
-            self.bell.wake();
-        }
-    }
 }
 
 /// The main thread's handle on the running receiver.
@@ -201,11 +186,7 @@ impl Receiver {
             })?;
         let bound = last_endpoint(&router).unwrap_or_else(|| settings.endpoint.clone());
         let (commands_tx, commands) = crossbeam_channel::unbounded();
-        let (verdicts_tx, verdicts) = crossbeam_channel::unbounded();
-        let outbox = Arc::new(ZmqOutbox {
-            verdicts: verdicts_tx,
-            bell: Arc::clone(&bell),
-        });
+        let (outbox, verdicts) = ChannelOutbox::open(Arc::clone(&bell) as Arc<dyn Wake>);
         let last_bound = Arc::new(parking_lot::Mutex::new(bound.clone()));
         let handle = ReceiverHandle {
             commands: commands_tx,

@@ -39,6 +39,30 @@ pub trait Outbox: Send + Sync {
     fn deliver(&self, verdicts: Verdicts);
 }
 
+/// The outbox every input uses: verdicts go into a channel the input's own thread drains,
+/// then its bell rings. (Fails only once that thread has returned: its clients resend, its
+/// broker redelivers.)
+pub struct ChannelOutbox {
+    verdicts: Sender<Verdicts>,
+    bell: Arc<dyn Wake>,
+}
+
+impl ChannelOutbox {
+    /// The outbox, and the receiving end for the input's thread.
+    pub fn open(bell: Arc<dyn Wake>) -> (Arc<dyn Outbox>, Receiver<Verdicts>) {
+        let (verdicts, rx) = crossbeam_channel::unbounded();
+        (Arc::new(ChannelOutbox { verdicts, bell }), rx)
+    }
+}
+
+impl Outbox for ChannelOutbox {
+    fn deliver(&self, verdicts: Verdicts) {
+        if self.verdicts.send(verdicts).is_ok() {
+            self.bell.wake();
+        }
+    }
+}
+
 /// Wakes an input's thread (paused for room, or to read its outbox).
 pub trait Wake: Send + Sync {
     fn wake(&self);

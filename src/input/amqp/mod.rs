@@ -31,7 +31,7 @@ use crate::config::Config;
 use crate::input::record;
 use crate::metrics::Metrics;
 use crate::pipeline::classify::Verdict;
-use crate::pipeline::queue::{Intake, Job, Outbox, Queue, ReplyTo, Verdicts, Wake};
+use crate::pipeline::queue::{ChannelOutbox, Intake, Job, Outbox, Queue, ReplyTo, Verdicts, Wake};
 use crate::process::notify::Heartbeat;
 use ledger::Ledger;
 pub use link::{AmqpSettings, Event, Link, LinkError};
@@ -60,20 +60,6 @@ struct AmqpTag {
     tag: u64,
     body: Vec<u8>,
     properties: BasicProperties,
-}
-
-struct AmqpOutbox {
-    verdicts: Sender<Verdicts>,
-    bell: Arc<Bell>,
-}
-
-impl Outbox for AmqpOutbox {
-    fn deliver(&self, verdicts: Verdicts) {
-        // Fails only once the consumer has returned; the broker then redelivers.
-        if self.verdicts.send(verdicts).is_ok() {
-            self.bell.wake();
-        }
-    }
 }
 
 enum Command {
@@ -179,11 +165,7 @@ impl Consumer {
         let bell = Arc::new(Bell(bell_tx));
         let intake = queue.intake(Arc::clone(&bell) as Arc<dyn Wake>);
         let (commands_tx, commands) = crossbeam_channel::unbounded();
-        let (verdicts_tx, verdicts) = crossbeam_channel::unbounded();
-        let outbox = Arc::new(AmqpOutbox {
-            verdicts: verdicts_tx,
-            bell: Arc::clone(&bell),
-        });
+        let (outbox, verdicts) = ChannelOutbox::open(Arc::clone(&bell) as Arc<dyn Wake>);
         let hold = settings.as_ref().map_or(1, |s| usize::from(s.prefetch) / 2);
         Ok((
             Consumer {

@@ -5,10 +5,13 @@
 //! supervisor, pidfile, privileges, signals). `server` builds and runs them; `commands` is
 //! what each command line verb does.
 
+pub mod backoff;
 pub mod commands;
 pub mod config;
+pub mod heartbeat;
 pub mod input;
 pub mod logging;
+pub mod message;
 pub mod metrics;
 pub mod pipeline;
 pub mod process;

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Sender, TrySendError};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
-use crate::pipeline::queue::DepthReader;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -34,6 +33,9 @@ impl From<prometheus::Error> for MetricsError {
         MetricsError::Register(e)
     }
 }
+
+/// Reads the queue's depth in records; handed in by whoever owns the queue.
+pub type QueueDepth = Arc<dyn Fn() -> usize + Send + Sync>;
 
 /// Every metric feedd exports. Cloned handles share the same atomics.
 #[derive(Clone)]
@@ -60,7 +62,7 @@ pub struct Metrics {
     pub amqp_reconnects: IntCounter,
     queue_depth_gauge: IntGauge,
     /// The queue's own depth, read when the gauge is rendered (the queue owns it).
-    queue_depth: DepthReader,
+    queue_depth: QueueDepth,
     pub batch_commit_seconds: Histogram,
     pub batch_records: Histogram,
     pub pool_wait_seconds: Histogram,
@@ -68,7 +70,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(queue_depth: DepthReader) -> Result<Metrics, MetricsError> {
+    pub fn new(queue_depth: QueueDepth) -> Result<Metrics, MetricsError> {
         let registry = Registry::new();
         let counter = |name: &str, help: &str| -> Result<IntCounter, MetricsError> {
             let c = IntCounter::new(name, help)?;
@@ -178,7 +180,7 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> Vec<u8> {
-        let depth = self.queue_depth.records();
+        let depth = (self.queue_depth)();
         self.queue_depth_gauge
             .set(i64::try_from(depth).unwrap_or(i64::MAX));
         let mut out = Vec::new();

@@ -32,6 +32,7 @@ use arc_swap::ArcSwap;
 use crossbeam_channel::{select, Receiver as Chan, Sender};
 
 use crate::config::{self, Config};
+use crate::heartbeat::Heartbeat;
 use crate::input::amqp::{AmqpSettings, Consumer, ConsumerError, ConsumerHandle, Link};
 use crate::input::receiver::{Receiver, ReceiverError, ReceiverHandle, ZmqSettings};
 use crate::input::zap::ZapHandler;
@@ -40,7 +41,7 @@ use crate::metrics::{Metrics, MetricsError, MetricsServer};
 use crate::pipeline::queue::Queue;
 use crate::pipeline::store::{Store, StoreError};
 use crate::pipeline::worker::{self, Shared};
-use crate::process::notify::{Heartbeat, Notifier, Snapshot, Watchdog};
+use crate::process::notify::{Notifier, Snapshot, Watchdog};
 use crate::process::signals::{Event, SignalThread, Signals};
 
 #[derive(Debug, thiserror::Error)]
@@ -169,7 +170,8 @@ impl Server {
         logging: Arc<Logging>,
     ) -> Result<Bound, ServeError> {
         let queue = Queue::new(config.pipeline.queue_capacity);
-        let metrics = Metrics::new(queue.depth_reader())?;
+        let depth = queue.depth_reader();
+        let metrics = Metrics::new(Arc::new(move || depth.records()))?;
         let workers = config.pipeline.worker_count();
         let pool_size = config.mysql.pool_size_for(workers);
         let store = Store::connect(&config.mysql, pool_size, &metrics)?;

@@ -5,6 +5,7 @@
 //! function serves start-up, `feedd check` and SIGHUP reload. `ini` reads the text into
 //! sections, `sections` judges each one, `keys` holds secrets and CURVE keys.
 
+pub mod hosts;
 mod ini;
 mod keys;
 mod sections;

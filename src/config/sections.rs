@@ -14,7 +14,7 @@ use log::LevelFilter;
 use super::ini::{self, Entry, IniSection};
 use super::keys::{read_allow_list, CurveKey, Secret};
 use super::ConfigError;
-use crate::pipeline::hosts::{parse_hosts, HostAddr};
+use crate::config::hosts::{parse_hosts, HostAddr};
 
 /// Largest `batch_size`: a prepared multi-row INSERT may hold at most 65,535 placeholders
 /// (3 per record); text statements stay far below `max_allowed_packet` at this size.

@@ -19,11 +19,11 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver as Chan, Sender};
 
 use crate::config::{Config, CurveKey};
+use crate::heartbeat::Heartbeat;
 use crate::input::mailbox::Doorbell;
 use crate::input::record::{self, Record};
 use crate::metrics::Metrics;
 use crate::pipeline::queue::{ChannelOutbox, Intake, Job, Outbox, Queue, ReplyTo, Verdicts, Wake};
-use crate::process::notify::Heartbeat;
 
 /// Most messages read in one go before the mailbox gets a turn (fairness to replies).
 const READ_BURST: usize = 256;
@@ -306,7 +306,11 @@ impl Receiver {
                 if envelope.socket != self.generation {
                     continue; // its socket was replaced: the client resends
                 }
-                send(&self.router, &envelope.frames, &verdict.reply_text());
+                send(
+                    &self.router,
+                    &envelope.frames,
+                    &record::reply_text(&verdict),
+                );
             }
         }
     }

@@ -3,83 +3,10 @@
 //! Pure and allocation-light: fields are parsed straight from the bytes (invalid UTF-8 and NUL
 //! bytes are just "not a number"). A message is all-or-nothing, so the first bad line decides.
 
-use std::fmt::{self, Write as _};
+use std::borrow::Cow;
+use std::fmt;
 
-/// A volume as an integer count of 1/10,000 units: DECIMAL(20,4) exactly, never a float.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Volume(pub u128);
-
-/// Most integer digits of a volume (DECIMAL(20,4) keeps 16 before the point).
-const VOLUME_INT_DIGITS: usize = 16;
-const VOLUME_FRAC_DIGITS: usize = 4;
-const VOLUME_SCALE: u128 = 10_000;
-
-impl Volume {
-    /// Parses the decimal text of a volume; the error says what is wrong.
-    pub fn parse(text: &[u8]) -> Result<Volume, &'static str> {
-        if text.is_empty() {
-            return Err("empty");
-        }
-        let (int, frac) = match text.iter().position(|&b| b == b'.') {
-            Some(dot) => (&text[..dot], Some(&text[dot + 1..])),
-            None => (text, None),
-        };
-        if int.is_empty() {
-            return Err("no digits before the decimal point");
-        }
-        if !int.iter().all(u8::is_ascii_digit) {
-            return Err("not a non-negative decimal number");
-        }
-        let significant = int.iter().skip_while(|&&b| b == b'0').count();
-        if significant > VOLUME_INT_DIGITS {
-            return Err("more than 16 integer digits");
-        }
-        let mut value: u128 = int
-            .iter()
-            .fold(0u128, |acc, &b| acc * 10 + u128::from(b - b'0'));
-        value *= VOLUME_SCALE;
-        if let Some(frac) = frac {
-            if frac.is_empty() {
-                return Err("no digits after the decimal point");
-            }
-            if !frac.iter().all(u8::is_ascii_digit) {
-                return Err("not a non-negative decimal number");
-            }
-            if frac.len() > VOLUME_FRAC_DIGITS {
-                return Err("more than 4 fraction digits");
-            }
-            let mut scale = VOLUME_SCALE;
-            for &b in frac {
-                scale /= 10;
-                value += u128::from(b - b'0') * scale;
-            }
-        }
-        Ok(Volume(value))
-    }
-}
-
-impl fmt::Display for Volume {
-    /// Always with 4 fraction digits, as DECIMAL(20,4) prints it.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{:04}", self.0 / VOLUME_SCALE, self.0 % VOLUME_SCALE)
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Record {
-    pub ticket: u64,
-    pub login: u64,
-    pub volume: Volume,
-}
-
-impl Record {
-    /// The record as one wire line (without newline).
-    pub fn to_line(&self) -> String {
-        let mut s = String::with_capacity(48);
-        let _ = write!(s, "{},{},{}", self.ticket, self.login, self.volume);
-        s
-    }
-}
+pub use crate::message::{Record, Verdict, Volume};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Field {
@@ -247,6 +174,14 @@ fn dedup_tickets(records: Vec<Record>, lines: &[usize]) -> Result<Vec<Record>, P
         .collect())
 }
 
+/// The reply frame for a verdict (SPEC §3); `TRUE`, the common case, is not allocated.
+pub fn reply_text(verdict: &Verdict) -> Cow<'static, [u8]> {
+    match verdict {
+        Verdict::Accept { .. } => Cow::Borrowed(b"TRUE"),
+        Verdict::Conflict(reason) => Cow::Owned(format!("FALSE {reason}").into_bytes()),
+    }
+}
+
 /// The wire body for records, one line each (the inverse of `parse_body`).
 pub fn format_body(records: &[Record]) -> String {
     let mut s = String::with_capacity(records.len() * 32);
@@ -262,6 +197,18 @@ pub fn format_body(records: &[Record]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reply_texts() {
+        assert_eq!(
+            reply_text(&Verdict::Accept { inserted: 3 }).as_ref(),
+            b"TRUE"
+        );
+        assert_eq!(
+            reply_text(&Verdict::Conflict("x".into())).as_ref(),
+            b"FALSE x"
+        );
+    }
 
     fn ok(body: &str) -> Vec<Record> {
         parse_body(body.as_bytes()).unwrap_or_else(|e| panic!("{body:?}: {e}"))

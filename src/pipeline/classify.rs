@@ -3,10 +3,10 @@
 //!
 //! No I/O here; `store.rs` reads the stored rows and carries the plan out in one transaction.
 
-use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 
-use crate::input::record::{Record, Volume};
+pub use crate::message::Verdict;
+use crate::message::{Record, Volume};
 
 /// A row as it is in the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,25 +15,6 @@ pub struct StoredRow {
     pub volume: Volume,
     /// `status = 'Y'`; rows left at 'N' (by the old daemon) are marked when resent.
     pub committed: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    /// Every record is (or will be, at COMMIT) in the table; `inserted` of them are new rows
-    /// this batch adds (the rest were stored already, or sent earlier in the batch).
-    Accept { inserted: usize },
-    /// Refused whole; the text follows `FALSE `.
-    Conflict(String),
-}
-
-impl Verdict {
-    /// The reply frame; `TRUE`, the common case, is not allocated per message.
-    pub fn reply_text(&self) -> Cow<'static, [u8]> {
-        match self {
-            Verdict::Accept { .. } => Cow::Borrowed(b"TRUE"),
-            Verdict::Conflict(reason) => Cow::Owned(format!("FALSE {reason}").into_bytes()),
-        }
-    }
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -244,17 +225,5 @@ mod tests {
         }
         assert!(super::all_new(&[&a[..], &b[..]]).is_some());
         assert!(super::all_new(&[&a[..], &dup[..]]).is_none());
-    }
-
-    #[test]
-    fn reply_texts() {
-        assert_eq!(
-            Verdict::Accept { inserted: 3 }.reply_text().as_ref(),
-            b"TRUE"
-        );
-        assert_eq!(
-            Verdict::Conflict("x".into()).reply_text().as_ref(),
-            b"FALSE x"
-        );
     }
 }

@@ -10,34 +10,13 @@
 //! Closing: the channel disconnects when every `Intake` is dropped, so workers drain what is
 //! queued and end. No threads of its own.
 
-use std::any::Any;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
 
-use crate::input::record::Record;
-use crate::pipeline::classify::Verdict;
-
-/// An input's opaque reference to one message (a ZeroMQ envelope, an AMQP delivery tag).
-pub type Tag = Box<dyn Any + Send>;
-
-/// Where a job's verdict goes: its input's outbox, and the tag the input gave it.
-pub struct ReplyTo {
-    pub outbox: Arc<dyn Outbox>,
-    pub tag: Tag,
-}
-
-/// A batch's verdicts for one input, each with the tag its input gave the message.
-pub type Verdicts = Vec<(Tag, Verdict)>;
-
-/// Receives the verdicts of an input's messages, a batch at a time, from worker threads.
-/// `deliver` must not block for long: it runs on a worker between two commits.
-pub trait Outbox: Send + Sync {
-    fn deliver(&self, verdicts: Verdicts);
-}
+pub use crate::message::{Job, Outbox, ReplyTo, Tag, Verdicts, Wake};
 
 /// The outbox every input uses: verdicts go into a channel the input's own thread drains,
 /// then its bell rings. (Fails only once that thread has returned: its clients resend, its
@@ -60,27 +39,6 @@ impl Outbox for ChannelOutbox {
         if self.verdicts.send(verdicts).is_ok() {
             self.bell.wake();
         }
-    }
-}
-
-/// Wakes an input's thread (paused for room, or to read its outbox).
-pub trait Wake: Send + Sync {
-    fn wake(&self);
-}
-
-/// One parsed message on its way to a worker.
-pub struct Job {
-    pub records: Vec<Record>,
-    pub received: Instant,
-    pub reply: ReplyTo,
-}
-
-impl std::fmt::Debug for Job {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Job")
-            .field("records", &self.records.len())
-            .field("received", &self.received)
-            .finish_non_exhaustive()
     }
 }
 
@@ -271,7 +229,8 @@ impl Take {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::input::record::Volume;
+    use crate::message::{Record, Volume};
+    use std::time::Instant;
 
     struct Count(AtomicUsize);
     impl Wake for Count {

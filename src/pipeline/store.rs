@@ -39,9 +39,9 @@ use parking_lot::Mutex;
 use r2d2_mysql::MySqlConnectionManager;
 
 use crate::config::{MysqlConfig, TlsMode};
-use crate::input::record::{Record, Volume};
+use crate::message::{Record, Verdict, Volume};
 use crate::metrics::Metrics;
-use crate::pipeline::classify::{self, StoredRow, Verdict};
+use crate::pipeline::classify::{self, StoredRow};
 use crate::pipeline::hosts::{self, Failover, HostAddr, MoveReason};
 use crate::pipeline::schema::{self, Column};
 

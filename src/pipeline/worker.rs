@@ -14,9 +14,8 @@ use arc_swap::ArcSwap;
 use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 
 use crate::config::Config;
-use crate::input::record::Record;
+use crate::message::{Record, Verdict};
 use crate::metrics::{secs, Metrics};
-use crate::pipeline::classify::Verdict;
 use crate::pipeline::queue::{Job, Outbox, Take, Verdicts};
 use crate::pipeline::store::{Backoff, Store, StoreError};
 

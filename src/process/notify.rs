@@ -5,21 +5,21 @@
 //! `Option<Notifier>` and nothing changes outside systemd. The datagrams are sent by the
 //! `sd-notify` crate; a failed send is logged and never stops serving.
 //!
-//! Liveness: each watched thread (receiver, signals; the AMQP consumer when it lands) holds a
-//! `Heartbeat` and calls `beat()` each time round its loop; a thread that blocks waiting for
+//! Liveness: each watched thread (the inputs, signals) holds a
+//! `Heartbeat` (src/heartbeat.rs) and calls `beat()` each time round its loop; a thread that blocks waiting for
 //! outside events (the signal thread in `wait()`) marks that wait with `idle()`. One thread,
 //! `Watchdog` (owned, stopped and joined by whoever started it), sends `WATCHDOG=1` every half
 //! `WATCHDOG_USEC` only if every heartbeat advanced, or sat idle, since the previous check, so a
 //! wedged input thread stops the pings and systemd restarts feedd (HAZARDS: systemd). The same
 //! thread sends a `STATUS=` line every few seconds from a `Snapshot`.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{RecvTimeoutError, Sender};
 use sd_notify::NotifyState;
+
+use crate::heartbeat::Heartbeat;
 
 /// How often the `STATUS=` line is refreshed.
 pub const STATUS_EVERY: Duration = Duration::from_secs(5);
@@ -51,11 +51,6 @@ impl Notifier {
         Some(Notifier {
             ping_every: watchdog.map(|d| d / 2),
         })
-    }
-
-    /// The watchdog ping interval (half of `WATCHDOG_USEC`), if the watchdog is on.
-    pub fn ping_every(&self) -> Option<Duration> {
-        self.ping_every
     }
 
     /// Start-up is complete: feedd serves (the moment `--daemon` reports ready).
@@ -182,7 +177,7 @@ fn stalled(beats: &[Heartbeat], seen: &mut [u64]) -> Vec<&'static str> {
         let advanced = now >> 1 != *last >> 1;
         let idle = now & 1 == 1;
         if !advanced && !idle {
-            out.push(beat.inner.name);
+            out.push(beat.name());
         }
         *last = now;
     }
@@ -239,70 +234,6 @@ impl Rate {
     }
 }
 
-struct BeatInner {
-    name: &'static str,
-    /// Turns × 2, plus 1 while the thread is idle-waiting (see `idle`).
-    value: AtomicU64,
-}
-
-/// A watched thread's sign of life; clones share one counter.
-#[derive(Clone)]
-pub struct Heartbeat {
-    inner: Arc<BeatInner>,
-}
-
-impl std::fmt::Debug for Heartbeat {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Heartbeat({}, {})", self.inner.name, self.load())
-    }
-}
-
-impl Heartbeat {
-    pub fn new(name: &'static str) -> Heartbeat {
-        Heartbeat {
-            inner: Arc::new(BeatInner {
-                name,
-                value: AtomicU64::new(0),
-            }),
-        }
-    }
-
-    pub fn name(&self) -> &'static str {
-        self.inner.name
-    }
-
-    /// One more turn of the thread's loop (one relaxed add: cheap enough for every wake-up).
-    pub fn beat(&self) {
-        self.inner.value.fetch_add(2, Ordering::Relaxed);
-    }
-
-    /// Marks a blocking wait for outside events (a signal): alive while it lasts. The mark
-    /// ends, and counts as a turn, when the guard drops.
-    pub fn idle(&self) -> Idle<'_> {
-        self.inner.value.fetch_or(1, Ordering::Relaxed);
-        Idle(self)
-    }
-
-    /// Turns so far.
-    pub fn turns(&self) -> u64 {
-        self.load() >> 1
-    }
-
-    fn load(&self) -> u64 {
-        self.inner.value.load(Ordering::Relaxed)
-    }
-}
-
-/// While alive, the heartbeat's thread is waiting for events, not wedged.
-pub struct Idle<'a>(&'a Heartbeat);
-
-impl Drop for Idle<'_> {
-    fn drop(&mut self) {
-        self.0.inner.value.fetch_and(!1, Ordering::Relaxed);
-        self.0.beat();
-    }
-}
-
 /// The running watchdog/status thread; `stop` (or drop) ends and joins it.
 pub struct Watchdog {
     stop: Option<Sender<()>>,
@@ -310,10 +241,6 @@ pub struct Watchdog {
 }
 
 impl Watchdog {
-    pub fn stop(mut self) {
-        self.shut();
-    }
-
     fn shut(&mut self) {
         // Dropping the sender wakes the thread at once.
         drop(self.stop.take());

@@ -28,11 +28,11 @@ use crossbeam_channel::{Receiver as Chan, Sender};
 use lapin::BasicProperties;
 
 use crate::config::Config;
+use crate::heartbeat::Heartbeat;
 use crate::input::record;
+use crate::message::Verdict;
 use crate::metrics::Metrics;
-use crate::pipeline::classify::Verdict;
 use crate::pipeline::queue::{ChannelOutbox, Intake, Job, Outbox, Queue, ReplyTo, Verdicts, Wake};
-use crate::process::notify::Heartbeat;
 use ledger::Ledger;
 pub use link::{AmqpSettings, Event, Link, LinkError};
 

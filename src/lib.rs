@@ -5,6 +5,8 @@
 //! supervisor, pidfile, privileges, signals). `server` builds and runs them; `commands` is
 //! what each command line verb does.
 
+#![deny(unsafe_code)]
+
 pub mod backoff;
 pub mod commands;
 pub mod config;
@@ -16,8 +18,9 @@ pub mod metrics;
 pub mod pipeline;
 pub mod process;
 pub mod server;
+pub mod zmq_ffi;
 
 // Short paths kept for the tests, benches and fuzz targets.
-pub use input::{receiver, record};
+pub use input::{record, zmq as receiver};
 pub use pipeline::classify;
 pub use process::supervisor;

@@ -119,6 +119,11 @@ impl Logging {
         })
     }
 
+    /// Whether the log defaults to a file (a daemon) rather than stderr.
+    pub fn daemon(&self) -> bool {
+        self.daemon
+    }
+
     /// Whether `config`'s log file could be applied: for a reload to check before it commits.
     pub fn check(&self, config: &Config) -> Result<(), LogError> {
         match config.log_path(self.daemon) {
@@ -140,19 +145,16 @@ impl Logging {
         if wanted == *file {
             return Ok(());
         }
-        match (&*file, &wanted) {
-            (Some(_), Some(new)) => {
-                self.handle
-                    .reset_flw(&file_writer(new)?)
-                    .map_err(|error| LogError::File {
-                        path: new.clone(),
-                        error,
-                    })?;
-                *file = wanted;
-            }
-            _ => log::warn!(
-                "[daemon] log_file: switching between stderr and a file takes effect after a restart"
-            ),
+        // Only file to file: the reload plan keeps stderr↔file switches for a restart
+        // (server/plan.rs).
+        if let (Some(_), Some(new)) = (&*file, &wanted) {
+            self.handle
+                .reset_flw(&file_writer(new)?)
+                .map_err(|error| LogError::File {
+                    path: new.clone(),
+                    error,
+                })?;
+            *file = wanted;
         }
         Ok(())
     }

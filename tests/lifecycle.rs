@@ -417,7 +417,7 @@ fn sigterm_during_an_endpoint_move_abandons_it_at_once() {
     );
     f.signal(libc::SIGHUP);
     f.wait_for_log("SIGHUP: reloading", Duration::from_secs(5));
-    f.wait_for_log("before the old socket closes", Duration::from_secs(5));
+    f.wait_for_log("before switching", Duration::from_secs(5));
     let asked = Instant::now();
     f.signal(libc::SIGTERM);
     let status = f.wait(Duration::from_secs(20));

@@ -50,17 +50,9 @@ impl CurveKey {
         if !text.chars().all(|c| Z85_ALPHABET.contains(c)) {
             return Err("has characters outside the Z85 alphabet".to_string());
         }
-        let c_text = std::ffi::CString::new(text)
-            .map_err(|_| "has characters outside the Z85 alphabet".to_string())?;
-        let mut key = [0u8; 32];
-        // zmq 0.9's `z85_decode` ignores libzmq's NULL return, so call libzmq directly: it
-        // refuses a group of 5 characters whose value overflows 32 bits.
-        // SAFETY: `key` has room for 40 * 4 / 5 = 32 bytes; `c_text` is NUL-terminated.
-        let out = unsafe { zmq_sys::zmq_z85_decode(key.as_mut_ptr(), c_text.as_ptr()) };
-        if out.is_null() {
-            return Err("not valid Z85 (a group of 5 characters is over 2^32 - 1)".to_string());
-        }
-        Ok(CurveKey(key))
+        crate::zmq_ffi::z85_decode_key(text)
+            .map(CurveKey)
+            .ok_or_else(|| "not valid Z85 (a group of 5 characters is over 2^32 - 1)".to_string())
     }
 
     pub fn to_z85(&self) -> String {

@@ -162,39 +162,6 @@ pub fn exposure_warning(config: &Config) -> Option<String> {
     })
 }
 
-/// The keys fixed for the process's life: a reload that changes them is logged, not applied.
-pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
-    let mut changed = Vec::new();
-    if old.daemon.pidfile != new.daemon.pidfile {
-        changed.push("[daemon] pidfile");
-    }
-    if old.daemon.user != new.daemon.user {
-        changed.push("[daemon] user");
-    }
-    if old.daemon.group != new.daemon.group {
-        changed.push("[daemon] group");
-    }
-    if old.pipeline.workers != new.pipeline.workers {
-        changed.push("[pipeline] workers");
-    }
-    if old.pipeline.pin_threads != new.pipeline.pin_threads {
-        changed.push("[pipeline] pin_threads");
-    }
-    changed
-}
-
-/// Applies the restart-only policy to a reloaded config: those keys keep their running
-/// values in `new`. Returns the keys that changed in the file (to log that a restart is due).
-pub fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
-    let changed = restart_only_changes(old, new);
-    new.daemon.pidfile = old.daemon.pidfile.clone();
-    new.daemon.user = old.daemon.user.clone();
-    new.daemon.group = old.daemon.group.clone();
-    new.pipeline.workers = old.pipeline.workers;
-    new.pipeline.pin_threads = old.pipeline.pin_threads;
-    changed
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -417,13 +384,6 @@ mod tests {
     fn metrics_listen() {
         assert_eq!(parse("[metrics]\nlisten =").unwrap().metrics.listen, None);
         assert!(err("[metrics]\nlisten = nowhere").contains("[metrics] listen"));
-    }
-
-    #[test]
-    fn restart_only_keys() {
-        let a = parse("").unwrap();
-        let b = parse("[pipeline]\nworkers = 3\nbatch_size = 5").unwrap();
-        assert_eq!(restart_only_changes(&a, &b), vec!["[pipeline] workers"]);
     }
 
     #[test]

@@ -4,11 +4,11 @@
 //! This is how workers (verdicts), the queue (room freed) and the main thread (commands) reach
 //! the receiver without sharing its sockets (a ZeroMQ socket belongs to one thread).
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
-use crate::pipeline::queue::Wake;
+use crate::message::Wake;
 
 /// The wake-up half: cheap to call from any thread.
 pub struct Doorbell(EventFd);
@@ -29,6 +29,12 @@ impl Doorbell {
     pub fn clear(&self) {
         // EAGAIN means nobody rang since the last clear: nothing to do.
         let _ = self.0.read();
+    }
+}
+
+impl AsFd for Doorbell {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
     }
 }
 

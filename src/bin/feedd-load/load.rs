@@ -304,23 +304,8 @@ fn client(
     Ok(r)
 }
 
-extern "C" {
-    // In libzmq ≥ 4.2.1 (linked through zmq-sys), which zmq-sys 0.11 does not declare.
-    fn zmq_curve_public(
-        z85_public_key: *mut std::os::raw::c_char,
-        z85_secret_key: *const std::os::raw::c_char,
-    ) -> std::os::raw::c_int;
-}
-
 /// The public key belonging to a CURVE secret key (libzmq's `zmq_curve_public`).
 pub fn curve_public_key(secret: &CurveKey) -> Option<CurveKey> {
-    let secret = std::ffi::CString::new(secret.to_z85()).ok()?;
-    let mut public = [0 as std::os::raw::c_char; 41];
-    // SAFETY: the output buffer holds 40 Z85 characters + NUL, as zmq_curve_public requires.
-    let rc = unsafe { zmq_curve_public(public.as_mut_ptr(), secret.as_ptr()) };
-    if rc != 0 {
-        return None;
-    }
-    let text: String = public[..40].iter().map(|&c| c as u8 as char).collect();
-    CurveKey::from_z85(&text).ok()
+    let public = feedd::zmq_ffi::curve_public_z85(&secret.to_z85())?;
+    CurveKey::from_z85(&public).ok()
 }

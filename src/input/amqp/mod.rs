@@ -1,112 +1,53 @@
-//! The AMQP input: the consumer thread, the only user of its broker channel (SPEC §4b).
+//! The AMQP input (SPEC §4b): the consumer, the only user of its broker channel, as an
+//! `Input` of the one driver (input/driver.rs), which runs it on the amqp-consumer thread.
 //!
 //! - `link`: the blocking facade over lapin (connect, next event, ack, reject, dead letter).
 //! - `ledger`: which delivery tags to ack and how (pure, unit-tested).
-//! - here: the thread. It takes deliveries only while the queue has room (the broker's
-//!   prefetch does the rest), parses each body like a ZeroMQ body, dead-letters malformed and
-//!   oversized ones at once, and queues the rest. Workers hand verdicts back through its
-//!   outbox and ring its bell; it acks committed deliveries (`multiple` where the tags allow)
-//!   and dead-letters conflicts with their reason, acking each only once the broker confirmed
-//!   the dead letter.
+//! - here: the adapter. Deliveries are taken only while the queue has room (the broker's
+//!   prefetch does the rest); each body is parsed like a ZeroMQ body, malformed and oversized
+//!   ones are dead-lettered at once, the rest queued. Committed deliveries are acked
+//!   (`multiple` where the tags allow), conflicts dead-lettered with their reason and acked
+//!   once the broker confirmed the dead letter.
 //!
 //! Faults: a lost connection starts a new generation (tags belong to their channel, so
-//! verdicts of the old one are dropped and the broker redelivers), and the thread reconnects
+//! verdicts of the old one are dropped and the broker redelivers) and the consumer reconnects
 //! with capped backoff, logged once per episode. Stop: `basic.cancel`, then keep acking what
-//! commits; finish: ack the rest, close (unacked deliveries return to the queue). A reload
-//! hands it a link the preparer has already connected; it drains the old one first.
-//!
-//! The thread runs even while `[amqp] url` is empty (idle), so a reload can turn AMQP on.
+//! commits; finish: ack the rest and close (unacked deliveries return to the queue). Its part
+//! of a reload is a link the preparer already connected; the old channel is cancelled, its
+//! deliveries in flight answered, then it closes. It runs even while `[amqp] url` is empty
+//! (idle), so a reload can turn AMQP on.
 
 pub mod ledger;
 pub mod link;
 
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use crossbeam_channel::{Receiver as Chan, Sender};
 use lapin::BasicProperties;
 
+use crate::backoff::Backoff;
 use crate::config::Config;
-use crate::heartbeat::Heartbeat;
+use crate::input::driver::{Input, Ready, Taken};
+use crate::input::mailbox::Doorbell;
 use crate::input::record;
 use crate::message::Verdict;
 use crate::metrics::Metrics;
-use crate::pipeline::queue::{ChannelOutbox, Intake, Job, Outbox, Queue, ReplyTo, Verdicts, Wake};
 use ledger::Ledger;
 pub use link::{AmqpSettings, Event, Link, LinkError};
 
-/// Most deliveries taken in one go before the mailbox gets a turn.
-const READ_BURST: usize = 256;
-/// Longest idle wait, so the thread turns (and notices a dead connection) this often.
-const IDLE_WAKE: Duration = Duration::from_millis(500);
-/// Reconnect backoff: from the first to the cap, doubling.
-const BACKOFF_FIRST: Duration = Duration::from_millis(100);
-const BACKOFF_CAP: Duration = Duration::from_secs(5);
-
-/// The mailbox bell: a one-slot async channel the consumer can wait on beside the broker.
-struct Bell(smol::channel::Sender<()>);
-
-impl Wake for Bell {
-    fn wake(&self) {
-        // Full means a ring is already pending: that is all a ring has to achieve.
-        let _ = self.0.try_send(());
-    }
-}
-
 /// A delivery's reply address: its channel generation and tag, and what a dead letter needs.
-struct AmqpTag {
+pub struct AmqpTag {
     generation: u64,
     tag: u64,
     body: Vec<u8>,
     properties: BasicProperties,
 }
 
-enum Command {
-    /// New settings (`None`: AMQP off) with the link the preparer connected for them.
-    Apply(
-        Box<(Option<AmqpSettings>, Option<Link>)>,
-        Sender<Result<(), String>>,
-    ),
-    Stop,
-    Finish,
-}
-
-/// The main thread's handle on the consumer.
-pub struct ConsumerHandle {
-    commands: Sender<Command>,
-    bell: Arc<Bell>,
-}
-
-impl ConsumerHandle {
-    fn send(&self, command: Command) {
-        if self.commands.send(command).is_ok() {
-            self.bell.wake();
-        }
-    }
-
-    /// Asks the consumer to switch to `settings` over `link` (already connected); the answer
-    /// comes on the returned channel once switched, after the old channel's deliveries in
-    /// flight are answered (bounded by the running `shutdown_timeout_ms`). A stop sent
-    /// meanwhile cuts that wait short.
-    pub fn apply(
-        &self,
-        settings: Option<AmqpSettings>,
-        link: Option<Link>,
-    ) -> Chan<Result<(), String>> {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        self.send(Command::Apply(Box::new((settings, link)), tx));
-        rx
-    }
-
-    pub fn stop_intake(&self) {
-        self.send(Command::Stop);
-    }
-
-    pub fn finish(&self) {
-        self.send(Command::Finish);
-    }
-}
+/// The consumer's part of a reload: new settings (`None`: AMQP off) and the link the
+/// preparer connected for them (`None` with settings: the consumer connects itself).
+pub type AmqpPart = (Option<AmqpSettings>, Option<Link>);
 
 pub struct Consumer {
     settings: Option<AmqpSettings>,
@@ -115,20 +56,17 @@ pub struct Consumer {
     generation: u64,
     ledger: Ledger,
     config: Arc<ArcSwap<Config>>,
-    bell_rx: smol::channel::Receiver<()>,
-    commands: Chan<Command>,
-    verdicts: Chan<Verdicts>,
-    outbox: Arc<dyn Outbox>,
-    intake: Option<Intake>,
-    held: Option<Job>,
-    metrics: Metrics,
-    /// Since when the connection is lost (one log line per episode), and the next try.
+    /// The driver's bell, registered with lapin's executor on the first wait.
+    bell: Option<smol::Async<OwnedFd>>,
+    /// A delivery the wait received, for the next `read_one`.
+    arrived: Option<link::Delivery>,
+    /// Intake stopped: no more deliveries, no reconnects.
+    stopped: bool,
+    /// Since when the connection is lost (one log line per episode), and failed attempts.
     lost: Option<(Instant, u32)>,
-    backoff: Duration,
+    backoff: Backoff,
     next_try: Instant,
-    heartbeat: Heartbeat,
-    /// A stop or finish that came while a switch waited for answers: carried out next.
-    interrupted: Option<Command>,
+    metrics: Metrics,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -141,9 +79,8 @@ impl Consumer {
     /// Connects when `[amqp] url` is set, so an unreachable broker is a start-up error.
     pub fn connect(
         config: Arc<ArcSwap<Config>>,
-        queue: &Queue,
         metrics: Metrics,
-    ) -> Result<(Consumer, ConsumerHandle), ConsumerError> {
+    ) -> Result<Consumer, ConsumerError> {
         let settings = AmqpSettings::of(&config.load());
         let link = match &settings {
             Some(s) => {
@@ -161,110 +98,40 @@ impl Consumer {
             }
             None => None,
         };
-        let (bell_tx, bell_rx) = smol::channel::bounded(1);
-        let bell = Arc::new(Bell(bell_tx));
-        let intake = queue.intake(Arc::clone(&bell) as Arc<dyn Wake>);
-        let (commands_tx, commands) = crossbeam_channel::unbounded();
-        let (outbox, verdicts) = ChannelOutbox::open(Arc::clone(&bell) as Arc<dyn Wake>);
-        let hold = settings.as_ref().map_or(1, |s| usize::from(s.prefetch) / 2);
-        Ok((
-            Consumer {
-                settings,
-                link,
-                generation: 0,
-                ledger: Ledger::new(hold),
-                config,
-                bell_rx,
-                commands,
-                verdicts,
-                outbox,
-                intake,
-                held: None,
-                metrics,
-                lost: None,
-                backoff: BACKOFF_FIRST,
-                next_try: Instant::now(),
-                heartbeat: Heartbeat::new("amqp-consumer"),
-                interrupted: None,
-            },
-            ConsumerHandle {
-                commands: commands_tx,
-                bell,
-            },
-        ))
+        let mut consumer = Consumer {
+            settings,
+            link,
+            generation: 0,
+            ledger: Ledger::new(1),
+            config,
+            bell: None,
+            arrived: None,
+            stopped: false,
+            lost: None,
+            backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
+            next_try: Instant::now(),
+            metrics,
+        };
+        consumer.ledger = Ledger::new(consumer.hold_limit());
+        Ok(consumer)
     }
 
-    /// The consumer's heartbeat, for the watchdog (it turns at least every `IDLE_WAKE`).
-    pub fn heartbeat(&self) -> Heartbeat {
-        self.heartbeat.clone()
+    fn hold_limit(&self) -> usize {
+        self.settings
+            .as_ref()
+            .map_or(1, |s| usize::from(s.prefetch) / 2)
     }
 
-    /// Serves until told `finish`.
-    pub fn run(mut self) {
-        loop {
-            self.heartbeat.beat();
-            if self.link.is_none() && self.settings.is_some() && self.intake.is_some() {
-                self.reconnect();
-            }
-            let want = self.held.is_none() && self.intake.as_ref().is_some_and(|i| i.has_room(1));
-            let event = match &mut self.link {
-                Some(link) => link.next_event(want, &self.bell_rx, IDLE_WAKE),
-                None => {
-                    let wait = if self.settings.is_some() && self.intake.is_some() {
-                        self.next_try.saturating_duration_since(Instant::now())
-                    } else {
-                        IDLE_WAKE
-                    };
-                    wait_bell(&self.bell_rx, wait.min(IDLE_WAKE))
-                }
-            };
-            match event {
-                Event::Delivery(d) => {
-                    self.take(*d);
-                    self.take_burst();
-                    self.flush_acks(false);
-                }
-                Event::Mail => {
-                    while self.bell_rx.try_recv().is_ok() {}
-                    self.settle_verdicts();
-                    if self.obey() {
-                        self.settle_verdicts();
-                        self.flush_acks(true);
-                        if let Some(link) = self.link.take() {
-                            link.close();
-                        }
-                        return;
-                    }
-                    self.retry_held();
-                }
-                Event::Idle => {
-                    if self.link.as_ref().is_some_and(|l| !l.is_connected()) {
-                        self.lose("the connection closed".into());
-                    }
-                }
-                Event::Lost(reason) => self.lose(reason),
-            }
-        }
-    }
-
-    fn take_burst(&mut self) {
-        for _ in 0..READ_BURST {
-            let room = self.held.is_none() && self.intake.as_ref().is_some_and(|i| i.has_room(1));
-            if !room {
-                return;
-            }
-            match self.link.as_mut().and_then(Link::try_delivery) {
-                Some(Ok(d)) => self.take(d),
-                Some(Err(reason)) => return self.lose(reason),
-                None => return,
-            }
-        }
+    /// A new channel (or none): its tags start afresh.
+    fn new_generation(&mut self) {
+        self.generation += 1;
+        self.ledger = Ledger::new(self.hold_limit());
+        self.arrived = None;
     }
 
     /// One delivery: parsed and queued, or dead-lettered at once.
-    fn take(&mut self, d: link::Delivery) {
+    fn take(&mut self, d: link::Delivery) -> Taken<AmqpTag> {
         self.metrics.amqp_deliveries.inc();
-        self.metrics.messages_received.inc();
         let tag = d.delivery_tag;
         self.ledger.received(tag);
         let max_bytes = self.config.load().zmq.max_message_bytes;
@@ -275,35 +142,19 @@ impl Consumer {
         };
         match parsed {
             Err(reason) => {
-                self.metrics.messages_rejected.inc();
                 self.reject(tag, &d.data, &d.properties, &reason);
+                Taken::Refused
             }
-            Ok(records) => {
-                let Some(intake) = &self.intake else {
-                    self.ledger.forget(tag);
-                    return;
-                };
-                let job = Job {
-                    records,
-                    received: Instant::now(),
-                    reply: ReplyTo {
-                        outbox: Arc::clone(&self.outbox),
-                        tag: Box::new(AmqpTag {
-                            generation: self.generation,
-                            tag,
-                            body: d.data,
-                            properties: d.properties,
-                        }),
-                    },
-                };
-                intake.push_or_hold(job, &mut self.held);
-            }
-        }
-    }
-
-    fn retry_held(&mut self) {
-        if let Some(intake) = &self.intake {
-            intake.retry(&mut self.held);
+            Ok(records) => Taken::Accepted {
+                records,
+                received: Instant::now(),
+                tag: AmqpTag {
+                    generation: self.generation,
+                    tag,
+                    body: d.data,
+                    properties: d.properties,
+                },
+            },
         }
     }
 
@@ -330,31 +181,7 @@ impl Consumer {
         }
     }
 
-    /// Applies the verdicts delivered so far, then sends the acks they allow.
-    fn settle_verdicts(&mut self) {
-        while let Ok(verdicts) = self.verdicts.try_recv() {
-            for (tag, verdict) in verdicts {
-                let Ok(t) = tag.downcast::<AmqpTag>() else {
-                    continue;
-                };
-                if t.generation != self.generation || self.link.is_none() {
-                    continue; // its channel is gone: the broker redelivers it
-                }
-                match verdict {
-                    Verdict::Accept { .. } => self.ledger.done(t.tag),
-                    Verdict::Conflict(reason) => {
-                        self.reject(t.tag, &t.body, &t.properties, &reason)
-                    }
-                }
-            }
-        }
-        self.flush_acks(false);
-    }
-
     fn flush_acks(&mut self, drain: bool) {
-        if self.link.is_none() {
-            return;
-        }
         for ack in self.ledger.acks(drain) {
             let Some(link) = &self.link else { return };
             if let Err(e) = link.ack(ack.tag, ack.multiple) {
@@ -368,9 +195,7 @@ impl Consumer {
     fn lose(&mut self, reason: String) {
         let Some(link) = self.link.take() else { return };
         drop(link);
-        self.generation += 1;
-        self.ledger = Ledger::new(self.hold_limit());
-        self.held = None; // of the dead channel: the broker redelivers it
+        self.new_generation();
         if self.lost.is_none() {
             let url = self
                 .settings
@@ -380,29 +205,16 @@ impl Consumer {
             log::warn!("amqp: connection to {url} lost ({reason}); reconnecting with backoff, unacked deliveries will be redelivered");
             self.lost = Some((Instant::now(), 0));
         }
-        self.backoff = BACKOFF_FIRST;
-        self.next_try = Instant::now() + self.backoff;
-    }
-
-    fn hold_limit(&self) -> usize {
-        self.settings
-            .as_ref()
-            .map_or(1, |s| usize::from(s.prefetch) / 2)
+        self.backoff.reset();
+        self.next_try = Instant::now() + self.backoff.next_delay();
     }
 
     fn reconnect(&mut self) {
-        if Instant::now() < self.next_try {
-            return;
-        }
         let Some(settings) = &self.settings else {
             return;
         };
         match Link::connect(settings) {
             Ok(link) => {
-                self.link = Some(link);
-                self.generation += 1;
-                self.ledger = Ledger::new(self.hold_limit());
-                self.metrics.amqp_reconnects.inc();
                 let (since, tries) = self.lost.take().unwrap_or((Instant::now(), 0));
                 log::info!(
                     "amqp: reconnected to {} after {:.1} s ({} failed attempt(s))",
@@ -410,7 +222,10 @@ impl Consumer {
                     since.elapsed().as_secs_f64(),
                     tries
                 );
-                self.backoff = BACKOFF_FIRST;
+                self.link = Some(link);
+                self.new_generation();
+                self.metrics.amqp_reconnects.inc();
+                self.backoff.reset();
             }
             Err(e) => {
                 match &mut self.lost {
@@ -421,120 +236,192 @@ impl Consumer {
                     }
                 }
                 log::debug!("amqp: reconnect failed: {e}");
-                self.backoff = (self.backoff * 2).min(BACKOFF_CAP);
-                self.next_try = Instant::now() + self.backoff;
+                self.next_try = Instant::now() + self.backoff.next_delay();
             }
         }
     }
 
-    /// Carries out the main thread's commands; true when told to finish.
-    fn obey(&mut self) -> bool {
-        while let Some(command) = self
-            .interrupted
-            .take()
-            .or_else(|| self.commands.try_recv().ok())
-        {
-            match command {
-                Command::Apply(new, answer) => {
-                    let (settings, link) = *new;
-                    self.switch(settings, link);
-                    let _ = answer.send(Ok(()));
+    fn wants_link(&self) -> bool {
+        self.link.is_none() && self.settings.is_some() && !self.stopped
+    }
+}
+
+impl Input for Consumer {
+    type Tag = AmqpTag;
+    type Part = AmqpPart;
+    type Prepared = AmqpPart;
+    type Error = std::convert::Infallible;
+
+    fn name(&self) -> &'static str {
+        "amqp"
+    }
+
+    fn wait(
+        &mut self,
+        bell: &Doorbell,
+        reading: bool,
+        wait: Duration,
+    ) -> Result<Ready, Self::Error> {
+        if reading && self.arrived.is_some() {
+            return Ok(Ready {
+                mail: false,
+                readable: true,
+            });
+        }
+        let wait = if self.wants_link() {
+            wait.min(self.next_try.saturating_duration_since(Instant::now()))
+        } else {
+            wait
+        };
+        if self.bell.is_none() {
+            match bell.as_fd().try_clone_to_owned().and_then(smol::Async::new) {
+                Ok(b) => self.bell = Some(b),
+                Err(e) => {
+                    // Never seen; without it the consumer still turns every `wait`.
+                    log::error!("amqp: cannot watch the mailbox: {e}");
+                    std::thread::sleep(wait);
+                    return Ok(Ready {
+                        mail: true,
+                        readable: false,
+                    });
                 }
-                Command::Stop => {
-                    if let Some(link) = &mut self.link {
-                        link.cancel();
-                        log::info!("amqp: consumer cancelled, draining");
-                    }
-                    self.intake = None;
-                    if let Some(job) = self.held.take() {
-                        self.forget_job(job);
-                    }
+            }
+        }
+        let Some(bell) = &self.bell else {
+            return Ok(Ready::default());
+        };
+        let event = match &mut self.link {
+            Some(link) => link.next_event(reading, bell, wait),
+            None => wait_bell(bell, wait),
+        };
+        Ok(match event {
+            Event::Delivery(d) => {
+                self.arrived = Some(*d);
+                Ready {
+                    mail: false,
+                    readable: true,
                 }
-                Command::Finish => return true,
             }
-        }
-        false
+            Event::Mail => Ready {
+                mail: true,
+                readable: false,
+            },
+            Event::Idle => Ready::default(),
+            Event::Lost(reason) => {
+                self.lose(reason);
+                Ready::default()
+            }
+        })
     }
 
-    fn forget_job(&mut self, job: Job) {
-        if let Ok(t) = job.reply.tag.downcast::<AmqpTag>() {
-            if t.generation == self.generation {
-                self.ledger.forget(t.tag);
+    fn read_one(&mut self) -> Result<Taken<AmqpTag>, Self::Error> {
+        let next = match self.arrived.take() {
+            Some(d) => Some(Ok(d)),
+            None => self.link.as_mut().and_then(Link::try_delivery),
+        };
+        Ok(match next {
+            Some(Ok(d)) => self.take(d),
+            Some(Err(reason)) => {
+                self.lose(reason);
+                Taken::Nothing
             }
+            None => Taken::Nothing,
+        })
+    }
+
+    fn answer(&mut self, t: AmqpTag, verdict: Verdict) {
+        if t.generation != self.generation || self.link.is_none() {
+            return; // its channel is gone: the broker redelivers it
+        }
+        match verdict {
+            Verdict::Accept { .. } => self.ledger.done(t.tag),
+            Verdict::Conflict(reason) => self.reject(t.tag, &t.body, &t.properties, &reason),
         }
     }
 
-    /// Moves to new settings: the old channel stops taking deliveries, its in-flight ones
-    /// are answered (bounded by `shutdown_timeout_ms`) and acked, then it closes.
-    fn switch(&mut self, settings: Option<AmqpSettings>, link: Option<Link>) {
-        if let Some(job) = self.held.take() {
-            self.forget_job(job);
+    fn answered(&mut self) {
+        self.flush_acks(false);
+    }
+
+    fn dropped(&mut self, t: AmqpTag) {
+        if t.generation == self.generation {
+            self.ledger.forget(t.tag);
         }
+    }
+
+    fn tick(&mut self) {
+        if self.link.as_ref().is_some_and(|l| !l.is_connected()) {
+            self.lose("the connection closed".into());
+        }
+        if self.wants_link() && Instant::now() >= self.next_try {
+            self.reconnect();
+        }
+        // Dead letters confirmed during reading are acked here.
+        self.flush_acks(false);
+    }
+
+    fn stop(&mut self) {
+        self.stopped = true;
+        if let Some(link) = &mut self.link {
+            link.cancel();
+            log::info!("amqp: consumer cancelled, draining");
+        }
+    }
+
+    fn prepare(&mut self, part: AmqpPart) -> Result<Option<AmqpPart>, String> {
+        if part.0 == self.settings && part.1.is_none() {
+            return Ok(None);
+        }
+        // The old channel takes no more deliveries; those in flight are still answered.
         if let Some(old) = &mut self.link {
             old.cancel();
         }
-        let drain = self.config.load().daemon.shutdown_timeout();
-        let deadline = Instant::now() + drain;
-        if self.ledger.pending() > 0 {
-            log::info!(
-                "amqp: answering {} delivery(ies) of the old channel before switching",
-                self.ledger.pending()
-            );
-        }
-        while self.link.is_some() && self.ledger.pending() > 0 && Instant::now() < deadline {
-            // The watchdog must see this wait as progress, and a stop must cut it short.
-            self.heartbeat.beat();
-            if let Ok(command) = self.commands.try_recv() {
-                match command {
-                    Command::Apply(_, answer) => {
-                        let _ = answer.send(Err("another reload is being applied".into()));
-                    }
-                    other => {
-                        self.interrupted = Some(other);
-                        break;
-                    }
-                }
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if let Event::Mail = wait_bell(&self.bell_rx, left.min(IDLE_WAKE)) {
-                while self.bell_rx.try_recv().is_ok() {}
-                self.settle_verdicts();
-            }
-        }
-        if self.ledger.pending() > 0 {
-            log::warn!(
-                "amqp: {} delivery(ies) of the old connection not committed in time; the broker redelivers them",
-                self.ledger.pending()
-            );
+        Ok(Some(part))
+    }
+
+    fn commit(&mut self, (settings, link): AmqpPart) -> Result<(), String> {
+        let was = self.settings.as_ref().map(|s| s.url.to_string());
+        let was = was.as_deref().unwrap_or("off");
+        if link.as_ref().is_some_and(|l| !l.is_connected()) {
+            // The old channel was cancelled: a new one on the old settings consumes again.
+            self.lose("cancelled for a switch that did not happen".into());
+            return Err(format!(
+                "[amqp]: the new broker connection was lost before the switch; staying on {was}"
+            ));
         }
         self.flush_acks(true);
         if let Some(old) = self.link.take() {
             old.close();
         }
-        let was = self.settings.as_ref().map(|s| s.url.to_string());
         self.settings = settings;
         self.link = link;
-        self.generation += 1;
-        self.ledger = Ledger::new(self.hold_limit());
+        self.new_generation();
         self.lost = None;
         match &self.settings {
             Some(s) => log::info!(
-                "amqp: now consuming {} queue `{}` (prefetch {}; was {})",
+                "amqp: now consuming {} queue `{}` (prefetch {}; was {was})",
                 s.url,
                 s.queue,
-                s.prefetch,
-                was.as_deref().unwrap_or("off")
+                s.prefetch
             ),
-            None => log::info!("amqp: input off (was {})", was.as_deref().unwrap_or("off")),
+            None => log::info!("amqp: input off (was {was})"),
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) {
+        self.flush_acks(true);
+        if let Some(link) = self.link.take() {
+            link.close();
         }
     }
 }
 
-fn wait_bell(bell: &smol::channel::Receiver<()>, wait: Duration) -> Event {
+fn wait_bell(bell: &smol::Async<OwnedFd>, wait: Duration) -> Event {
     use smol::future::FutureExt;
     smol::block_on(
         async {
-            let _ = bell.recv().await;
+            let _ = bell.readable().await;
             Event::Mail
         }
         .or(async {

@@ -1,0 +1,61 @@
+//! The libzmq calls feedd needs beyond what `zmq` 0.9 wraps, in one place: the only module
+//! allowed `unsafe` (the crate root denies it). Each call says why it is sound.
+
+#![allow(unsafe_code)]
+
+use std::ffi::CString;
+use std::os::raw::{c_char, c_int};
+
+extern "C" {
+    // In libzmq ≥ 4.2.1 (linked through zmq-sys), which zmq-sys 0.11 does not declare.
+    fn zmq_curve_public(z85_public_key: *mut c_char, z85_secret_key: *const c_char) -> c_int;
+}
+
+/// Sets `ZMQ_ZAP_ENFORCE_DOMAIN` (libzmq 4.3's option 93, no setter in `zmq` 0.9): with CURVE
+/// on, a handshake no ZAP handler answers is refused instead of let through unchecked.
+pub fn enforce_zap_domain(socket: &mut zmq::Socket) -> Result<(), zmq::Error> {
+    const ZMQ_ZAP_ENFORCE_DOMAIN: c_int = 93;
+    let on: c_int = 1;
+    // SAFETY: a live socket borrowed mutably (so no other thread uses it); the value is a
+    // c_int of the size given.
+    let rc = unsafe {
+        zmq_sys::zmq_setsockopt(
+            socket.as_mut_ptr(),
+            ZMQ_ZAP_ENFORCE_DOMAIN,
+            std::ptr::from_ref(&on).cast(),
+            std::mem::size_of::<c_int>(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        // SAFETY: reads this thread's errno as libzmq left it.
+        Err(zmq::Error::from_raw(unsafe { zmq_sys::zmq_errno() }))
+    }
+}
+
+/// Decodes 40 Z85 characters into 32 bytes; `None` when libzmq refuses them (a group of 5
+/// whose value overflows 32 bits: `zmq` 0.9's `z85_decode` ignores that NULL return).
+pub fn z85_decode_key(text: &str) -> Option<[u8; 32]> {
+    if text.len() != 40 {
+        return None;
+    }
+    let c_text = CString::new(text).ok()?;
+    let mut key = [0u8; 32];
+    // SAFETY: `key` has room for 40 * 4 / 5 = 32 bytes; `c_text` is NUL-terminated.
+    let out = unsafe { zmq_sys::zmq_z85_decode(key.as_mut_ptr(), c_text.as_ptr()) };
+    (!out.is_null()).then_some(key)
+}
+
+/// The Z85 public key of a Z85 CURVE secret key (libzmq's `zmq_curve_public`).
+pub fn curve_public_z85(secret_z85: &str) -> Option<String> {
+    let secret = CString::new(secret_z85).ok()?;
+    if secret.as_bytes().len() != 40 {
+        return None;
+    }
+    let mut public = [0 as c_char; 41];
+    // SAFETY: the output buffer holds 40 Z85 characters + NUL, the input is 40 characters +
+    // NUL, as zmq_curve_public requires.
+    let rc = unsafe { zmq_curve_public(public.as_mut_ptr(), secret.as_ptr()) };
+    (rc == 0).then(|| public[..40].iter().map(|&c| c as u8 as char).collect())
+}

@@ -839,46 +839,9 @@ fn join(tickets: &[u64]) -> String {
     s
 }
 
-/// Capped exponential backoff between retries of a failed batch.
-#[derive(Debug)]
-pub struct Backoff {
-    next: Duration,
-}
-
-impl Backoff {
-    const FIRST: Duration = Duration::from_millis(10);
-    const CAP: Duration = Duration::from_secs(2);
-
-    pub fn new() -> Backoff {
-        Backoff { next: Self::FIRST }
-    }
-
-    /// The wait before the next retry; each call doubles the following one, up to the cap.
-    pub fn next_delay(&mut self) -> Duration {
-        let d = self.next;
-        self.next = (self.next * 2).min(Self::CAP);
-        d
-    }
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_to_cap() {
-        let mut b = Backoff::new();
-        let delays: Vec<_> = (0..10).map(|_| b.next_delay()).collect();
-        assert_eq!(delays[0], Duration::from_millis(10));
-        assert_eq!(delays[1], Duration::from_millis(20));
-        assert_eq!(*delays.last().unwrap(), Duration::from_secs(2));
-    }
 
     #[test]
     fn transient_or_operator() {

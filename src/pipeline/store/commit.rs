@@ -17,7 +17,7 @@ use std::fmt::Write as _;
 use mysql::prelude::Queryable;
 use mysql::TxOpts;
 
-use super::errors::{self, code_of, ER_DUP_ENTRY, ER_NO_SUCH_TABLE};
+use super::errors::{self, code_of, Class, ER_NO_SUCH_TABLE};
 use super::pool::Conn;
 use super::{Connection, Store, StoreError};
 use crate::message::{Record, Verdict, Volume};
@@ -36,7 +36,8 @@ use crate::pipeline::classify::{self, StoredRow};
 /// Fewer COMMITs (fsyncs) do not pay beyond 1,000 rows and bigger statements lose, so 1,000
 /// stays (and `batch_size = 1000` stays the default: a full batch is one round trip).
 pub(super) const ROWS_PER_STATEMENT: usize = 1000;
-/// Careful-path redos after a duplicate-key race before it counts as a fault to back off from.
+/// Careful passes (the first and its redos after a duplicate-key race) before it counts as a
+/// fault to back off from.
 const RACE_REDOS: usize = 8;
 
 impl Store {
@@ -60,66 +61,118 @@ impl Store {
         result
     }
 
+    /// The driver: runs the steps `next_step` chooses until it answers or gives up.
     fn commit_batch_on(
         &self,
         conn: &mut Connection,
         messages: &[&[Record]],
     ) -> Result<Vec<Verdict>, StoreError> {
-        let fast = classify::plan(messages, &HashMap::new());
+        let classify::Plan {
+            inserts,
+            verdicts: mut answer,
+            ..
+        } = classify::plan(messages, &HashMap::new());
         let Conn {
             conn, full_chunk, ..
         } = &mut ***conn;
-        let attempt = if fast.inserts.is_empty() {
-            Ok(())
-        } else if fast.inserts.len() <= ROWS_PER_STATEMENT {
-            // Autocommit: the statement is its own transaction, so this is the only round trip.
-            self.insert(conn, full_chunk, &fast.inserts)
-        } else {
-            let mut tx = conn.start_transaction(TxOpts::default())?;
-            match self.insert(&mut tx, full_chunk, &fast.inserts) {
-                Ok(()) => tx.commit(),
-                Err(e) => {
-                    if code_of(&e) == Some(ER_DUP_ENTRY) {
-                        tx.rollback()?;
-                    }
-                    Err(e)
-                }
-            }
+        let mut progress = Progress::Start {
+            rows: inserts.len(),
         };
-        match attempt {
-            Ok(()) => return Ok(fast.verdicts),
-            Err(e) if code_of(&e) == Some(ER_DUP_ENTRY) => {}
-            Err(e) => {
-                if code_of(&e) == Some(ER_NO_SUCH_TABLE) {
+        let mut pass = 0;
+        loop {
+            progress = match next_step(progress) {
+                Step::FastAutocommit => {
+                    // The statement is its own transaction, so this is the only round trip.
+                    Progress::Fast(fast_outcome(self.insert(conn, full_chunk, &inserts)))
+                }
+                Step::FastTransaction => {
+                    Progress::Fast(self.fast_transaction(conn, full_chunk, &inserts))
+                }
+                Step::Careful => {
+                    pass += 1;
+                    let outcome = self.careful_pass(conn, full_chunk, messages, &mut answer);
+                    Progress::Careful { pass, outcome }
+                }
+                Step::Answer => return Ok(answer),
+                Step::RecreateTableThenFail(e) => {
                     // The table was dropped under us: recreate it, then let the caller retry.
                     let _ = self.ensure_table();
+                    return Err(e);
                 }
-                return Err(e.into());
+                Step::Fail(e) => return Err(e),
+                Step::GiveUpRace => return Err(StoreError::Race),
+            };
+        }
+    }
+
+    /// The fast plan's INSERTs in one transaction (more rows than one statement takes).
+    fn fast_transaction(
+        &self,
+        conn: &mut mysql::Conn,
+        full_chunk: &mut Option<mysql::Statement>,
+        rows: &[Record],
+    ) -> Outcome<StoreError> {
+        let mut tx = match conn.start_transaction(TxOpts::default()) {
+            Ok(tx) => tx,
+            Err(e) => return Outcome::Failed(e.into()),
+        };
+        match self.insert(&mut tx, full_chunk, rows) {
+            Ok(()) => fast_outcome(tx.commit()),
+            Err(e) if is_duplicate(&e) => match tx.rollback() {
+                Ok(()) => Outcome::DuplicateKey,
+                Err(e) => Outcome::Failed(e.into()),
+            },
+            // Dropping the transaction rolls it back.
+            Err(e) => fast_outcome(Err(e)),
+        }
+    }
+
+    /// One careful pass in one transaction: read the batch's stored tickets, classify, insert
+    /// the new rows, mark rows committed, COMMIT; on COMMIT `answer` holds its verdicts. Only
+    /// the INSERT's duplicate key (another writer won a race) is worth a redo.
+    fn careful_pass(
+        &self,
+        conn: &mut mysql::Conn,
+        full_chunk: &mut Option<mysql::Statement>,
+        messages: &[&[Record]],
+        answer: &mut Vec<Verdict>,
+    ) -> Outcome<StoreError> {
+        let mut tx = match conn.start_transaction(TxOpts::default()) {
+            Ok(tx) => tx,
+            Err(e) => return Outcome::Failed(e.into()),
+        };
+        let stored = match self.read_stored(&mut tx, messages) {
+            Ok(stored) => stored,
+            Err(e) => return Outcome::Failed(e),
+        };
+        let careful = classify::plan(messages, &stored);
+        match self.insert(&mut tx, full_chunk, &careful.inserts) {
+            Ok(()) => {}
+            Err(e) if is_duplicate(&e) => {
+                return match tx.rollback() {
+                    Ok(()) => Outcome::DuplicateKey,
+                    Err(e) => Outcome::Failed(e.into()),
+                }
+            }
+            Err(e) => return Outcome::Failed(e.into()),
+        }
+        if !careful.mark_committed.is_empty() {
+            let mark = format!(
+                "UPDATE `{}` SET status = 'Y' WHERE ticket IN ({})",
+                self.table,
+                join(&careful.mark_committed)
+            );
+            if let Err(e) = tx.query_drop(mark) {
+                return Outcome::Failed(e.into());
             }
         }
-        for _ in 0..RACE_REDOS {
-            let mut tx = conn.start_transaction(TxOpts::default())?;
-            let stored = self.read_stored(&mut tx, messages)?;
-            let careful = classify::plan(messages, &stored);
-            match self.insert(&mut tx, full_chunk, &careful.inserts) {
-                Ok(()) => {}
-                Err(e) if code_of(&e) == Some(ER_DUP_ENTRY) => {
-                    tx.rollback()?;
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
+        match tx.commit() {
+            Ok(()) => {
+                *answer = careful.verdicts;
+                Outcome::Committed
             }
-            if !careful.mark_committed.is_empty() {
-                tx.query_drop(format!(
-                    "UPDATE `{}` SET status = 'Y' WHERE ticket IN ({})",
-                    self.table,
-                    join(&careful.mark_committed)
-                ))?;
-            }
-            tx.commit()?;
-            return Ok(careful.verdicts);
+            Err(e) => Outcome::Failed(e.into()),
         }
-        Err(StoreError::Race)
     }
 
     /// Multi-row INSERTs of up to `ROWS_PER_STATEMENT` rows. A full chunk goes through one
@@ -221,6 +274,91 @@ impl Store {
     }
 }
 
+/// What happened so far in committing one batch: the input of `next_step`.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Progress<E> {
+    /// Nothing tried yet; the fast plan (no stored rows assumed) has `rows` rows to insert.
+    Start { rows: usize },
+    /// The fast path ended so.
+    Fast(Outcome<E>),
+    /// Careful pass number `pass` (from 1) ended so.
+    Careful { pass: usize, outcome: Outcome<E> },
+}
+
+/// How a step that writes ended.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Outcome<E> {
+    Committed,
+    /// 1062 from the INSERT, rolled back: a ticket of the batch is stored already.
+    DuplicateKey,
+    /// 1146 on the fast path: the table is gone.
+    NoSuchTable(E),
+    /// Anything else; nothing of this step is committed (or a redo will find it).
+    Failed(E),
+}
+
+/// What the driver does next.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Step<E> {
+    /// One multi-row INSERT under autocommit (the rows fit one statement).
+    FastAutocommit,
+    /// The fast plan's INSERTs in one transaction.
+    FastTransaction,
+    /// In one transaction: read the stored tickets (`SELECT … WHERE ticket IN`), classify,
+    /// insert the new rows, mark, COMMIT.
+    Careful,
+    /// Answer with the verdicts of the plan that committed (the fast one if nothing was
+    /// written).
+    Answer,
+    /// Recreate the table, then fail this attempt: the caller's retry finds it again.
+    RecreateTableThenFail(E),
+    /// Fail this attempt with the error: the caller backs off and retries.
+    Fail(E),
+    /// Other writers kept winning the race for these tickets (`StoreError::Race`).
+    GiveUpRace,
+}
+
+/// The commit strategy, pure: given what happened so far, what to do next.
+pub(super) fn next_step<E>(progress: Progress<E>) -> Step<E> {
+    match progress {
+        Progress::Start { rows: 0 } => Step::Answer,
+        Progress::Start { rows } if rows <= ROWS_PER_STATEMENT => Step::FastAutocommit,
+        Progress::Start { .. } => Step::FastTransaction,
+        Progress::Fast(Outcome::Committed)
+        | Progress::Careful {
+            outcome: Outcome::Committed,
+            ..
+        } => Step::Answer,
+        Progress::Fast(Outcome::DuplicateKey) => Step::Careful,
+        Progress::Fast(Outcome::NoSuchTable(e)) => Step::RecreateTableThenFail(e),
+        // Only the fast path recreates the table; the caller's next attempt starts there.
+        Progress::Fast(Outcome::Failed(e))
+        | Progress::Careful {
+            outcome: Outcome::NoSuchTable(e) | Outcome::Failed(e),
+            ..
+        } => Step::Fail(e),
+        Progress::Careful {
+            pass,
+            outcome: Outcome::DuplicateKey,
+        } if pass < RACE_REDOS => Step::Careful,
+        Progress::Careful { .. } => Step::GiveUpRace,
+    }
+}
+
+/// A fast-path statement's result as an outcome.
+fn fast_outcome(result: Result<(), mysql::Error>) -> Outcome<StoreError> {
+    match result {
+        Ok(()) => Outcome::Committed,
+        Err(e) if is_duplicate(&e) => Outcome::DuplicateKey,
+        Err(e) if code_of(&e) == Some(ER_NO_SUCH_TABLE) => Outcome::NoSuchTable(e.into()),
+        Err(e) => Outcome::Failed(e.into()),
+    }
+}
+
+fn is_duplicate(e: &mysql::Error) -> bool {
+    errors::judge(e).class == Class::Duplicate
+}
+
 /// Appends a volume as DECIMAL(20,4) text ("12.3400"), like its Display but without the
 /// formatter and u128 arithmetic, which cost a visible share of a worker's CPU at 100 records
 /// per message: the integer part has at most 16 digits, so it fits a u64.
@@ -246,6 +384,116 @@ fn join(tickets: &[u64]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    type P = Progress<&'static str>;
+
+    #[test]
+    fn an_empty_plan_is_answered_without_a_round_trip() {
+        assert_eq!(next_step(P::Start { rows: 0 }), Step::Answer);
+    }
+
+    #[test]
+    fn rows_that_fit_one_statement_go_under_autocommit() {
+        assert_eq!(next_step(P::Start { rows: 1 }), Step::FastAutocommit);
+        assert_eq!(
+            next_step(P::Start {
+                rows: ROWS_PER_STATEMENT
+            }),
+            Step::FastAutocommit
+        );
+        assert_eq!(
+            next_step(P::Start {
+                rows: ROWS_PER_STATEMENT + 1
+            }),
+            Step::FastTransaction
+        );
+    }
+
+    #[test]
+    fn a_committed_fast_path_answers() {
+        assert_eq!(next_step(P::Fast(Outcome::Committed)), Step::Answer);
+    }
+
+    #[test]
+    fn a_duplicate_on_the_fast_path_takes_the_careful_path() {
+        assert_eq!(next_step(P::Fast(Outcome::DuplicateKey)), Step::Careful);
+    }
+
+    #[test]
+    fn a_missing_table_on_the_fast_path_is_recreated_and_the_attempt_fails() {
+        assert_eq!(
+            next_step(P::Fast(Outcome::NoSuchTable("1146"))),
+            Step::RecreateTableThenFail("1146")
+        );
+    }
+
+    #[test]
+    fn other_fast_path_errors_fail_the_attempt() {
+        assert_eq!(
+            next_step(P::Fast(Outcome::Failed("1213"))),
+            Step::Fail("1213")
+        );
+    }
+
+    #[test]
+    fn a_committed_careful_pass_answers() {
+        let p = P::Careful {
+            pass: 3,
+            outcome: Outcome::Committed,
+        };
+        assert_eq!(next_step(p), Step::Answer);
+    }
+
+    #[test]
+    fn careful_errors_fail_the_attempt_without_recreating() {
+        for outcome in [Outcome::Failed("e"), Outcome::NoSuchTable("e")] {
+            let p = P::Careful { pass: 1, outcome };
+            assert_eq!(next_step(p), Step::Fail("e"));
+        }
+    }
+
+    /// Racing writers: redo the careful pass, `RACE_REDOS` passes in all, then give up.
+    #[test]
+    fn a_lost_race_is_redone_then_given_up() {
+        let mut progress = P::Fast(Outcome::DuplicateKey);
+        let mut passes = 0;
+        loop {
+            match next_step(progress) {
+                Step::Careful => passes += 1,
+                Step::GiveUpRace => break,
+                other => panic!("{other:?}"),
+            }
+            progress = P::Careful {
+                pass: passes,
+                outcome: Outcome::DuplicateKey,
+            };
+        }
+        assert_eq!(passes, RACE_REDOS);
+    }
+
+    #[test]
+    fn only_duplicate_keys_take_the_careful_path() {
+        let server = |code| {
+            mysql::Error::MySqlError(mysql::MySqlError {
+                state: "23000".into(),
+                message: "x".into(),
+                code,
+            })
+        };
+        assert!(matches!(
+            fast_outcome(Err(server(1062))),
+            Outcome::DuplicateKey
+        ));
+        assert!(matches!(
+            fast_outcome(Err(server(1146))),
+            Outcome::NoSuchTable(StoreError::Mysql(_))
+        ));
+        assert!(matches!(
+            fast_outcome(Err(server(1213))),
+            Outcome::Failed(StoreError::Mysql(_))
+        ));
+        assert!(matches!(fast_outcome(Ok(())), Outcome::Committed));
+    }
 
     #[test]
     fn volumes_are_written_like_display() {

@@ -1,6 +1,6 @@
 //! Failover over the ordered host list of `[mysql] host` (SPEC §9; parsed in config/hosts.rs):
-//! telling which database errors mean "this host cannot take writes now", and the move to the
-//! next host.
+//! the move to the next host and its rounds, and the reason logged when an error means "this
+//! host cannot take writes now" (which errors do is `store::errors`' table).
 //!
 //! Pure logic with no threads or I/O; the store owns one `Failover` behind a mutex and is the
 //! only place that consults it, so workers never know which host they write to.

@@ -389,8 +389,15 @@ mod tests {
     #[test]
     fn host_list() {
         let c = parse("[mysql]\nhost = db1:3307, db2, [::1]\nport = 3310").unwrap();
-        assert_eq!(c.mysql.hosts_text(), "db1:3307, db2:3310, [::1]:3310");
-        assert_eq!(parse("").unwrap().mysql.hosts_text(), "127.0.0.1:3306");
+        let host = |host: &str, port| hosts::HostAddr {
+            host: host.into(),
+            port,
+        };
+        assert_eq!(
+            c.mysql.hosts,
+            [host("db1", 3307), host("db2", 3310), host("::1", 3310)]
+        );
+        assert_eq!(parse("").unwrap().mysql.hosts, [host("127.0.0.1", 3306)]);
         let e = err("[mysql]\nhost = db1, db2:99999");
         assert!(
             e.contains("[mysql] host") && e.contains("entry `db2:99999`"),

@@ -114,12 +114,6 @@ impl PipelineConfig {
 }
 
 impl MysqlConfig {
-    /// The host list as written back: `db1:3306, db2:3306`.
-    pub fn hosts_text(&self) -> String {
-        let list: Vec<String> = self.hosts.iter().map(|h| h.to_string()).collect();
-        list.join(", ")
-    }
-
     /// The pool size this config asks for, with 0 resolved against the worker count.
     pub fn pool_size_for(&self, workers: usize) -> u32 {
         if self.pool_size > 0 {

@@ -1,7 +1,8 @@
 //! The pure decision at the heart of a batch: given its messages and the rows already stored
 //! for their tickets, which records to insert and which message gets which reply.
 //!
-//! No I/O here; `store.rs` reads the stored rows and carries the plan out in one transaction.
+//! No I/O here; `store/commit.rs` reads the stored rows and carries the plan out in one
+//! transaction.
 
 use std::collections::{HashMap, HashSet};
 

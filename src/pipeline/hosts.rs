@@ -1,6 +1,6 @@
 //! Failover over the ordered host list of `[mysql] host` (SPEC §9; parsed in config/hosts.rs):
-//! telling which database errors mean "this host cannot take writes now", and the move to the
-//! next host.
+//! the move to the next host and its rounds, and the reason logged when an error means "this
+//! host cannot take writes now" (which errors do is `store::errors`' table).
 //!
 //! Pure logic with no threads or I/O; the store owns one `Failover` behind a mutex and is the
 //! only place that consults it, so workers never know which host they write to.
@@ -8,6 +8,7 @@
 use std::fmt;
 
 pub use crate::config::hosts::HostAddr;
+use crate::pipeline::store::errors::{self, Away, Class};
 
 /// Why writes cannot go to a host now (and feedd moves to the next one).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,36 +33,22 @@ impl fmt::Display for MoveReason {
     }
 }
 
-pub const ER_UNKNOWN_COM_ERROR: u16 = 1047;
-pub const ER_OPTION_PREVENTS_STATEMENT: u16 = 1290;
-pub const ER_READ_ONLY_MODE: u16 = 1836;
-
-/// Server errors that say the server is going away: 1053 shutdown in progress.
-const SERVER_GOING: [u16; 1] = [1053];
-
 /// The reason to leave the host a driver error came from, or `None` when the error is about
 /// the statement or transaction (deadlock, certification conflict, duplicate key…) and the
-/// host itself is fine. Every client-side error (I/O, protocol, driver, TLS) counts as the
-/// host being unreachable: a connection that broke mid-way shows up as several of them.
+/// host itself is fine. Which errors move is decided by the store's one error table
+/// (`store::errors`); this only words the reason for the log.
 pub fn move_reason(error: &mysql::Error) -> Option<MoveReason> {
-    use mysql::Error;
-    match error {
-        Error::MySqlError(e) => match e.code {
-            ER_UNKNOWN_COM_ERROR => Some(MoveReason::NotPrimary),
-            ER_OPTION_PREVENTS_STATEMENT if e.message.contains("read-only") => {
-                Some(MoveReason::ReadOnly(e.code))
-            }
-            ER_READ_ONLY_MODE => Some(MoveReason::ReadOnly(e.code)),
-            code if SERVER_GOING.contains(&code) => Some(MoveReason::Unreachable(format!(
-                "error {code}: {}",
-                e.message
-            ))),
-            _ => None,
-        },
-        // Values that do not convert: about the data, not the host.
-        Error::FromValueError(_) | Error::FromRowError(_) | Error::UrlError(_) => None,
-        other => Some(MoveReason::Unreachable(other.to_string())),
-    }
+    let Class::MoveHost(away) = errors::judge(error).class else {
+        return None;
+    };
+    Some(match (away, error) {
+        (Away::NotPrimary, _) => MoveReason::NotPrimary,
+        (Away::ReadOnly, mysql::Error::MySqlError(e)) => MoveReason::ReadOnly(e.code),
+        (_, mysql::Error::MySqlError(e)) => {
+            MoveReason::Unreachable(format!("error {}: {}", e.code, e.message))
+        }
+        (_, other) => MoveReason::Unreachable(other.to_string()),
+    })
 }
 
 /// A move from one host to the next.
@@ -95,10 +82,6 @@ impl Failover {
         }
     }
 
-    pub fn current(&self) -> usize {
-        self.current
-    }
-
     /// Host `host` failed for a reason to move. A failure reported for a host that is no
     /// longer the current one (a connection older than the last move) changes nothing.
     pub fn failed(&mut self, host: usize) -> Option<Move> {
@@ -122,11 +105,6 @@ impl Failover {
     /// A write succeeded on the current host: the next failure starts a fresh round.
     pub fn worked(&mut self) {
         self.failed_in_round = 0;
-    }
-
-    /// Whether `worked` has anything to reset (lets the store skip the lock on the hot path).
-    pub fn in_round(&self) -> bool {
-        self.failed_in_round > 0
     }
 }
 
@@ -194,7 +172,6 @@ mod tests {
         assert_eq!(f.failed(1).map(|m| (m.from, m.to)), Some((1, 2)));
         let m = f.failed(2).unwrap();
         assert_eq!((m.from, m.to, m.full_round), (2, 0, true));
-        assert_eq!(f.current(), 0);
     }
 
     #[test]
@@ -204,29 +181,34 @@ mod tests {
         // Other workers' connections to host 0 fail too: they must not push past host 1.
         assert_eq!(f.failed(0), None);
         assert_eq!(f.failed(2), None);
-        assert_eq!(f.current(), 1);
+        assert_eq!(f.failed(1).map(|m| (m.from, m.to)), Some((1, 2)));
     }
 
     #[test]
     fn sticks_to_a_working_host() {
-        let mut f = Failover::new(3, 0);
+        let mut f = Failover::new(2, 0);
         f.failed(0);
         f.worked();
-        // Host 0 may be back: no move unless host 1 fails.
-        assert_eq!(f.current(), 1);
-        assert!(!f.in_round());
+        // Host 0 may be back: no move unless host 1 fails, and that starts a fresh round.
+        assert_eq!(f.failed(0), None);
+        let m = f.failed(1).unwrap();
+        assert_eq!((m.from, m.to, m.full_round), (1, 0, false));
     }
 
     #[test]
     fn a_round_is_every_host_failing_without_a_success_between() {
         let mut f = Failover::new(2, 0);
-        let rounds: Vec<bool> = (0..4)
-            .map(|_| f.failed(f.current()).unwrap().full_round)
-            .collect();
+        let mut at = 0;
+        let mut fail = |f: &mut Failover| {
+            let m = f.failed(at).unwrap();
+            at = m.to;
+            m.full_round
+        };
+        let rounds: Vec<bool> = (0..4).map(|_| fail(&mut f)).collect();
         assert_eq!(rounds, [false, true, false, true]);
-        f.failed(f.current());
+        fail(&mut f);
         f.worked();
-        assert!(!f.failed(f.current()).unwrap().full_round);
+        assert!(!fail(&mut f));
     }
 
     #[test]

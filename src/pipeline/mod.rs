@@ -1,8 +1,8 @@
 //! The pipeline between inputs and the database.
 //!
 //! - `worker`: pinned threads that batch queued messages and commit them.
-//! - `store`: the MySQL side (schema check, one transaction per batch, retry policy).
-//! - `hosts`: the ordered failover host list (parse, which errors move, the next host).
+//! - `store`: the MySQL side (pool, table check, one transaction per batch, error classes).
+//! - `hosts`: failover along the ordered host list (the next host, the round; pure).
 //! - `schema`: does a table fit what feedd writes (pure).
 //! - `classify`: which records to insert and which message gets which verdict (pure).
 

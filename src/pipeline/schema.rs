@@ -4,7 +4,7 @@
 //! exact) and `status = 'Y'`, and relies on a unique `ticket` for idempotent resends. A column
 //! narrower than that would truncate, round or refuse acknowledged data, so such a table is
 //! refused at start, on reload and when it is (re)created, naming each column, its type and
-//! what is needed. `store.rs` reads `information_schema` and calls `judge`.
+//! what is needed. `store/table.rs` reads `information_schema` and calls `judge`.
 
 /// One column as `information_schema.COLUMNS` describes it (types in lower case).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

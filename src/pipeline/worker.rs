@@ -13,11 +13,12 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 
+use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::message::{Record, Verdict};
 use crate::metrics::{secs, Metrics};
 use crate::pipeline::queue::{Job, Outbox, Take, Verdicts};
-use crate::pipeline::store::{Backoff, Store, StoreError};
+use crate::pipeline::store::{Store, StoreError};
 
 /// What every worker shares.
 #[derive(Clone)]
@@ -117,11 +118,16 @@ fn gather(jobs: &Receiver<Job>, shared: &Shared, batch: &mut Vec<Job>) -> Option
     Some(records)
 }
 
+/// Retry delays of a failed batch: short enough that a deadlock costs little, capped so a
+/// database that is down is still probed every few seconds.
+const RETRY_FIRST: Duration = Duration::from_millis(10);
+const RETRY_CAP: Duration = Duration::from_secs(2);
+
 /// Commits the batch, retrying every database fault with capped backoff; the fault is logged
 /// once per episode. `None` if abandoned before it committed.
 fn commit_with_retry(id: usize, batch: &[Job], shared: &Shared) -> Option<Vec<Verdict>> {
     let messages: Vec<&[Record]> = batch.iter().map(|j| j.records.as_slice()).collect();
-    let mut backoff = Backoff::new();
+    let mut backoff = Backoff::new(RETRY_FIRST, RETRY_CAP);
     let mut failures = 0u64;
     let mut was_transient = true;
     loop {
@@ -190,5 +196,19 @@ fn sleep_unless_abandoned(total: Duration, abandon: &AtomicBool) -> bool {
             return true;
         }
         std::thread::sleep((until - now).min(Duration::from_millis(20)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_retries_back_off_from_10_ms_to_2_s() {
+        let mut b = Backoff::new(RETRY_FIRST, RETRY_CAP);
+        let delays: Vec<Duration> = (0..10).map(|_| b.next_delay()).collect();
+        assert_eq!(delays[0], Duration::from_millis(10));
+        assert_eq!(delays[1], Duration::from_millis(20));
+        assert_eq!(delays[9], Duration::from_secs(2));
     }
 }

@@ -101,10 +101,6 @@ impl Pidfile {
             _lock: file,
         })
     }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
 }
 
 impl Drop for Pidfile {
@@ -224,8 +220,8 @@ mod tests {
         assert!(!path.exists());
         std::fs::write(&path, "999999\n").unwrap(); // left by kill -9
         assert_eq!(running_pid(&path).unwrap(), None);
-        let again = Pidfile::acquire(&path, 7).unwrap();
-        assert_eq!(std::fs::read_to_string(again.path()).unwrap(), "7\n");
+        let _again = Pidfile::acquire(&path, 7).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "7\n");
     }
 
     /// The file's content is not trusted: the lock holder (this process) is what counts.

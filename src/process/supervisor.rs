@@ -18,6 +18,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 
+use crate::backoff::Backoff;
 use crate::logging::Logging;
 use crate::process::daemon::{self, Readiness, Report};
 use crate::process::signals::Signals;
@@ -39,29 +40,23 @@ enum Event {
 
 /// Restart delays: doubling while the child keeps dying young, reset after a stable run.
 #[derive(Debug)]
-pub struct RestartPolicy {
-    delay: Duration,
+struct RestartPolicy {
+    backoff: Backoff,
 }
 
 impl RestartPolicy {
-    pub fn new() -> Self {
-        RestartPolicy { delay: FIRST_DELAY }
+    fn new() -> Self {
+        RestartPolicy {
+            backoff: Backoff::new(FIRST_DELAY, MAX_DELAY),
+        }
     }
 
     /// The wait before restarting a child that lived `lived`.
-    pub fn next_delay(&mut self, lived: Duration) -> Duration {
+    fn next_delay(&mut self, lived: Duration) -> Duration {
         if lived >= STABLE {
-            self.delay = FIRST_DELAY;
+            self.backoff.reset();
         }
-        let d = self.delay;
-        self.delay = (self.delay * 2).min(MAX_DELAY);
-        d
-    }
-}
-
-impl Default for RestartPolicy {
-    fn default() -> Self {
-        Self::new()
+        self.backoff.next_delay()
     }
 }
 

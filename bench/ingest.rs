@@ -21,7 +21,9 @@
 //! target/bench/ingest.{csv,json}. Needs MariaDB as the README's setup leaves it (or
 //! FEEDD_TEST_MYSQL_HOST/PORT).
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../tests/it/harness/mod.rs"]
+// The bench uses only part of the test harness; the rest would warn as unused here.
+#[allow(dead_code, unused_imports)]
 mod common;
 
 #[path = "../src/bin/feedd-load/load.rs"]
@@ -206,7 +208,7 @@ fn run_feedd(
     let db_cpu_s = db0.and_then(|c0| Some(db_pid.and_then(cpu_seconds)? - c0));
     assert!(report.ok(), "feedd run failed: {}", report.summary());
     let peak = peak_rss_kib(feedd.pid());
-    feedd.signal(libc::SIGTERM);
+    feedd.signal(common::Signal::SIGTERM);
     feedd.wait(Duration::from_secs(20));
     let run = Run {
         rate: report.records_per_sec(),
@@ -344,7 +346,7 @@ fn commit_floor(n: u64) -> (f64, f64) {
 fn seed_pattern(records: u64) -> f64 {
     let db = Db::create("bench_seed");
     db.conn().query_drop(table_sql("fee")).unwrap();
-    let port = common::free_port();
+    let port = common::ports::port();
     let endpoint = format!("tcp://127.0.0.1:{port}");
     let mut conn = db.conn();
     let server_endpoint = endpoint.clone();

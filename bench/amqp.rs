@@ -11,7 +11,7 @@
 #[path = "../tests/it/harness/mod.rs"]
 // The bench uses only part of the test harness; the rest would warn as unused here.
 #[allow(dead_code, unused_imports)]
-mod common;
+mod harness;
 
 #[path = "../src/bin/feedd-load/amqp.rs"]
 #[allow(dead_code)]
@@ -23,8 +23,8 @@ mod load;
 use std::time::{Duration, Instant};
 
 use amqp_load::AmqpLoadOptions;
-use common::broker::{self, Client};
-use common::{Db, Feedd};
+use harness::broker::{self, Client};
+use harness::{Db, Feedd};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use mysql::prelude::Queryable;
@@ -145,7 +145,7 @@ fn feedd_cell(records: u64, per_msg: usize) -> (f64, usize, u64) {
     let db = Db::create(&format!("amqpbench_k{per_msg}"));
     let (queue, _) = broker::names(&format!("bench_k{per_msg}"));
     let messages = preload(&queue, records, per_msg);
-    let (addr, listen) = common::metrics_listen();
+    let (addr, listen) = harness::metrics_listen();
     let url = format!("amqp.url = {}", broker::shared_url());
     let q = format!("amqp.queue = {queue}");
     let dlx = format!("amqp.dead_letter_exchange = {queue}.rejected");
@@ -163,7 +163,7 @@ fn feedd_cell(records: u64, per_msg: usize) -> (f64, usize, u64) {
         ],
     );
     let mut threads = 0;
-    let done = common::wait_until(Duration::from_secs(600), || {
+    let done = harness::wait_until(Duration::from_secs(600), || {
         threads = threads.max(thread_count(feedd.pid()));
         amqp_load::feedd_acks(&addr) == Some(messages)
     });
@@ -179,7 +179,7 @@ fn feedd_cell(records: u64, per_msg: usize) -> (f64, usize, u64) {
         .find(|l| l.starts_with("VmHWM:"))
         .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         .unwrap_or(0);
-    feedd.signal(common::Signal::SIGTERM);
+    feedd.signal(harness::Signal::SIGTERM);
     feedd.wait(Duration::from_secs(20));
     assert_eq!(db.count(), records);
     Client::connect(&broker::shared_url()).delete(&queue);

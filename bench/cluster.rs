@@ -11,7 +11,7 @@
 #[path = "../tests/it/harness/mod.rs"]
 // The bench uses only part of the test harness; the rest would warn as unused here.
 #[allow(dead_code, unused_imports)]
-mod common;
+mod harness;
 
 #[path = "../src/bin/feedd-load/load.rs"]
 #[allow(dead_code)]
@@ -20,10 +20,10 @@ mod load;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::cluster::GaleraCluster;
-use common::database::PrivateMariadb;
-use common::tls::{tls_args, Pki};
-use common::{Db, Feedd};
+use harness::cluster::GaleraCluster;
+use harness::database::PrivateMariadb;
+use harness::tls::{tls_args, Pki};
+use harness::{Db, Feedd};
 use load::{LoadOptions, Progress};
 
 struct Plan {
@@ -57,7 +57,7 @@ fn run(port: u16, name: &str, per_msg: usize, records: u64, extra: &[&str]) -> f
     };
     let report = load::run(&options, Arc::new(Progress::default())).expect("load run");
     assert!(report.ok(), "feedd run failed: {}", report.summary());
-    feedd.signal(common::Signal::SIGTERM);
+    feedd.signal(harness::Signal::SIGTERM);
     feedd.wait(Duration::from_secs(20));
     report.records_per_sec()
 }
@@ -83,7 +83,7 @@ fn main() {
             .map(|n| n.get())
             .unwrap_or(1)
     );
-    if !common::cluster::available() {
+    if !harness::cluster::available() {
         println!("galera-4 is not installed (.ci/setup installs it): skipped");
         return;
     }

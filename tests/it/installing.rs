@@ -13,8 +13,8 @@
 //! says why and passes. It refuses to run over an installed feedd package.
 //!
 //! systemd's notify protocol (SPEC §6): the test plays the service manager. It binds a Unix
-//! datagram socket (harness/notify.rs), starts the real `feedd --conf F` with `NOTIFY_SOCKET` and `WATCHDOG_USEC`
-//! pointing at it, and checks what arrives and when: READY only once the endpoint answers,
+//! datagram socket (harness/notify.rs), starts the real `feedd --conf F` with `NOTIFY_SOCKET`
+//! and `WATCHDOG_USEC` pointing at it, and checks what arrives and when: READY only once the endpoint answers,
 //! RELOADING + MONOTONIC_USEC then READY on SIGHUP (applied and refused), STOPPING on SIGTERM,
 //! STATUS lines, the watchdog rate, and no ping while the receiver thread is wedged.
 //!

@@ -1,5 +1,6 @@
 //! The supervisor of daemon mode (SPEC §6): a killed serving child is restarted within a second
-//! without losing anything, a crash loop backs off, and a killed supervisor takes its child with it.
+//! without losing anything, a crash loop backs off, and a killed supervisor takes its child
+//! with it.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

@@ -1,7 +1,8 @@
 //! The broker side, RabbitMQ for tests: the config that points feedd at a queue, a blocking
 //! client (publish with confirms, queue counts, reading dead letters) on the shared broker
-//! (127.0.0.1:5672, guest, started by .ci/setup), and a private broker for tests that kill or restart it: its own node name, ports, mnesia and
-//! log dirs in a temp dir, the caller's Erlang cookie ($HOME), its own process group.
+//! (127.0.0.1:5672, guest, started by .ci/setup), and a private broker for tests that kill or
+//! restart it: its own node name, ports (from `ports`), mnesia and log dirs in a temp dir, the
+//! caller's Erlang cookie ($HOME), its own process group.
 
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};

@@ -9,7 +9,7 @@ run: setup    ## serve in the foreground on conf/feed.ini
 	./target/release/feedd --conf conf/feed.ini
 
 test: lint    ## lint, unit + integration tests, then a quick benchmark smoke run (needs `make setup` once)
-	FEEDD_TEST_PACKAGE=1 cargo test --quiet --locked -- --test-threads 4
+	FEEDD_TEST_PACKAGE=1 cargo test --quiet --locked -- --test-threads 4 --include-ignored
 	cargo bench --locked --bench ingest -- --quick
 	cargo bench --locked --bench amqp -- --quick
 	cargo bench --locked --bench chaos -- --secs 15

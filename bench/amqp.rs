@@ -8,8 +8,10 @@
 //! (AMQP only) and timed until it has acked every delivery; median of 3 (1 with `--quick`).
 //! Needs RabbitMQ and MariaDB as .ci/setup leaves them.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
+#[path = "../tests/it/harness/mod.rs"]
+// The bench uses only part of the test harness; the rest would warn as unused here.
+#[allow(dead_code, unused_imports)]
+mod harness;
 
 #[path = "../src/bin/feedd-load/amqp.rs"]
 #[allow(dead_code)]
@@ -21,8 +23,8 @@ mod load;
 use std::time::{Duration, Instant};
 
 use amqp_load::AmqpLoadOptions;
-use common::rabbit::{self, Client};
-use common::{Db, Feedd};
+use harness::broker::{self, Client};
+use harness::{Db, Feedd};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use mysql::prelude::Queryable;
@@ -40,10 +42,10 @@ fn table_sql() -> &'static str {
 }
 
 fn preload(queue: &str, records: u64, per_msg: usize) -> u64 {
-    let mq = Client::connect(&rabbit::shared_url());
+    let mq = Client::connect(&broker::shared_url());
     mq.delete(queue);
     let o = AmqpLoadOptions {
-        url: rabbit::shared_url(),
+        url: broker::shared_url(),
         queue: queue.to_string(),
         records,
         per_msg,
@@ -95,12 +97,12 @@ fn ceiling(records: u64, clients: u64) -> f64 {
 fn seed_consumer(records: u64, per_msg: usize) -> f64 {
     let db = Db::create(&format!("amqpbench_seed_{per_msg}"));
     db.conn().query_drop(table_sql()).unwrap();
-    let (queue, _) = rabbit::names(&format!("bench_seed_{per_msg}"));
+    let (queue, _) = broker::names(&format!("bench_seed_{per_msg}"));
     let messages = preload(&queue, records, per_msg);
     let mut conn = db.conn();
     let started = Instant::now();
     smol::block_on(async {
-        let c = lapin::Connection::connect(&rabbit::shared_url(), Default::default())
+        let c = lapin::Connection::connect(&broker::shared_url(), Default::default())
             .await
             .unwrap();
         let ch = c.create_channel().await.unwrap();
@@ -133,7 +135,7 @@ fn seed_consumer(records: u64, per_msg: usize) -> f64 {
     });
     let rate = records as f64 / started.elapsed().as_secs_f64();
     assert_eq!(db.count(), records);
-    Client::connect(&rabbit::shared_url()).delete(&queue);
+    Client::connect(&broker::shared_url()).delete(&queue);
     rate
 }
 
@@ -141,10 +143,10 @@ fn seed_consumer(records: u64, per_msg: usize) -> f64 {
 /// of threads feedd runs while draining, and its peak RSS in KiB.
 fn feedd_cell(records: u64, per_msg: usize) -> (f64, usize, u64) {
     let db = Db::create(&format!("amqpbench_k{per_msg}"));
-    let (queue, _) = rabbit::names(&format!("bench_k{per_msg}"));
+    let (queue, _) = broker::names(&format!("bench_k{per_msg}"));
     let messages = preload(&queue, records, per_msg);
-    let (addr, listen) = common::metrics_listen();
-    let url = format!("amqp.url = {}", rabbit::shared_url());
+    let (addr, listen) = harness::metrics_listen();
+    let url = format!("amqp.url = {}", broker::shared_url());
     let q = format!("amqp.queue = {queue}");
     let dlx = format!("amqp.dead_letter_exchange = {queue}.rejected");
     let started = Instant::now();
@@ -161,7 +163,7 @@ fn feedd_cell(records: u64, per_msg: usize) -> (f64, usize, u64) {
         ],
     );
     let mut threads = 0;
-    let done = common::wait_until(Duration::from_secs(600), || {
+    let done = harness::wait_until(Duration::from_secs(600), || {
         threads = threads.max(thread_count(feedd.pid()));
         amqp_load::feedd_acks(&addr) == Some(messages)
     });
@@ -177,10 +179,10 @@ fn feedd_cell(records: u64, per_msg: usize) -> (f64, usize, u64) {
         .find(|l| l.starts_with("VmHWM:"))
         .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         .unwrap_or(0);
-    feedd.signal(libc::SIGTERM);
+    feedd.signal(harness::Signal::SIGTERM);
     feedd.wait(Duration::from_secs(20));
     assert_eq!(db.count(), records);
-    Client::connect(&rabbit::shared_url()).delete(&queue);
+    Client::connect(&broker::shared_url()).delete(&queue);
     (rate, threads, peak)
 }
 

@@ -8,8 +8,10 @@
 //! plus two more servers' CPU: on separate hosts the CPU part goes away, the network round
 //! trip per COMMIT comes in. `-- --quick` (or FEEDD_BENCH_QUICK=1): one small run per cell.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
+#[path = "../tests/it/harness/mod.rs"]
+// The bench uses only part of the test harness; the rest would warn as unused here.
+#[allow(dead_code, unused_imports)]
+mod harness;
 
 #[path = "../src/bin/feedd-load/load.rs"]
 #[allow(dead_code)]
@@ -18,10 +20,10 @@ mod load;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::galera::GaleraCluster;
-use common::mariadb::PrivateMariadb;
-use common::tls::{tls_args, Pki};
-use common::{Db, Feedd};
+use harness::cluster::GaleraCluster;
+use harness::database::PrivateMariadb;
+use harness::tls::{tls_args, Pki};
+use harness::{Db, Feedd};
 use load::{LoadOptions, Progress};
 
 struct Plan {
@@ -55,7 +57,7 @@ fn run(port: u16, name: &str, per_msg: usize, records: u64, extra: &[&str]) -> f
     };
     let report = load::run(&options, Arc::new(Progress::default())).expect("load run");
     assert!(report.ok(), "feedd run failed: {}", report.summary());
-    feedd.signal(libc::SIGTERM);
+    feedd.signal(harness::Signal::SIGTERM);
     feedd.wait(Duration::from_secs(20));
     report.records_per_sec()
 }
@@ -81,7 +83,7 @@ fn main() {
             .map(|n| n.get())
             .unwrap_or(1)
     );
-    if !common::galera::available() {
+    if !harness::cluster::available() {
         println!("galera-4 is not installed (.ci/setup installs it): skipped");
         return;
     }

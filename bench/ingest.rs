@@ -21,8 +21,10 @@
 //! target/bench/ingest.{csv,json}. Needs MariaDB as the README's setup leaves it (or
 //! FEEDD_TEST_MYSQL_HOST/PORT).
 
-#[path = "../tests/common/mod.rs"]
-mod common;
+#[path = "../tests/it/harness/mod.rs"]
+// The bench uses only part of the test harness; the rest would warn as unused here.
+#[allow(dead_code, unused_imports)]
+mod harness;
 
 #[path = "../src/bin/feedd-load/load.rs"]
 #[allow(dead_code)]
@@ -32,7 +34,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Db, Feedd};
+use harness::{Db, Feedd};
 use load::{LoadOptions, LoadReport, Progress};
 use mysql::prelude::Queryable;
 
@@ -206,7 +208,7 @@ fn run_feedd(
     let db_cpu_s = db0.and_then(|c0| Some(db_pid.and_then(cpu_seconds)? - c0));
     assert!(report.ok(), "feedd run failed: {}", report.summary());
     let peak = peak_rss_kib(feedd.pid());
-    feedd.signal(libc::SIGTERM);
+    feedd.signal(harness::Signal::SIGTERM);
     feedd.wait(Duration::from_secs(20));
     let run = Run {
         rate: report.records_per_sec(),
@@ -344,12 +346,12 @@ fn commit_floor(n: u64) -> (f64, f64) {
 fn seed_pattern(records: u64) -> f64 {
     let db = Db::create("bench_seed");
     db.conn().query_drop(table_sql("fee")).unwrap();
-    let port = common::free_port();
+    let port = harness::ports::port();
     let endpoint = format!("tcp://127.0.0.1:{port}");
     let mut conn = db.conn();
     let server_endpoint = endpoint.clone();
     let server = std::thread::spawn(move || {
-        let rep = common::context().socket(zmq::REP).unwrap();
+        let rep = harness::context().socket(zmq::REP).unwrap();
         rep.bind(&server_endpoint).unwrap();
         for _ in 0..records {
             let msg = rep.recv_bytes(0).unwrap();
@@ -365,7 +367,7 @@ fn seed_pattern(records: u64) -> f64 {
                 .unwrap();
         }
     });
-    let req = common::Req::connect(&endpoint);
+    let req = harness::Req::connect(&endpoint);
     let started = Instant::now();
     for t in 1..=records {
         let (a, b, v) = row(t);

@@ -1,14 +1,12 @@
 //! Nothing acknowledged is ever lost: database crashes, outages, lock waits, deadlocks, killed
 //! connections, a dropped table, an exhausted server, and daemon crashes — each under a
 //! streaming client that resends what was not answered. The database here is a private
-//! mariadbd (tests/common/mariadb.rs), never the shared one.
-
-mod common;
+//! mariadbd (harness/database.rs), never the shared one.
 
 use std::time::{Duration, Instant};
 
-use common::mariadb::PrivateMariadb;
-use common::*;
+use crate::harness::database::PrivateMariadb;
+use crate::harness::*;
 use mysql::prelude::Queryable;
 
 fn private_feedd(server: &PrivateMariadb, test: &str, overrides: &[&str]) -> (Db, Feedd, String) {
@@ -71,7 +69,7 @@ fn sigterm_during_a_long_outage_exits_in_time_without_false_acks() {
     // The outage has reached feedd: its batch is failing and being retried.
     f.wait_for_log("retrying with backoff", Duration::from_secs(10));
     let asked = Instant::now();
-    f.signal(libc::SIGTERM);
+    f.signal(Signal::SIGTERM);
     let status = f.wait(Duration::from_secs(10));
     let took = asked.elapsed();
     assert!(
@@ -232,9 +230,9 @@ fn whole_daemon_killed_mid_load_then_started_again() {
     );
     let pid = f.daemon_pid();
     let child = f.serving_pid();
-    kill(pid, libc::SIGKILL);
+    kill(pid, Signal::SIGKILL);
     if let Some(c) = child {
-        kill(c, libc::SIGKILL);
+        kill(c, Signal::SIGKILL);
     }
     assert!(wait_until(Duration::from_secs(5), || f
         .processes()

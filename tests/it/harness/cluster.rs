@@ -1,4 +1,5 @@
-//! A private 3-node MariaDB Galera cluster on loopback, for tests and the bench.
+//! The cluster side: a private 3-node MariaDB Galera cluster on loopback, for tests and the
+//! bench.
 //!
 //! Each node has its own data dir, socket, SQL port, `base_port` (group communication; IST
 //! listens on base_port + 1, hence 10 ports apart) and rsync SST receive address. Node 0
@@ -13,7 +14,11 @@ use std::time::{Duration, Instant};
 
 use mysql::prelude::Queryable;
 
-use super::mariadb::binary;
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+
+use super::database::binary;
+use super::ports;
 
 pub const NODES: usize = 3;
 const PROVIDER: &str = "/usr/lib/galera/libgalera_smm.so";
@@ -42,7 +47,7 @@ impl GaleraCluster {
         );
         let dir = tempfile::tempdir().unwrap();
         let mut cluster = GaleraCluster {
-            first: free_block(),
+            first: ports::block(10 * NODES as u16),
             dir,
             children: (0..NODES).map(|_| None).collect(),
         };
@@ -90,7 +95,7 @@ impl GaleraCluster {
     }
 
     fn as_root(&self) -> bool {
-        unsafe { libc::geteuid() == 0 }
+        nix::unistd::geteuid().is_root()
     }
 
     fn user(&self) -> String {
@@ -263,9 +268,7 @@ wsrep_sst_receive_address=127.0.0.1:{sst}
     /// SIGKILL node `i` and whatever it spawned (an SST script, rsync): a crash.
     pub fn kill9(&mut self, i: usize) {
         if let Some(mut c) = self.children[i].take() {
-            unsafe {
-                libc::kill(-(c.id() as i32), libc::SIGKILL);
-            }
+            let _ = killpg(Pid::from_raw(c.id() as i32), Signal::SIGKILL);
             let _ = c.wait();
         }
     }
@@ -302,19 +305,4 @@ impl Drop for GaleraCluster {
             self.kill9(i);
         }
     }
-}
-
-/// A block of 30 consecutive loopback ports nobody listens on right now. Chosen from a range
-/// above the usual ephemeral ones the kernel hands out for `free_port`, varied by pid.
-fn free_block() -> u16 {
-    let start = 20_000 + (std::process::id() % 200) as u16 * 50;
-    for attempt in 0..200u16 {
-        let first = 20_000 + (start - 20_000 + attempt * 50) % 10_000;
-        let all_free = (first..first + 10 * NODES as u16)
-            .all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok());
-        if all_free {
-            return first;
-        }
-    }
-    panic!("no free block of loopback ports for a Galera cluster");
 }

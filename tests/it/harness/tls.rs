@@ -7,7 +7,7 @@ use std::process::Command;
 
 use mysql::prelude::Queryable;
 
-use super::mariadb::PrivateMariadb;
+use super::database::PrivateMariadb;
 
 /// Certificates and keys in a temp dir (PEM files).
 pub struct Pki {

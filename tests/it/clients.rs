@@ -5,13 +5,11 @@
 //! They need php-cli + php-zmq and Python with pyzmq (`.ci/setup` installs them). Without them
 //! a test says so and passes, except under CI (`CI` set), where that is a failure.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::harness::*;
 
 fn clients_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("clients")
@@ -177,7 +175,7 @@ fn survives_a_killed_feedd(which: &str, options: &[&str], test: &str) {
         wait_until(Duration::from_secs(60), || db.count() >= n / 10),
         "the client made no progress"
     );
-    f.signal(libc::SIGKILL);
+    f.signal(Signal::SIGKILL);
     f.wait(Duration::from_secs(10));
     let stored_at_kill = db.count();
     // Same dir, same port: the client's endpoint comes back.

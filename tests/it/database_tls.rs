@@ -1,11 +1,9 @@
 //! TLS to the database (SPEC §3 `[mysql] tls*`, §9): a private mariadbd that requires secure
 //! transport, with a CA and certificates the test generates (`openssl` CLI).
 
-mod common;
-
-use common::mariadb::PrivateMariadb;
-use common::tls::{tls_mariadb, Pki};
-use common::*;
+use crate::harness::database::PrivateMariadb;
+use crate::harness::tls::{tls_mariadb, Pki};
+use crate::harness::*;
 
 fn path(p: std::path::PathBuf) -> String {
     p.display().to_string()

@@ -2,14 +2,12 @@
 //! several feedd on one table. Galera tests run one at a time (a cluster is 3 mariadbd on 2
 //! cores).
 
-mod common;
-
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::galera::GaleraCluster;
-use common::mariadb::PrivateMariadb;
-use common::*;
+use crate::harness::cluster::{self, GaleraCluster};
+use crate::harness::database::PrivateMariadb;
+use crate::harness::*;
 use mysql::prelude::Queryable;
 
 /// One cluster at a time in this test binary.
@@ -17,10 +15,6 @@ static CLUSTER: Mutex<()> = Mutex::new(());
 
 fn one_cluster_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     CLUSTER.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn scrape(addr: &str, name: &str) -> f64 {
-    metric(&http_get(addr, "/metrics"), name)
 }
 
 /// Every acknowledged record is on every node, each ticket once.
@@ -31,7 +25,7 @@ fn assert_on_every_node(
     r: &Resender,
     total: usize,
 ) {
-    for node in 0..common::galera::NODES {
+    for node in 0..cluster::NODES {
         let rows = cluster.rows(node, &db.name);
         assert_acked_present(data, &r.acked, &rows);
         assert_eq!(rows.len(), total, "node {node}: one row per ticket");
@@ -91,7 +85,7 @@ fn galera_two_writers_on_two_nodes_with_overlapping_tickets() {
     );
     let all: Vec<String> = data.iter().chain(&rounds).cloned().collect();
     let every: std::collections::HashSet<u64> = (0..all.len() as u64).collect();
-    for node in 0..common::galera::NODES {
+    for node in 0..cluster::NODES {
         let rows = cluster.rows(node, &db.name);
         assert_acked_present(&all, &every, &rows);
         assert_eq!(rows.len(), 60_000, "node {node}: one row per ticket");
@@ -319,59 +313,4 @@ fn two_feedd_one_table_one_killed_mid_load() {
     assert!(r.resent > 0, "the killed one left messages unanswered");
     assert_acked_present(&data, &r.acked, &db.rows());
     assert_eq!(db.count(), 30_000, "every record exactly once");
-}
-
-/// The host list at start-up and on reload: a dead first host is passed over (logged once,
-/// counted), and a reload that changes the list is proven on a new pool before it applies.
-#[test]
-fn host_list_at_start_and_on_reload() {
-    let db = Db::create("host_list_reload");
-    let dead = free_port();
-    let (m, l) = metrics_listen();
-    let list = format!("mysql.host = 127.0.0.1:{dead}, 127.0.0.1:{}", db.port);
-    let f = Feedd::start(&db, &[l.as_str(), list.as_str()]);
-    f.wait_for_log(
-        &format!(
-            "db host 127.0.0.1:{dead} → 127.0.0.1:{}: unreachable",
-            db.port
-        ),
-        Duration::from_secs(1),
-    );
-    assert_eq!(scrape(&m, "feedd_db_failovers_total"), 1.0);
-    let active = |port: u16| {
-        scrape(
-            &m,
-            &format!("feedd_db_host_active{{host=\"127.0.0.1:{port}\"}}"),
-        )
-    };
-    assert_eq!((active(dead), active(db.port)), (0.0, 1.0));
-    assert_eq!(Req::connect(&f.endpoint()).ask("1,1,1.5"), "TRUE");
-    // A list of dead hosts only: the reload fails whole, the old target keeps serving.
-    let other = free_port();
-    let f = f.prepare_in(
-        &db,
-        &[
-            l.as_str(),
-            &format!("mysql.host = 127.0.0.1:{dead}, 127.0.0.1:{other}"),
-        ],
-    );
-    f.signal(libc::SIGHUP);
-    assert!(wait_until(Duration::from_secs(20), || scrape(
-        &m,
-        "feedd_config_reload_failures_total"
-    ) == 1.0));
-    assert_eq!(Req::connect(&f.endpoint()).ask("2,1,1.5"), "TRUE");
-    assert_eq!((active(dead), active(db.port)), (0.0, 1.0));
-    // The single shared server again: applied, and the gauge shows the new list only.
-    let f = f.prepare_in(&db, &[l.as_str()]);
-    f.signal(libc::SIGHUP);
-    assert!(wait_until(Duration::from_secs(20), || scrape(
-        &m,
-        "feedd_config_reloads_total"
-    ) == 1.0));
-    assert_eq!(Req::connect(&f.endpoint()).ask("3,1,1.5"), "TRUE");
-    let text = http_get(&m, "/metrics");
-    assert!(!text.contains(&format!("127.0.0.1:{dead}")), "{text}");
-    assert_eq!(active(db.port), 1.0);
-    assert_eq!(db.count(), 3);
 }

@@ -1,11 +1,13 @@
-//! Metrics (SPEC §7) and feedd-load (SPEC §8) against a running feedd.
+//! What feedd shows about itself: metrics (SPEC §7) counting known traffic, the metrics
+//! listener's bounds against hostile HTTP clients, and feedd-load (SPEC §8) against a running
+//! feedd.
 
-mod common;
-
+use std::io::{Read, Write};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use common::*;
+use crate::harness::ports;
+use crate::harness::*;
 
 #[test]
 fn metrics_count_known_traffic() {
@@ -43,11 +45,11 @@ fn metrics_count_known_traffic() {
     // Reload counters, and a reload that moves the listener.
     let conf = std::fs::read_to_string(feedd.conf_path()).unwrap();
     std::fs::write(feedd.conf_path(), "[pipeline]\nbatch_size = none\n").unwrap();
-    feedd.signal(libc::SIGHUP);
+    feedd.signal(Signal::SIGHUP);
     feedd.wait_for_log("reload failed", Duration::from_secs(10));
-    let moved = format!("127.0.0.1:{}", free_port());
+    let moved = format!("127.0.0.1:{}", ports::port());
     std::fs::write(feedd.conf_path(), conf.replace(&addr, &moved)).unwrap();
-    feedd.signal(libc::SIGHUP);
+    feedd.signal(Signal::SIGHUP);
     feedd.wait_for_log("config reloaded", Duration::from_secs(10));
     let text = http_get(&moved, "/metrics");
     assert_eq!(metric(&text, "feedd_config_reload_failures_total"), 1.0);
@@ -121,7 +123,7 @@ fn feedd_load_fails_on_false_and_missing_replies() {
     let out = Command::new(env!("CARGO_BIN_EXE_feedd-load"))
         .args([
             "--endpoint",
-            &format!("tcp://127.0.0.1:{}", free_port()),
+            &format!("tcp://127.0.0.1:{}", ports::port()),
             "--records",
             "5",
             "--timeout",
@@ -132,4 +134,65 @@ fn feedd_load_fails_on_false_and_missing_replies() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("5 missing"));
     let _ = Duration::ZERO;
+}
+
+#[test]
+fn metrics_listener_bounds_size_time_and_connections() {
+    let db = Db::create("hostile_metrics");
+    let (addr, listen) = metrics_listen();
+    let f = Feedd::start(&db, &[&listen]);
+    assert!(http_get(&addr, "/metrics").contains("feedd_queue_depth"));
+    let before = f.rss_kib();
+
+    // One endless header line: cut off after a few KiB, costing no memory.
+    let mut huge = std::net::TcpStream::connect(&addr).unwrap();
+    huge.write_all(b"GET /metrics HTTP/1.1\r\nX-Big: ").unwrap();
+    let chunk = vec![b'a'; 64 * 1024];
+    let mut sent = 0usize;
+    while sent < 64 << 20 {
+        match huge.write(&chunk) {
+            Ok(n) => sent += n,
+            Err(_) => break,
+        }
+    }
+    assert!(sent < 64 << 20, "the server kept reading a 64 MiB header");
+    let grown = f.rss_kib().saturating_sub(before);
+    assert!(grown < 4 * 1024, "RSS grew by {grown} KiB");
+
+    // Silent connections are closed within the request deadline, however many there are.
+    let started = Instant::now();
+    let mut idle: Vec<std::net::TcpStream> = (0..8)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    for s in &mut idle {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut sink = Vec::new();
+        match s.read_to_end(&mut sink) {
+            Ok(_) => {}
+            Err(e) => assert!(
+                !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ),
+                "an idle connection was kept open: {e}"
+            ),
+        }
+    }
+    assert!(started.elapsed() < Duration::from_secs(8));
+    assert!(http_get(&addr, "/metrics").contains("feedd_queue_depth"));
+}
+
+#[test]
+fn committed_counts_rows_and_acknowledged_counts_answers() {
+    let db = Db::create("hostile_counters");
+    let (addr, listen) = metrics_listen();
+    let f = Feedd::start(&db, &[&listen]);
+    let req = Req::connect(&f.endpoint());
+    for _ in 0..3 {
+        assert_eq!(req.ask("1,1,1\n2,1,1\n3,1,1"), "TRUE");
+    }
+    let text = http_get(&addr, "/metrics");
+    assert_eq!(metric(&text, "feedd_records_committed_total"), 3.0);
+    assert_eq!(metric(&text, "feedd_records_acknowledged_total"), 9.0);
+    assert_eq!(db.count(), 3);
 }

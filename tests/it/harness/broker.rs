@@ -1,7 +1,8 @@
-//! RabbitMQ for tests: a blocking client (publish with confirms, queue counts, reading dead
-//! letters) on the shared broker (127.0.0.1:5672, guest, started by .ci/setup), and a
-//! private broker for tests that kill or restart it: its own node name, ports, mnesia and
-//! log dirs in a temp dir, the caller's Erlang cookie ($HOME), its own process group.
+//! The broker side, RabbitMQ for tests: the config that points feedd at a queue, a blocking
+//! client (publish with confirms, queue counts, reading dead letters) on the shared broker
+//! (127.0.0.1:5672, guest, started by .ci/setup), and a private broker for tests that kill or
+//! restart it: its own node name, ports (from `ports`), mnesia and log dirs in a temp dir, the
+//! caller's Erlang cookie ($HOME), its own process group.
 
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
@@ -14,7 +15,10 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
-use super::{free_port, wait_until};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+
+use super::{ports, wait_until};
 
 pub fn shared_url() -> String {
     std::env::var("FEEDD_TEST_AMQP_URL")
@@ -23,6 +27,21 @@ pub fn shared_url() -> String {
 
 pub fn url_on(port: u16) -> String {
     format!("amqp://guest:guest@127.0.0.1:{port}/%2f")
+}
+
+/// The config overrides that point feedd at `url`/`queue`, ZeroMQ off unless `zmq`.
+pub fn amqp_overrides(url: &str, queue: &str, zmq: bool, extra: &[&str]) -> Vec<String> {
+    let mut o = vec![
+        format!("amqp.url = {url}"),
+        format!("amqp.queue = {queue}"),
+        format!("amqp.dead_letter_exchange = {queue}.rejected"),
+        "daemon.log_level = info".to_string(),
+    ];
+    if !zmq {
+        o.push("zmq.endpoint =".into());
+    }
+    o.extend(extra.iter().map(|s| s.to_string()));
+    o
 }
 
 /// A queue name of the test's own (and its dead-letter exchange/queue name).
@@ -45,6 +64,7 @@ impl Client {
 
     /// A client, or `None` when the broker does not answer within 5 s (a starting node may
     /// accept TCP before it speaks AMQP).
+    #[must_use]
     pub fn try_connect(url: &str) -> Option<Client> {
         use smol::future::FutureExt;
         smol::block_on(
@@ -133,6 +153,9 @@ impl Client {
 
     /// Publishes every body (persistent) to `queue`; true only if the broker confirmed all
     /// within 10 s (false when the broker is gone: the caller publishes them again).
+    // Only bench/chaos.rs publishes to a broker it kills meanwhile; no test does.
+    #[allow(dead_code)]
+    #[must_use]
     pub fn try_publish(&self, queue: &str, bodies: &[String]) -> bool {
         use smol::future::FutureExt;
         let props = BasicProperties::default().with_delivery_mode(2);
@@ -225,7 +248,7 @@ impl Client {
     }
 }
 
-/// A private `rabbitmq-server` on free ports (start takes ~10 s).
+/// A private `rabbitmq-server` on ports of the test's own (start takes ~10 s).
 pub struct PrivateRabbit {
     pub dir: tempfile::TempDir,
     pub port: u16,
@@ -237,10 +260,10 @@ pub struct PrivateRabbit {
 impl PrivateRabbit {
     pub fn start() -> PrivateRabbit {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
+        let port = ports::port();
         let mut r = PrivateRabbit {
             node: format!("feedd_t_{}_{port}@localhost", std::process::id()),
-            dist_port: free_port(),
+            dist_port: ports::port(),
             dir,
             port,
             child: None,
@@ -299,13 +322,13 @@ impl PrivateRabbit {
     /// SIGKILL to the whole node (script and Erlang VM), as a crash.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
-            unsafe {
-                libc::kill(-(c.id() as i32), libc::SIGKILL);
-            }
+            let _ = killpg(Pid::from_raw(c.id() as i32), Signal::SIGKILL);
             let _ = c.wait();
-            // The VM is a child of the script: wait until the port is free again.
+            // The VM is a child of the script: wait until the port is free again. Best effort
+            // (this also runs in Drop, where a panic would abort): a `restart` on a port still
+            // taken fails loudly anyway.
             let port = self.port;
-            wait_until(Duration::from_secs(10), || {
+            let _ = wait_until(Duration::from_secs(10), || {
                 std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
             });
         }

@@ -1,15 +1,13 @@
-//! What one batch costs the database: a fast-path batch is one statement and nothing else (no
-//! BEGIN, no COMMIT, no PING), read from the server's own status counters on a private
-//! mariadbd (tests/common/mariadb.rs) that nothing else talks to. Also: a connection killed
-//! while idle is weeded out by the checkout ping, without a failed batch.
-
-mod common;
+//! What feedd asks of the database per batch: a fast-path batch is one statement and nothing
+//! else (no BEGIN, no COMMIT, no PING), read from the server's own status counters on a private
+//! mariadbd that nothing else talks to; prepared chunks and text remainders; a connection killed
+//! while idle is weeded out on checkout; sessions that start without autocommit still commit.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::mariadb::PrivateMariadb;
-use common::*;
+use crate::harness::database::PrivateMariadb;
+use crate::harness::*;
 use mysql::prelude::Queryable;
 
 /// The counters we compare, from `SHOW GLOBAL STATUS`.
@@ -141,4 +139,23 @@ fn sessions_that_start_without_autocommit_still_commit() {
     let mut other = server.create_db(&db.name);
     let n: Option<u64> = other.query_first("SELECT COUNT(*) FROM fee").unwrap();
     assert_eq!(n, Some(51), "acknowledged rows are committed");
+}
+
+#[test]
+fn large_messages_use_full_prepared_chunks_and_text_remainders() {
+    let db = Db::create("chunks");
+    let feedd = Feedd::start(&db, &[]);
+    let req = Req::connect(&feedd.endpoint());
+    // 2,500 records: two full 1,000-row prepared INSERTs and a 500-row text one.
+    let body: Vec<String> = (1..=2500)
+        .map(|t| format!("{t},{},{}.0001", t * 3, t % 10))
+        .collect();
+    assert_eq!(req.ask(&body.join("\n")), "TRUE");
+    let rows = db.rows();
+    assert_eq!(rows.len(), 2500);
+    assert_eq!(rows[&1000], (3000, "0.0001".to_string(), "Y".to_string()));
+    assert_eq!(rows[&2500], (7500, "0.0001".to_string(), "Y".to_string()));
+    // The same again: the prepared INSERT hits duplicates, the careful path answers TRUE.
+    assert_eq!(req.ask(&body.join("\n")), "TRUE");
+    assert_eq!(db.count(), 2500);
 }

@@ -1,14 +1,130 @@
-//! A private `mariadbd` for tests that kill, stop or restart the database: its own temp data
-//! dir, a free loopback port, no grant tables (root without password), and the same data dir
-//! and port across restarts. Never touches the shared server on 3306.
+//! The database side: a database of the test's own on the shared MariaDB
+//! (`FEEDD_TEST_MYSQL_HOST`:`FEEDD_TEST_MYSQL_PORT`, default 127.0.0.1:3306, root without a
+//! password, as `.ci/setup` leaves it), the rows feedd stored, and a private `mariadbd` for
+//! tests that kill, stop or restart the database: its own temp data dir, a port of its own, no
+//! grant tables (root without password), and the same data dir and port across restarts. Tests
+//! never kill the shared server.
 
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use mysql::prelude::Queryable;
+use nix::sys::signal::Signal;
 
-use super::{free_port, wait_until};
+use super::{kill, ports, wait_until};
+
+pub fn mysql_host() -> String {
+    std::env::var("FEEDD_TEST_MYSQL_HOST").unwrap_or_else(|_| "127.0.0.1".into())
+}
+
+pub fn mysql_port() -> u16 {
+    std::env::var("FEEDD_TEST_MYSQL_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(3306)
+}
+
+/// ticket → (login, volume as stored, status), as `Db::rows` returns them.
+pub type Rows = HashMap<u64, (u64, String, String)>;
+
+/// A database of the test's own, dropped at the end.
+pub struct Db {
+    pub name: String,
+    pub port: u16,
+    pool: mysql::Pool,
+}
+
+impl Db {
+    pub fn create(test: &str) -> Db {
+        Db::create_on(test, mysql_port())
+    }
+
+    /// A database on the server at 127.0.0.1:`port` (a private mariadbd).
+    pub fn create_on(test: &str, port: u16) -> Db {
+        Db::create_with(test, port, None)
+    }
+
+    /// `create_on` with TLS options for a server that requires secure transport.
+    pub fn create_with(test: &str, port: u16, ssl: Option<mysql::SslOpts>) -> Db {
+        let name = format!("feedd_t_{}_{}", test, std::process::id());
+        let opts = mysql::OptsBuilder::new()
+            .ip_or_hostname(Some(mysql_host()))
+            .tcp_port(port)
+            .user(Some("root"))
+            .prefer_socket(false)
+            .ssl_opts(ssl);
+        let pool = mysql::Pool::new(opts)
+            .expect("MariaDB on FEEDD_TEST_MYSQL_PORT (run the README setup)");
+        let mut conn = pool.get_conn().expect("connection");
+        conn.query_drop(format!("DROP DATABASE IF EXISTS `{name}`"))
+            .unwrap();
+        conn.query_drop(format!("CREATE DATABASE `{name}`"))
+            .unwrap();
+        Db { name, port, pool }
+    }
+
+    pub fn conn(&self) -> mysql::PooledConn {
+        let mut c = self.pool.get_conn().expect("connection");
+        c.query_drop(format!("USE `{}`", self.name)).unwrap();
+        c
+    }
+
+    pub fn count(&self) -> u64 {
+        self.conn()
+            .query_first::<u64, _>("SELECT COUNT(*) FROM fee")
+            .unwrap()
+            .unwrap_or(0)
+    }
+
+    /// ticket → (login, volume text, status)
+    pub fn rows(&self) -> Rows {
+        self.conn()
+            .query_map(
+                "SELECT ticket, login, CAST(volume AS CHAR), status FROM fee",
+                |(t, l, v, s)| (t, (l, v, s)),
+            )
+            .unwrap()
+            .into_iter()
+            .collect()
+    }
+}
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        if let Ok(mut c) = self.pool.get_conn() {
+            let _ = c.query_drop(format!("DROP DATABASE IF EXISTS `{}`", self.name));
+        }
+    }
+}
+
+/// Every record of every acknowledged body is in `rows` with its values.
+pub fn assert_acked_present(bodies: &[String], acked: &HashSet<u64>, rows: &Rows) {
+    for id in acked {
+        let missing = missing_records(&bodies[*id as usize], rows);
+        assert!(
+            missing.is_empty(),
+            "acknowledged tickets missing or different: {missing:?}"
+        );
+    }
+}
+
+/// Tickets of `body` whose row is absent, holds other values, or is not `status = 'Y'`.
+pub fn missing_records(body: &str, rows: &Rows) -> Vec<u64> {
+    let records = feedd::record::parse_body(body.as_bytes()).expect("a body the test sent");
+    records
+        .iter()
+        .filter(|r| {
+            !rows.get(&r.ticket).is_some_and(|(login, volume, status)| {
+                *login == r.login
+                    && feedd::record::Volume::parse(volume.as_bytes()) == Ok(r.volume)
+                    && status == "Y"
+            })
+        })
+        .map(|r| r.ticket)
+        .collect()
+}
 
 pub struct PrivateMariadb {
     pub dir: tempfile::TempDir,
@@ -67,7 +183,7 @@ impl PrivateMariadb {
         );
         let mut db = PrivateMariadb {
             dir,
-            port: free_port(),
+            port: ports::port(),
             child: None,
             extra: extra.to_vec(),
             grants,
@@ -161,10 +277,6 @@ impl PrivateMariadb {
         c
     }
 
-    pub fn pid(&self) -> i32 {
-        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
-    }
-
     /// SIGKILL, as a crash.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -176,9 +288,7 @@ impl PrivateMariadb {
     /// SIGTERM and wait: a clean shutdown.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            unsafe {
-                libc::kill(c.id() as i32, libc::SIGTERM);
-            }
+            kill(c.id() as i32, Signal::SIGTERM);
             let _ = c.wait();
         }
     }

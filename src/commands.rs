@@ -56,7 +56,7 @@ fn hold(config: &Config, signals: Signals, pidfile: bool, daemon: bool) -> anyho
     } else {
         None
     };
-    let logging = Arc::new(Logging::start(config, daemon)?);
+    let logging = Arc::new(Logging::start(&config.log(), daemon)?);
     if let Some(warning) = crate::config::exposure_warning(config) {
         log::warn!("{warning}");
     }

@@ -11,7 +11,7 @@ use flexi_logger::writers::FileLogWriter;
 use flexi_logger::{FileSpec, LogSpecification, Logger, LoggerHandle, WriteMode};
 use parking_lot::Mutex;
 
-use crate::config::Config;
+use crate::config::LogSettings;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
@@ -40,13 +40,13 @@ impl From<flexi_logger::FlexiLoggerError> for LogError {
 
 /// Proves `path` can be appended to (creating the file, never a directory, except the default
 /// `log/` when `log_file` is empty), so a bad path is a start-up or reload error.
-pub fn check_file(config: &Config, path: &Path) -> Result<(), LogError> {
-    let key = if config.daemon.log_file.is_some() {
+pub fn check_file(settings: &LogSettings, path: &Path) -> Result<(), LogError> {
+    let key = if settings.file.is_some() {
         "[daemon] log_file"
     } else {
         "log file (default for an empty [daemon] log_file)"
     };
-    if config.daemon.log_file.is_none() {
+    if settings.file.is_none() {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|error| LogError::Open {
                 key,
@@ -86,18 +86,16 @@ fn file_writer(path: &Path) -> Result<flexi_logger::writers::FileLogWriterBuilde
 
 impl Logging {
     /// Starts the global logger as `config` says (`daemon`: default to `log/feedd.log`).
-    pub fn start(config: &Config, daemon: bool) -> Result<Logging, LogError> {
-        let spec = LogSpecification::builder()
-            .default(config.daemon.log_level)
-            .build();
-        let path = config.log_path(daemon);
+    pub fn start(settings: &LogSettings, daemon: bool) -> Result<Logging, LogError> {
+        let spec = LogSpecification::builder().default(settings.level).build();
+        let path = settings.path(daemon);
         let logger = Logger::with(spec)
             .format(flexi_logger::opt_format)
             .write_mode(WriteMode::Direct);
         let handle = match &path {
             None => logger.log_to_stderr().start()?,
             Some(p) => {
-                check_file(config, p)?;
+                check_file(settings, p)?;
                 let spec = FileSpec::try_from(p).map_err(|error| LogError::File {
                     path: p.clone(),
                     error,
@@ -125,22 +123,19 @@ impl Logging {
     }
 
     /// Whether `config`'s log file could be applied: for a reload to check before it commits.
-    pub fn check(&self, config: &Config) -> Result<(), LogError> {
-        match config.log_path(self.daemon) {
-            Some(path) if Some(&path) != self.file.lock().as_ref() => check_file(config, &path),
+    pub fn check(&self, settings: &LogSettings) -> Result<(), LogError> {
+        match settings.path(self.daemon) {
+            Some(path) if Some(&path) != self.file.lock().as_ref() => check_file(settings, &path),
             _ => Ok(()),
         }
     }
 
     /// Applies a reloaded level and file; a file that cannot be opened keeps the old one.
-    pub fn apply(&self, config: &Config) -> Result<(), LogError> {
-        self.check(config)?;
-        self.handle.set_new_spec(
-            LogSpecification::builder()
-                .default(config.daemon.log_level)
-                .build(),
-        );
-        let wanted = config.log_path(self.daemon);
+    pub fn apply(&self, settings: &LogSettings) -> Result<(), LogError> {
+        self.check(settings)?;
+        self.handle
+            .set_new_spec(LogSpecification::builder().default(settings.level).build());
+        let wanted = settings.path(self.daemon);
         let mut file = self.file.lock();
         if wanted == *file {
             return Ok(());

@@ -79,14 +79,58 @@ pub struct Config {
     pub metrics: MetricsConfig,
 }
 
-impl Config {
+/// What the logger needs of a config; the supervisor follows only this on SIGHUP.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogSettings {
+    pub level: log::LevelFilter,
+    /// `[daemon] log_file`; `None`: the default for the mode.
+    pub file: Option<PathBuf>,
+    /// The directory feedd was started in (the default `log/` is under it).
+    pub base_dir: PathBuf,
+}
+
+impl LogSettings {
     /// Where log lines go: `log_file`, else `log/feedd.log` for a daemon, else stderr (`None`).
-    pub fn log_path(&self, daemon: bool) -> Option<PathBuf> {
-        match (&self.daemon.log_file, daemon) {
+    pub fn path(&self, daemon: bool) -> Option<PathBuf> {
+        match (&self.file, daemon) {
             (Some(path), _) => Some(path.clone()),
             (None, true) => Some(self.base_dir.join("log/feedd.log")),
             (None, false) => None,
         }
+    }
+
+    /// Reads `[daemon]` alone from `file`: the supervisor follows the log settings while its
+    /// serving child judges the rest of the file.
+    pub fn load(file: &Path, base: &Path) -> Result<LogSettings, ConfigError> {
+        let file = base.join(file);
+        let text = std::fs::read_to_string(&file).map_err(|error| ConfigError::Read {
+            file: file.clone(),
+            error,
+        })?;
+        let mut ini = ini::read(&text, &file)?;
+        let mut daemon_s = Section::take(&mut ini, &file, "daemon");
+        let daemon = DaemonConfig::from_section(&mut daemon_s, base)?;
+        Ok(LogSettings {
+            level: daemon.log_level,
+            file: daemon.log_file,
+            base_dir: base.to_path_buf(),
+        })
+    }
+}
+
+impl Config {
+    /// The log settings of this config.
+    pub fn log(&self) -> LogSettings {
+        LogSettings {
+            level: self.daemon.log_level,
+            file: self.daemon.log_file.clone(),
+            base_dir: self.base_dir.clone(),
+        }
+    }
+
+    /// Where log lines go: `log_file`, else `log/feedd.log` for a daemon, else stderr (`None`).
+    pub fn log_path(&self, daemon: bool) -> Option<PathBuf> {
+        self.log().path(daemon)
     }
 
     /// Reads and validates `file`; relative paths in it are resolved against `base`

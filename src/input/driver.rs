@@ -422,3 +422,238 @@ impl<I: Input> Driver<I> {
 fn downcast<T: 'static>(tag: Box<dyn Any + Send>) -> Option<T> {
     tag.downcast::<T>().ok().map(|t| *t)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::Volume;
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use parking_lot::Mutex;
+    use std::collections::VecDeque;
+
+    /// An input without a source of its own: the test feeds its inbox and reads its log.
+    #[derive(Clone, Default)]
+    struct Fake {
+        inbox: Arc<Mutex<VecDeque<u32>>>,
+        log: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl Fake {
+        fn note(&self, line: String) {
+            self.log.lock().push(line);
+        }
+        fn lines(&self) -> Vec<String> {
+            self.log.lock().clone()
+        }
+    }
+
+    impl Input for Fake {
+        type Tag = u32;
+        type Part = &'static str;
+        type Prepared = &'static str;
+        type Error = std::io::Error;
+
+        fn name(&self) -> &'static str {
+            "fake"
+        }
+        fn wait(
+            &mut self,
+            bell: &Doorbell,
+            reading: bool,
+            wait: Duration,
+        ) -> std::io::Result<Ready> {
+            let until = Instant::now() + wait;
+            loop {
+                let readable = reading && !self.inbox.lock().is_empty();
+                let mut fds = [PollFd::new(bell.as_fd(), PollFlags::POLLIN)];
+                let mail = poll(&mut fds, PollTimeout::from(5u8))? > 0;
+                if mail || readable || Instant::now() >= until {
+                    return Ok(Ready { mail, readable });
+                }
+            }
+        }
+        fn read_one(&mut self) -> std::io::Result<Taken<u32>> {
+            Ok(match self.inbox.lock().pop_front() {
+                Some(id) => Taken::Accepted {
+                    records: vec![crate::message::Record {
+                        ticket: u64::from(id),
+                        login: 1,
+                        volume: Volume(1),
+                    }],
+                    received: Instant::now(),
+                    tag: id,
+                },
+                None => Taken::Nothing,
+            })
+        }
+        fn answer(&mut self, tag: u32, _: Verdict) {
+            self.note(format!("answer {tag}"));
+        }
+        fn prepare(&mut self, part: &'static str) -> Result<Option<&'static str>, String> {
+            self.note(format!("prepare {part}"));
+            Ok(Some(part))
+        }
+        fn commit(&mut self, part: &'static str) -> Result<(), String> {
+            self.note(format!("commit {part}"));
+            Ok(())
+        }
+        fn finish(&mut self) {
+            self.note("finish".into());
+        }
+    }
+
+    use std::os::fd::AsFd;
+
+    struct Rig {
+        fake: Fake,
+        handle: Handle<&'static str>,
+        take: crate::pipeline::queue::Take,
+        thread: std::thread::JoinHandle<()>,
+        _queue: Queue,
+    }
+
+    fn rig() -> Rig {
+        let fake = Fake::default();
+        let depth: crate::metrics::QueueDepth = Arc::new(|| 0);
+        let metrics = Metrics::new(depth).unwrap();
+        let queue = Queue::new(100);
+        let (driver, handle) =
+            Driver::new(fake.clone(), &queue, metrics, Heartbeat::new("fake")).unwrap();
+        let take = queue.take();
+        let thread = std::thread::spawn(move || {
+            let _ = driver.run();
+        });
+        Rig {
+            fake,
+            handle,
+            take,
+            thread,
+            _queue: queue,
+        }
+    }
+
+    impl Rig {
+        /// Feeds messages and waits until they are queued.
+        fn read(&self, ids: &[u32]) -> Vec<Job> {
+            self.fake.inbox.lock().extend(ids);
+            ids.iter()
+                .map(|_| self.take.rx.recv_timeout(Duration::from_secs(5)).unwrap())
+                .collect()
+        }
+        fn wait_for(&self, line: &str) {
+            let until = Instant::now() + Duration::from_secs(5);
+            while !self.fake.lines().iter().any(|l| l == line) {
+                assert!(
+                    Instant::now() < until,
+                    "no `{line}` in {:?}",
+                    self.fake.lines()
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        fn answer(&self, job: Job) {
+            let verdict = Verdict::Accept { inserted: 1 };
+            job.reply.outbox.deliver(vec![(job.reply.tag, verdict)]);
+        }
+        fn stop(self) -> Vec<String> {
+            self.handle.stop_intake();
+            self.handle.finish();
+            self.thread.join().unwrap();
+            self.fake.lines()
+        }
+    }
+
+    fn answered(rx: &Chan<Answer>) -> Answer {
+        rx.recv_timeout(Duration::from_secs(5)).unwrap()
+    }
+
+    #[test]
+    fn a_switch_commits_once_every_message_read_before_it_is_answered() {
+        let r = rig();
+        let jobs = r.read(&[1, 2]);
+        let answer = r.handle.apply("A", Duration::from_secs(30));
+        assert!(
+            answer.recv_timeout(Duration::from_millis(100)).is_err(),
+            "two in flight"
+        );
+        for job in jobs {
+            r.answer(job);
+        }
+        assert_eq!(answered(&answer), Ok(()));
+        assert_eq!(
+            r.stop(),
+            ["prepare A", "answer 1", "answer 2", "commit A", "finish"]
+        );
+    }
+
+    #[test]
+    fn a_switch_commits_when_its_drain_is_over() {
+        let r = rig();
+        let _unanswered = r.read(&[1]);
+        let answer = r.handle.apply("A", Duration::from_millis(50));
+        assert_eq!(answered(&answer), Ok(()));
+        assert_eq!(r.stop(), ["prepare A", "commit A", "finish"]);
+    }
+
+    #[test]
+    fn a_stop_abandons_the_switch_and_every_part_waiting() {
+        let r = rig();
+        let _unanswered = r.read(&[1]);
+        let first = r.handle.apply("A", Duration::from_secs(30));
+        let second = r.handle.apply("B", Duration::from_secs(30));
+        r.wait_for("prepare A");
+        r.handle.stop_intake();
+        assert_eq!(answered(&first), Err("abandoned: shutting down".into()));
+        assert_eq!(answered(&second), Err("abandoned: shutting down".into()));
+        assert_eq!(r.stop(), ["prepare A", "finish"]);
+    }
+
+    #[test]
+    fn parts_wait_their_turn_while_one_is_switching() {
+        let r = rig();
+        let jobs = r.read(&[1]);
+        let first = r.handle.apply("A", Duration::from_secs(30));
+        let second = r.handle.apply("B", Duration::from_secs(30));
+        assert!(
+            second.recv_timeout(Duration::from_millis(100)).is_err(),
+            "not refused"
+        );
+        for job in jobs {
+            r.answer(job);
+        }
+        assert_eq!(answered(&first), Ok(()));
+        assert_eq!(answered(&second), Ok(()));
+        assert_eq!(
+            r.stop(),
+            [
+                "prepare A",
+                "answer 1",
+                "commit A",
+                "prepare B",
+                "commit B",
+                "finish"
+            ]
+        );
+    }
+
+    #[test]
+    fn reading_pauses_during_a_switch() {
+        let r = rig();
+        let jobs = r.read(&[1]);
+        let answer = r.handle.apply("A", Duration::from_secs(30));
+        r.wait_for("prepare A");
+        r.fake.inbox.lock().push_back(2);
+        assert!(
+            r.take.rx.recv_timeout(Duration::from_millis(100)).is_err(),
+            "nothing read while switching"
+        );
+        for job in jobs {
+            r.answer(job);
+        }
+        assert_eq!(answered(&answer), Ok(()));
+        let after = r.take.rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        r.answer(after);
+        let lines = r.stop();
+        assert_eq!(lines[..3], ["prepare A", "answer 1", "commit A"]);
+    }
+}

@@ -33,7 +33,7 @@ pub struct Shared {
 /// Runs one worker until the queue is closed and drained (or abandoned).
 pub fn run(id: usize, take: Take, shared: &Shared) {
     let mut batch: Vec<Job> = Vec::new();
-    while let Some(records) = gather(&take.rx, shared, &mut batch) {
+    while let Some(records) = gather(&take.rx, &shared.config, &mut batch) {
         take.taken(records);
         let started = Instant::now();
         let Some(verdicts) = commit_with_retry(id, &batch, shared) else {
@@ -91,11 +91,11 @@ const ARRIVAL_GAP: Duration = Duration::from_micros(50);
 /// Fills `batch` with at least one job; returns its record count, or `None` once the channel
 /// is closed and empty. The batch closes at `batch_size` records, at `batch_timeout_ms` after
 /// its first message, or when messages stop arriving for `ARRIVAL_GAP`.
-fn gather(jobs: &Receiver<Job>, shared: &Shared, batch: &mut Vec<Job>) -> Option<usize> {
+fn gather(jobs: &Receiver<Job>, config: &ArcSwap<Config>, batch: &mut Vec<Job>) -> Option<usize> {
     batch.clear();
     let first = jobs.recv().ok()?;
     // Loaded per batch, so a reload takes effect at the next batch.
-    let config = shared.config.load();
+    let config = config.load();
     let batch_size = config.pipeline.batch_size;
     let deadline = Instant::now() + config.pipeline.batch_timeout();
     let mut records = first.records.len();
@@ -202,6 +202,120 @@ fn sleep_unless_abandoned(total: Duration, abandon: &AtomicBool) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::message::{ReplyTo, Volume};
+    use parking_lot::Mutex;
+
+    fn config(batch_size: usize, timeout_ms: u64) -> ArcSwap<Config> {
+        let text = format!(
+            "[zmq]\nendpoint = tcp://127.0.0.1:5555\n[pipeline]\nbatch_size = {batch_size}\nbatch_timeout_ms = {timeout_ms}\n"
+        );
+        let c = Config::parse(
+            &text,
+            std::path::Path::new("/feed.ini"),
+            std::path::Path::new("/"),
+        );
+        ArcSwap::from_pointee(c.unwrap_or_else(|e| panic!("{e}")))
+    }
+
+    /// An input's outbox that keeps what it is handed, one entry per `deliver`.
+    #[derive(Default)]
+    struct Kept(Mutex<Vec<Vec<(u32, Verdict)>>>);
+
+    impl Outbox for Kept {
+        fn deliver(&self, verdicts: Verdicts) {
+            let tags = verdicts
+                .into_iter()
+                .map(|(tag, v)| (*tag.downcast::<u32>().unwrap(), v));
+            self.0.lock().push(tags.collect());
+        }
+    }
+
+    fn job(records: usize, outbox: &Arc<Kept>, tag: u32) -> Job {
+        let record = Record {
+            ticket: u64::from(tag),
+            login: 1,
+            volume: Volume(1),
+        };
+        Job {
+            records: vec![record; records],
+            received: Instant::now(),
+            reply: ReplyTo {
+                outbox: Arc::clone(outbox) as Arc<dyn Outbox>,
+                tag: Box::new(tag),
+            },
+        }
+    }
+
+    #[test]
+    fn a_batch_closes_at_batch_size_records() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let outbox = Arc::new(Kept::default());
+        for tag in 0..5 {
+            tx.send(job(2, &outbox, tag)).unwrap();
+        }
+        let config = config(4, 10_000);
+        let mut batch = Vec::new();
+        assert_eq!(gather(&rx, &config, &mut batch), Some(4));
+        assert_eq!(batch.len(), 2);
+        assert_eq!(gather(&rx, &config, &mut batch), Some(4));
+        assert_eq!(
+            gather(&rx, &config, &mut batch),
+            Some(2),
+            "the rest, once nothing more comes"
+        );
+    }
+
+    #[test]
+    fn a_batch_closes_when_arrivals_stop_long_before_its_timeout() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let outbox = Arc::new(Kept::default());
+        tx.send(job(1, &outbox, 1)).unwrap();
+        let started = Instant::now();
+        let mut batch = Vec::new();
+        assert_eq!(gather(&rx, &config(1000, 60_000), &mut batch), Some(1));
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "not the 60 s batch timeout"
+        );
+    }
+
+    #[test]
+    fn a_closed_and_empty_queue_ends_the_worker() {
+        let (tx, rx) = crossbeam_channel::unbounded::<Job>();
+        drop(tx);
+        assert_eq!(gather(&rx, &config(10, 10), &mut Vec::new()), None);
+    }
+
+    #[test]
+    fn verdicts_go_back_grouped_per_input_and_are_counted() {
+        let depth: crate::metrics::QueueDepth = Arc::new(|| 0);
+        let m = Metrics::new(depth).unwrap();
+        let (zmq, amqp) = (Arc::new(Kept::default()), Arc::new(Kept::default()));
+        let answered = vec![
+            (job(3, &zmq, 1), Verdict::Accept { inserted: 2 }),
+            (job(1, &amqp, 2), Verdict::Accept { inserted: 1 }),
+            (
+                job(1, &zmq, 3),
+                Verdict::Conflict("ticket 3: differs".into()),
+            ),
+        ];
+        deliver(answered.into_iter(), &m);
+        assert_eq!(
+            *zmq.0.lock(),
+            vec![vec![
+                (1, Verdict::Accept { inserted: 2 }),
+                (3, Verdict::Conflict("ticket 3: differs".into()))
+            ]],
+            "one delivery for the input's two messages, in order"
+        );
+        assert_eq!(
+            *amqp.0.lock(),
+            vec![vec![(2, Verdict::Accept { inserted: 1 })]]
+        );
+        assert_eq!(m.records_committed.get(), 3, "rows inserted");
+        assert_eq!(m.records_acknowledged.get(), 4, "records answered TRUE");
+        assert_eq!(m.messages_rejected.get(), 1);
+    }
 
     #[test]
     fn batch_retries_back_off_from_10_ms_to_2_s() {

@@ -168,8 +168,8 @@ fn supervise(
                     // The supervisor's own log follows the file too; the child judges the rest.
                     // `conf` is absolute and the daemon runs in the directory it was started from.
                     let base = std::env::current_dir().unwrap_or_default();
-                    if let Ok(config) = crate::config::Config::load(conf, &base) {
-                        if let Err(e) = logging.apply(&config) {
+                    if let Ok(settings) = crate::config::LogSettings::load(conf, &base) {
+                        if let Err(e) = logging.apply(&settings) {
                             log::error!("supervisor: {e}");
                         }
                     }

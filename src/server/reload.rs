@@ -405,7 +405,7 @@ fn publish(publish: Publish, running: &mut Running) {
         // Dropping the old listener stops it; the new one is already bound.
         *running.metrics_server = server;
     }
-    if let Err(e) = running.logging.apply(&new) {
+    if let Err(e) = running.logging.apply(&new.log()) {
         log::error!("reload: {e}; keeping the old log file");
     }
     running.queue.set_capacity(new.pipeline.queue_capacity);
@@ -430,7 +430,7 @@ fn prepare(file: &Path, base: &Path, old: &Config, proof: &Proof) -> Result<Prep
     }
     proof
         .logging
-        .check(&plan.config)
+        .check(&plan.config.log())
         .map_err(|e| e.to_string())?;
     let link = match &plan.amqp {
         Some(Some(s)) => {

@@ -1,5 +1,7 @@
 //! The `feedd` command line: parse it, call the library, print the error, pick the status.
 
+#![deny(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

@@ -69,112 +69,102 @@ pub struct Metrics {
     pub ack_latency_seconds: Histogram,
 }
 
+/// Each metric's help text, by name: one table, so the constructor is a list of names.
+const HELP: &[(&str, &str)] = &[
+    ("feedd_messages_received_total", "Messages read from the socket"),
+    ("feedd_messages_rejected_total", "Messages answered FALSE (malformed, too large, conflict)"),
+    ("feedd_records_committed_total", "Rows inserted by committed batches (resends of stored records add none)"),
+    ("feedd_records_acknowledged_total", "Records of messages answered TRUE (resends included)"),
+    ("feedd_db_errors_total", "Failed batch attempts"),
+    ("feedd_batch_retries_total", "Batch attempts retried"),
+    ("feedd_config_reloads_total", "Successful reloads"),
+    ("feedd_config_reload_failures_total", "Reloads refused (invalid file or unusable target)"),
+    ("feedd_curve_refusals_total", "CURVE handshakes refused by the allowlist"),
+    ("feedd_db_failovers_total", "Moves to the next [mysql] host (refused, lost, read-only, not primary)"),
+    ("feedd_amqp_deliveries_total", "AMQP deliveries taken from the broker (redeliveries included)"),
+    ("feedd_amqp_acks_total", "AMQP deliveries acknowledged (after COMMIT, or after their dead letter was confirmed)"),
+    ("feedd_amqp_dead_letters_total", "AMQP deliveries rejected: published to the dead-letter exchange, or dropped when none is set"),
+    ("feedd_amqp_reconnects_total", "AMQP connections re-established after a loss"),
+    ("feedd_batch_records", "Records per committed batch"),
+    ("feedd_ack_latency_seconds", "Message received to reply handed to the socket"),
+    ("feedd_batch_commit_seconds", "Time to commit one batch (all attempts)"),
+    ("feedd_pool_wait_seconds", "Time to check a connection out of the pool"),
+    ("feedd_queue_depth", "Records waiting between the receiver and the workers"),
+    ("feedd_db_host_active", "1 for the [mysql] host taking writes, 0 for the others of the list"),
+];
+
+/// Buckets of the latency histograms, in seconds.
+const SECONDS: [f64; 13] = [
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
+];
+
+/// Makes metrics and registers them in one registry.
+struct Registrar(Registry);
+
+impl Registrar {
+    fn help(name: &str) -> &'static str {
+        HELP.iter().find(|(n, _)| *n == name).map_or("", |(_, h)| h)
+    }
+
+    fn counter(&self, name: &str) -> Result<IntCounter, MetricsError> {
+        let c = IntCounter::new(name, Self::help(name))?;
+        self.0.register(Box::new(c.clone()))?;
+        Ok(c)
+    }
+
+    fn histogram(&self, name: &str, buckets: &[f64]) -> Result<Histogram, MetricsError> {
+        let opts = HistogramOpts::new(name, Self::help(name)).buckets(buckets.to_vec());
+        let h = Histogram::with_opts(opts)?;
+        self.0.register(Box::new(h.clone()))?;
+        Ok(h)
+    }
+
+    fn gauge(&self, name: &str) -> Result<IntGauge, MetricsError> {
+        let g = IntGauge::new(name, Self::help(name))?;
+        self.0.register(Box::new(g.clone()))?;
+        Ok(g)
+    }
+
+    fn gauge_vec(&self, name: &str, label: &str) -> Result<IntGaugeVec, MetricsError> {
+        let g = IntGaugeVec::new(Opts::new(name, Self::help(name)), &[label])?;
+        self.0.register(Box::new(g.clone()))?;
+        Ok(g)
+    }
+}
+
 impl Metrics {
     pub fn new(queue_depth: QueueDepth) -> Result<Metrics, MetricsError> {
-        let registry = Registry::new();
-        let counter = |name: &str, help: &str| -> Result<IntCounter, MetricsError> {
-            let c = IntCounter::new(name, help)?;
-            registry.register(Box::new(c.clone()))?;
-            Ok(c)
-        };
-        let histogram =
-            |name: &str, help: &str, buckets: Vec<f64>| -> Result<Histogram, MetricsError> {
-                let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?;
-                registry.register(Box::new(h.clone()))?;
-                Ok(h)
-            };
-        let seconds = vec![
-            0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
-        ];
-        let queue_depth_gauge = IntGauge::new(
-            "feedd_queue_depth",
-            "Records waiting between the receiver and the workers",
-        )?;
-        registry.register(Box::new(queue_depth_gauge.clone()))?;
+        let r = Registrar(Registry::new());
         let build = IntGaugeVec::new(Opts::new("feedd_build_info", "feedd version"), &["version"])?;
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        registry.register(Box::new(build))?;
-        let db_host_active = IntGaugeVec::new(
-            Opts::new(
-                "feedd_db_host_active",
-                "1 for the [mysql] host taking writes, 0 for the others of the list",
-            ),
-            &["host"],
-        )?;
-        registry.register(Box::new(db_host_active.clone()))?;
+        r.0.register(Box::new(build))?;
         Ok(Metrics {
-            messages_received: counter(
-                "feedd_messages_received_total",
-                "Messages read from the socket",
-            )?,
-            messages_rejected: counter(
-                "feedd_messages_rejected_total",
-                "Messages answered FALSE (malformed, too large, conflict)",
-            )?,
-            records_committed: counter(
-                "feedd_records_committed_total",
-                "Rows inserted by committed batches (resends of stored records add none)",
-            )?,
-            records_acknowledged: counter(
-                "feedd_records_acknowledged_total",
-                "Records of messages answered TRUE (resends included)",
-            )?,
-            db_errors: counter("feedd_db_errors_total", "Failed batch attempts")?,
-            batch_retries: counter("feedd_batch_retries_total", "Batch attempts retried")?,
-            config_reloads: counter("feedd_config_reloads_total", "Successful reloads")?,
-            config_reload_failures: counter(
-                "feedd_config_reload_failures_total",
-                "Reloads refused (invalid file or unusable target)",
-            )?,
-            curve_refusals: counter(
-                "feedd_curve_refusals_total",
-                "CURVE handshakes refused by the allowlist",
-            )?,
-            db_failovers: counter(
-                "feedd_db_failovers_total",
-                "Moves to the next [mysql] host (refused, lost, read-only, not primary)",
-            )?,
-            db_host_active,
+            messages_received: r.counter("feedd_messages_received_total")?,
+            messages_rejected: r.counter("feedd_messages_rejected_total")?,
+            records_committed: r.counter("feedd_records_committed_total")?,
+            records_acknowledged: r.counter("feedd_records_acknowledged_total")?,
+            db_errors: r.counter("feedd_db_errors_total")?,
+            batch_retries: r.counter("feedd_batch_retries_total")?,
+            config_reloads: r.counter("feedd_config_reloads_total")?,
+            config_reload_failures: r.counter("feedd_config_reload_failures_total")?,
+            curve_refusals: r.counter("feedd_curve_refusals_total")?,
+            db_failovers: r.counter("feedd_db_failovers_total")?,
+            amqp_deliveries: r.counter("feedd_amqp_deliveries_total")?,
+            amqp_acks: r.counter("feedd_amqp_acks_total")?,
+            amqp_dead_letters: r.counter("feedd_amqp_dead_letters_total")?,
+            amqp_reconnects: r.counter("feedd_amqp_reconnects_total")?,
+            db_host_active: r.gauge_vec("feedd_db_host_active", "host")?,
             db_hosts_owner: Arc::default(),
-            amqp_deliveries: counter(
-                "feedd_amqp_deliveries_total",
-                "AMQP deliveries taken from the broker (redeliveries included)",
-            )?,
-            amqp_acks: counter(
-                "feedd_amqp_acks_total",
-                "AMQP deliveries acknowledged (after COMMIT, or after their dead letter was confirmed)",
-            )?,
-            amqp_dead_letters: counter(
-                "feedd_amqp_dead_letters_total",
-                "AMQP deliveries rejected: published to the dead-letter exchange, or dropped when none is set",
-            )?,
-            amqp_reconnects: counter(
-                "feedd_amqp_reconnects_total",
-                "AMQP connections re-established after a loss",
-            )?,
-            queue_depth_gauge,
+            queue_depth_gauge: r.gauge("feedd_queue_depth")?,
             queue_depth,
-            batch_commit_seconds: histogram(
-                "feedd_batch_commit_seconds",
-                "Time to commit one batch (all attempts)",
-                seconds.clone(),
-            )?,
-            batch_records: histogram(
+            batch_records: r.histogram(
                 "feedd_batch_records",
-                "Records per committed batch",
-                vec![1.0, 10.0, 100.0, 500.0, 1000.0, 5000.0, 20000.0],
+                &[1.0, 10.0, 100.0, 500.0, 1000.0, 5000.0, 20000.0],
             )?,
-            pool_wait_seconds: histogram(
-                "feedd_pool_wait_seconds",
-                "Time to check a connection out of the pool",
-                seconds.clone(),
-            )?,
-            ack_latency_seconds: histogram(
-                "feedd_ack_latency_seconds",
-                "Message received to reply handed to the socket",
-                seconds,
-            )?,
-            registry,
+            batch_commit_seconds: r.histogram("feedd_batch_commit_seconds", &SECONDS)?,
+            pool_wait_seconds: r.histogram("feedd_pool_wait_seconds", &SECONDS)?,
+            ack_latency_seconds: r.histogram("feedd_ack_latency_seconds", &SECONDS)?,
+            registry: r.0,
         })
     }
 

@@ -135,6 +135,25 @@ pub fn run(
     status
 }
 
+/// The supervisor's state between events: the child it runs and how it is doing.
+struct Supervision<'a> {
+    exe: &'a Path,
+    conf: &'a Path,
+    logging: &'a Logging,
+    readiness: &'a mut Readiness,
+    tx: &'a Sender<Event>,
+    policy: RestartPolicy,
+    stopping: bool,
+    first_start: bool,
+    restarts: u64,
+    /// Whether the current child reported ready, and the HUP/USR1 held until it does.
+    child_ready: bool,
+    held: Vec<i32>,
+    first_failure: Option<String>,
+    pid: u32,
+    started: Instant,
+}
+
 fn supervise(
     exe: &Path,
     conf: &Path,
@@ -143,110 +162,141 @@ fn supervise(
     tx: &Sender<Event>,
     rx: &Receiver<Event>,
 ) -> Result<i32, String> {
-    let mut policy = RestartPolicy::new();
-    let mut stopping = false;
-    let mut first_start = true;
-    let mut restarts = 0u64;
-    // Whether the current child reported ready, and the HUP/USR1 held until it does.
-    let mut child_ready = false;
-    let mut held: Vec<i32> = Vec::new();
-    let mut first_failure: Option<String> = None;
-    let (mut pid, mut started) =
+    let (pid, started) =
         spawn_child(exe, conf, tx).map_err(|e| format!("cannot start the serving process: {e}"))?;
     log::info!(
         "supervisor pid {}: serving process pid {pid} started",
         std::process::id()
     );
+    let mut s = Supervision {
+        exe,
+        conf,
+        logging,
+        readiness,
+        tx,
+        policy: RestartPolicy::new(),
+        stopping: false,
+        first_start: true,
+        restarts: 0,
+        child_ready: false,
+        held: Vec::new(),
+        first_failure: None,
+        pid,
+        started,
+    };
     loop {
         let Ok(event) = rx.recv() else { return Ok(1) };
         match event {
-            Event::Signal(s) => {
-                if s == SIGHUP || s == SIGUSR1 {
-                    logging.reopen();
-                }
-                if s == SIGHUP {
-                    // The supervisor's own log follows the file too; the child judges the rest.
-                    // `conf` is absolute and the daemon runs in the directory it was started from.
-                    let base = std::env::current_dir().unwrap_or_default();
-                    if let Ok(settings) = crate::config::LogSettings::load(conf, &base) {
-                        if let Err(e) = logging.apply(&settings) {
-                            log::error!("supervisor: {e}");
-                        }
-                    }
-                }
-                if s == SIGTERM || s == SIGINT {
-                    stopping = true;
-                    log::info!("supervisor: signal {s}, stopping the serving process {pid}");
-                }
-                if child_ready || s == SIGTERM || s == SIGINT {
-                    forward(pid, s);
-                } else if !held.contains(&s) {
-                    held.push(s);
+            Event::Signal(signal) => s.on_signal(signal),
+            Event::Report { pid, report } if pid == s.pid => s.on_report(report),
+            Event::Exited { pid, status } if pid == s.pid => {
+                if let Some(done) = s.on_exit(&status, rx) {
+                    return done;
                 }
             }
-            Event::Report { pid: p, report } if p == pid => match report {
-                Report::Ready => {
-                    child_ready = true;
-                    for s in held.drain(..) {
-                        forward(pid, s);
-                    }
-                    if first_start {
-                        first_start = false;
-                        readiness.ready();
-                    } else {
-                        log::info!("supervisor: serving process pid {pid} is serving");
-                    }
-                }
-                Report::Failed(reason) if first_start => {
-                    // Start-up failed: the invoker hears the reason, nothing is restarted.
-                    first_failure = Some(reason);
-                    stopping = true;
-                }
-                Report::Failed(reason) => {
-                    log::error!("supervisor: serving process failed to start: {reason}")
-                }
-                Report::Silent => {}
-            },
-            Event::Report { .. } => {}
-            Event::Exited { pid: p, status } if p == pid => {
-                let lived = started.elapsed();
-                if stopping || status.success() {
-                    if first_start {
-                        return Err(first_failure.take().unwrap_or_else(|| {
-                            "the serving process exited during start-up; see the log".into()
-                        }));
-                    }
-                    log::info!(
-                        "supervisor: serving process {pid} {}; exiting",
-                        describe(&status)
-                    );
-                    return Ok(if status.success() { 0 } else { 1 });
-                }
-                let delay = policy.next_delay(lived);
-                restarts += 1;
-                log::error!(
-                    "supervisor: serving process {pid} {} after {:.1} s; restart #{restarts} in {:.1} s",
-                    describe(&status),
-                    lived.as_secs_f64(),
-                    delay.as_secs_f64()
-                );
-                if wait_or_stop(rx, delay, logging) {
-                    log::info!("supervisor: stopped while waiting to restart");
-                    return Ok(0);
-                }
-                match spawn_child(exe, conf, tx) {
-                    Ok((p, s)) => {
-                        (pid, started) = (p, s);
-                        child_ready = false;
-                        log::info!("supervisor: serving process pid {pid} started");
-                    }
-                    Err(e) => {
-                        log::error!("supervisor: cannot start the serving process: {e}");
-                        return Ok(1);
-                    }
+            Event::Report { .. } | Event::Exited { .. } => {}
+        }
+    }
+}
+
+impl Supervision<'_> {
+    fn on_signal(&mut self, s: i32) {
+        if s == SIGHUP || s == SIGUSR1 {
+            self.logging.reopen();
+        }
+        if s == SIGHUP {
+            // The supervisor's own log follows the file too; the child judges the rest.
+            // `conf` is absolute and the daemon runs in the directory it was started from.
+            let base = std::env::current_dir().unwrap_or_default();
+            if let Ok(settings) = crate::config::LogSettings::load(self.conf, &base) {
+                if let Err(e) = self.logging.apply(&settings) {
+                    log::error!("supervisor: {e}");
                 }
             }
-            Event::Exited { .. } => {}
+        }
+        if s == SIGTERM || s == SIGINT {
+            self.stopping = true;
+            log::info!(
+                "supervisor: signal {s}, stopping the serving process {}",
+                self.pid
+            );
+        }
+        if self.child_ready || s == SIGTERM || s == SIGINT {
+            forward(self.pid, s);
+        } else if !self.held.contains(&s) {
+            self.held.push(s);
+        }
+    }
+
+    fn on_report(&mut self, report: Report) {
+        match report {
+            Report::Ready => {
+                self.child_ready = true;
+                for s in self.held.drain(..) {
+                    forward(self.pid, s);
+                }
+                if self.first_start {
+                    self.first_start = false;
+                    self.readiness.ready();
+                } else {
+                    log::info!("supervisor: serving process pid {} is serving", self.pid);
+                }
+            }
+            Report::Failed(reason) if self.first_start => {
+                // Start-up failed: the invoker hears the reason, nothing is restarted.
+                self.first_failure = Some(reason);
+                self.stopping = true;
+            }
+            Report::Failed(reason) => {
+                log::error!("supervisor: serving process failed to start: {reason}")
+            }
+            Report::Silent => {}
+        }
+    }
+
+    /// The child exited: the supervisor's exit status, or `None` once a new child runs.
+    fn on_exit(
+        &mut self,
+        status: &ExitStatus,
+        rx: &Receiver<Event>,
+    ) -> Option<Result<i32, String>> {
+        let (pid, lived) = (self.pid, self.started.elapsed());
+        if self.stopping || status.success() {
+            if self.first_start {
+                return Some(Err(self.first_failure.take().unwrap_or_else(|| {
+                    "the serving process exited during start-up; see the log".into()
+                })));
+            }
+            log::info!(
+                "supervisor: serving process {pid} {}; exiting",
+                describe(status)
+            );
+            return Some(Ok(if status.success() { 0 } else { 1 }));
+        }
+        let delay = self.policy.next_delay(lived);
+        self.restarts += 1;
+        log::error!(
+            "supervisor: serving process {pid} {} after {:.1} s; restart #{} in {:.1} s",
+            describe(status),
+            lived.as_secs_f64(),
+            self.restarts,
+            delay.as_secs_f64()
+        );
+        if wait_or_stop(rx, delay, self.logging) {
+            log::info!("supervisor: stopped while waiting to restart");
+            return Some(Ok(0));
+        }
+        match spawn_child(self.exe, self.conf, self.tx) {
+            Ok((p, s)) => {
+                (self.pid, self.started) = (p, s);
+                self.child_ready = false;
+                log::info!("supervisor: serving process pid {p} started");
+                None
+            }
+            Err(e) => {
+                log::error!("supervisor: cannot start the serving process: {e}");
+                Some(Ok(1))
+            }
         }
     }
 }

@@ -210,40 +210,13 @@ impl Bound {
             workers,
         } = self;
         let config = shared.config.load_full();
-        let cores = if config.pipeline.pin_threads {
-            core_affinity::get_core_ids().unwrap_or_default()
-        } else {
-            Vec::new()
-        };
-        let core = |i: usize| (!cores.is_empty()).then(|| cores[i % cores.len()]);
+        let cores = Cores::of(&config);
         let (exits_tx, exits_rx) = crossbeam_channel::unbounded();
-        let mut worker_threads = Vec::with_capacity(workers);
-        for id in 0..workers {
-            let (take, shared) = (queue.take(), shared.clone());
-            worker_threads.push(spawn_pinned(
-                Role::Worker(id),
-                core(id + 1),
-                &exits_tx,
-                move || {
-                    worker::run(id, take, &shared);
-                    Ok(())
-                },
-            )?);
-        }
+        let worker_threads = spawn_workers(&queue, &shared, workers, &cores, &exits_tx)?;
         // From here only the inputs' drivers keep the queue open.
         queue.seal();
-        let mut beats = vec![consumer_beat];
-        let (receiver_thread, receiver, bound) = match zmq {
-            Some(z) => {
-                beats.push(z.heartbeat);
-                let driver = z.driver;
-                let thread = spawn_pinned(Role::Receiver, core(0), &exits_tx, move || {
-                    driver.run().map(drop).map_err(|e| e.to_string())
-                })?;
-                (Some(thread), Some(z.handle), Some(z.bound))
-            }
-            None => (None, None, None),
-        };
+        let (receiver, receiver_thread, mut beats) = spawn_receiver(zmq, &cores, &exits_tx)?;
+        beats.push(consumer_beat);
         // Not pinned: it mostly waits on the broker, and lapin's own threads are not pinned.
         let consumer_thread = spawn_pinned(Role::Consumer, None, &exits_tx, move || {
             consumer.run().map(drop).map_err(|e| e.to_string())
@@ -264,7 +237,7 @@ impl Bound {
             shared: &shared,
             queue: &queue,
             owners: Owners {
-                receiver: receiver.as_ref(),
+                receiver: receiver.as_ref().map(|(handle, _)| handle),
                 consumer: &consumer_handle,
             },
             metrics_server: &mut metrics_server,
@@ -280,10 +253,11 @@ impl Bound {
             n.stopping();
         }
         let inputs = shutdown::Inputs {
-            receiver: receiver.as_ref(),
+            receiver: receiver.as_ref().map(|(handle, _)| handle),
             consumer: &consumer_handle,
         };
         let outcome = shutdown::shut_down(&shared, &inputs, &exits_rx, workers, failure);
+        // Everything below only closes and joins.
         drop(watchdog);
         signal_thread.stop();
         if let Some(p) = preparing {
@@ -291,10 +265,9 @@ impl Bound {
         }
         drop(metrics_server);
         drop(zap);
-        if let Some(t) = receiver_thread {
+        for t in receiver_thread.into_iter().chain([consumer_thread]) {
             let _ = t.join();
         }
-        let _ = consumer_thread.join();
         if outcome == Outcome::Drained {
             for t in worker_threads {
                 let _ = t.join();
@@ -302,11 +275,70 @@ impl Bound {
         }
         // A worker abandoned mid-query holds no socket: the context can close regardless.
         drop(context);
-        if let Some(bound) = bound {
+        if let Some((_, bound)) = receiver {
             crate::input::zmq::remove_ipc_file(&bound.lock());
         }
         Ok(outcome)
     }
+}
+
+/// Which cores pinned threads go to (none: not pinned).
+struct Cores(Vec<core_affinity::CoreId>);
+
+impl Cores {
+    fn of(config: &Config) -> Cores {
+        Cores(if config.pipeline.pin_threads {
+            core_affinity::get_core_ids().unwrap_or_default()
+        } else {
+            Vec::new()
+        })
+    }
+
+    /// The core for the `i`-th pinned thread (the receiver is 0, worker `n` is `n + 1`).
+    fn nth(&self, i: usize) -> Option<core_affinity::CoreId> {
+        (!self.0.is_empty()).then(|| self.0[i % self.0.len()])
+    }
+}
+
+fn spawn_workers(
+    queue: &Queue,
+    shared: &Shared,
+    workers: usize,
+    cores: &Cores,
+    exits: &crossbeam_channel::Sender<Exit>,
+) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
+    (0..workers)
+        .map(|id| {
+            let (take, shared) = (queue.take(), shared.clone());
+            spawn_pinned(Role::Worker(id), cores.nth(id + 1), exits, move || {
+                worker::run(id, take, &shared);
+                Ok(())
+            })
+        })
+        .collect()
+}
+
+/// The receiver thread, when ZeroMQ is on: its handle and endpoint, the thread, and the
+/// heartbeats the watchdog follows.
+type Started = (
+    Option<(Handle<ZmqSettings>, BoundEndpoint)>,
+    Option<std::thread::JoinHandle<()>>,
+    Vec<Heartbeat>,
+);
+
+fn spawn_receiver(
+    zmq: Option<ZmqInput>,
+    cores: &Cores,
+    exits: &crossbeam_channel::Sender<Exit>,
+) -> std::io::Result<Started> {
+    let Some(z) = zmq else {
+        return Ok((None, None, Vec::new()));
+    };
+    let driver = z.driver;
+    let thread = spawn_pinned(Role::Receiver, cores.nth(0), exits, move || {
+        driver.run().map(drop).map_err(|e| e.to_string())
+    })?;
+    Ok((Some((z.handle, z.bound)), Some(thread), vec![z.heartbeat]))
 }
 
 /// Why serving stops: `None` for a shutdown signal, else which thread ended (if known) and why.

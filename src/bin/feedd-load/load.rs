@@ -195,13 +195,8 @@ fn body(first: u64, count: u64) -> Vec<u8> {
     s.into_bytes()
 }
 
-fn client(
-    context: &zmq::Context,
-    options: &LoadOptions,
-    first_ticket: u64,
-    records: u64,
-    progress: &Progress,
-) -> Result<ClientResult, LoadError> {
+/// A DEALER connected to the endpoint (with CURVE when asked), unbounded both ways.
+fn dealer(context: &zmq::Context, options: &LoadOptions) -> Result<zmq::Socket, zmq::Error> {
     let socket = context.socket(zmq::DEALER)?;
     socket.set_linger(0)?;
     socket.set_sndhwm(0)?;
@@ -213,6 +208,17 @@ fn client(
         socket.set_curve_publickey(&public.0)?;
     }
     socket.connect(&options.endpoint)?;
+    Ok(socket)
+}
+
+fn client(
+    context: &zmq::Context,
+    options: &LoadOptions,
+    first_ticket: u64,
+    records: u64,
+    progress: &Progress,
+) -> Result<ClientResult, LoadError> {
+    let socket = dealer(context, options)?;
     let per_msg = options.per_msg.max(1) as u64;
     let messages = records.div_ceil(per_msg);
     let mut sent_at: Vec<Option<Instant>> = vec![None; messages as usize];
@@ -285,23 +291,28 @@ fn client(
             continue; // a duplicate reply; feedd never sends one, but do not count it twice
         };
         in_flight -= 1;
-        let _ = r.latency_us.record(at.elapsed().as_micros().max(1) as u64);
         let reply = frames
             .last()
             .map(|f| String::from_utf8_lossy(f).into_owned())
             .unwrap_or_default();
-        if reply == "TRUE" {
-            r.messages_acked += 1;
-            r.records_acked += size_of(seq);
-            progress
-                .records_acked
-                .fetch_add(size_of(seq), Ordering::Relaxed);
-        } else {
-            r.falses += 1;
-            r.first_false.get_or_insert(reply);
-        }
+        r.record(reply, size_of(seq), at.elapsed(), progress);
     }
     Ok(r)
+}
+
+impl ClientResult {
+    /// One reply to a message of `records` records, sent `took` ago.
+    fn record(&mut self, reply: String, records: u64, took: Duration, progress: &Progress) {
+        let _ = self.latency_us.record(took.as_micros().max(1) as u64);
+        if reply == "TRUE" {
+            self.messages_acked += 1;
+            self.records_acked += records;
+            progress.records_acked.fetch_add(records, Ordering::Relaxed);
+        } else {
+            self.falses += 1;
+            self.first_false.get_or_insert(reply);
+        }
+    }
 }
 
 /// The public key belonging to a CURVE secret key (libzmq's `zmq_curve_public`).

@@ -4,6 +4,8 @@
 //! latency) and `amqp` (publisher with confirms) are its modules, and the benches include
 //! them by path, so `hdrhistogram` and `indicatif` are never linked into the daemon.
 
+#![deny(unsafe_code)]
+
 mod amqp;
 mod load;
 

@@ -256,22 +256,17 @@ impl Input for Consumer {
         "amqp"
     }
 
-    fn wait(
-        &mut self,
-        bell: &Doorbell,
-        reading: bool,
-        wait: Duration,
-    ) -> Result<Ready, Self::Error> {
-        if reading && self.arrived.is_some() {
+    fn wait(&mut self, bell: &Doorbell, read: bool, max: Duration) -> Result<Ready, Self::Error> {
+        if read && self.arrived.is_some() {
             return Ok(Ready {
                 mail: false,
                 readable: true,
             });
         }
-        let wait = if self.wants_link() {
-            wait.min(self.next_try.saturating_duration_since(Instant::now()))
+        let max = if self.wants_link() {
+            max.min(self.next_try.saturating_duration_since(Instant::now()))
         } else {
-            wait
+            max
         };
         if self.bell.is_none() {
             match bell.as_fd().try_clone_to_owned().and_then(smol::Async::new) {
@@ -279,7 +274,7 @@ impl Input for Consumer {
                 Err(e) => {
                     // Never seen; without it the consumer still turns every `wait`.
                     log::error!("amqp: cannot watch the mailbox: {e}");
-                    std::thread::sleep(wait);
+                    std::thread::sleep(max);
                     return Ok(Ready {
                         mail: true,
                         readable: false,
@@ -291,8 +286,8 @@ impl Input for Consumer {
             return Ok(Ready::default());
         };
         let event = match &mut self.link {
-            Some(link) => link.next_event(reading, bell, wait),
-            None => wait_bell(bell, wait),
+            Some(link) => link.next_event(read, bell, max),
+            None => wait_bell(bell, max),
         };
         Ok(match event {
             Event::Delivery(d) => {

@@ -173,13 +173,8 @@ impl Input for Receiver {
         "receiver"
     }
 
-    fn wait(
-        &mut self,
-        bell: &Doorbell,
-        reading: bool,
-        wait: Duration,
-    ) -> Result<Ready, Self::Error> {
-        let events = if reading {
+    fn wait(&mut self, bell: &Doorbell, read: bool, max: Duration) -> Result<Ready, Self::Error> {
+        let events = if read {
             zmq::POLLIN
         } else {
             zmq::PollEvents::empty()
@@ -188,8 +183,8 @@ impl Input for Receiver {
             self.router.as_poll_item(events),
             zmq::PollItem::from_fd(bell.fd(), zmq::POLLIN),
         ];
-        // At least 1 ms: a shorter wait would busy-loop.
-        let ms = i64::try_from(wait.as_millis()).unwrap_or(i64::MAX).max(1);
+        // At least 1 ms: a shorter max would busy-loop.
+        let ms = i64::try_from(max.as_millis()).unwrap_or(i64::MAX).max(1);
         zmq::poll(&mut items, ms)?;
         Ok(Ready {
             readable: items[0].is_readable(),

@@ -79,6 +79,15 @@ pub struct Config {
     pub metrics: MetricsConfig,
 }
 
+/// The text of `file` (relative to `base`), and its full path for errors.
+fn read(file: &Path, base: &Path) -> Result<(PathBuf, String), ConfigError> {
+    let file = base.join(file);
+    match std::fs::read_to_string(&file) {
+        Ok(text) => Ok((file, text)),
+        Err(error) => Err(ConfigError::Read { file, error }),
+    }
+}
+
 /// What the logger needs of a config; the supervisor follows only this on SIGHUP.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LogSettings {
@@ -102,11 +111,7 @@ impl LogSettings {
     /// Reads `[daemon]` alone from `file`: the supervisor follows the log settings while its
     /// serving child judges the rest of the file.
     pub fn load(file: &Path, base: &Path) -> Result<LogSettings, ConfigError> {
-        let file = base.join(file);
-        let text = std::fs::read_to_string(&file).map_err(|error| ConfigError::Read {
-            file: file.clone(),
-            error,
-        })?;
+        let (file, text) = read(file, base)?;
         let mut ini = ini::read(&text, &file)?;
         let mut daemon_s = Section::take(&mut ini, &file, "daemon");
         let daemon = DaemonConfig::from_section(&mut daemon_s, base)?;
@@ -136,11 +141,7 @@ impl Config {
     /// Reads and validates `file`; relative paths in it are resolved against `base`
     /// (the directory feedd was started in).
     pub fn load(file: &Path, base: &Path) -> Result<Config, ConfigError> {
-        let file = base.join(file);
-        let text = std::fs::read_to_string(&file).map_err(|error| ConfigError::Read {
-            file: file.clone(),
-            error,
-        })?;
+        let (file, text) = read(file, base)?;
         Self::parse(&text, &file, base)
     }
 

@@ -57,6 +57,8 @@ pub enum ServeError {
     Amqp(#[from] ConsumerError),
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
+    #[error("input mailbox (eventfd): {0}")]
+    Mailbox(std::io::Error),
     #[error("CURVE authentication handler: {0}")]
     Zap(zmq::Error),
 }
@@ -144,7 +146,8 @@ impl Server {
         let consumer = Consumer::connect(Arc::clone(&shared.config), metrics.clone())?;
         let consumer_beat = Heartbeat::new("amqp-consumer");
         let (consumer, consumer_handle) =
-            Driver::new(consumer, &queue, metrics, consumer_beat.clone())?;
+            Driver::new(consumer, &queue, metrics, consumer_beat.clone())
+                .map_err(ServeError::Mailbox)?;
         Ok(Bound {
             shared,
             queue,
@@ -176,7 +179,8 @@ fn bind_zmq(
     log::info!("listening on {}", receiver.bound_endpoint());
     let bound = receiver.shared_bound();
     let heartbeat = Heartbeat::new("receiver");
-    let (driver, handle) = Driver::new(receiver, queue, shared.metrics.clone(), heartbeat.clone())?;
+    let (driver, handle) = Driver::new(receiver, queue, shared.metrics.clone(), heartbeat.clone())
+        .map_err(ServeError::Mailbox)?;
     Ok(Some(ZmqInput {
         driver,
         handle,

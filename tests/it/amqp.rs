@@ -302,6 +302,9 @@ fn sigterm_with_20000_deliveries_in_flight_acks_only_what_committed() {
                 "amqp.prefetch = 20000",
                 "pipeline.batch_size = 50",
                 "pipeline.workers = 1",
+                // Reading waits for commits, so deliveries are still unread at SIGTERM however
+                // fast the broker delivers and however late this test's poll runs.
+                "pipeline.queue_capacity = 1000",
             ],
         ),
     );

@@ -108,18 +108,10 @@ impl LogSettings {
         }
     }
 
-    /// Reads `[daemon]` alone from `file`: the supervisor follows the log settings while its
-    /// serving child judges the rest of the file.
+    /// The log settings of `file`, only when the whole file is valid: the supervisor then
+    /// follows a file its serving child can accept, never one it refuses as invalid.
     pub fn load(file: &Path, base: &Path) -> Result<LogSettings, ConfigError> {
-        let (file, text) = read(file, base)?;
-        let mut ini = ini::read(&text, &file)?;
-        let mut daemon_s = Section::take(&mut ini, &file, "daemon");
-        let daemon = DaemonConfig::from_section(&mut daemon_s, base)?;
-        Ok(LogSettings {
-            level: daemon.log_level,
-            file: daemon.log_file,
-            base_dir: base.to_path_buf(),
-        })
+        Config::load(file, base).map(|c| c.log())
     }
 }
 

@@ -235,13 +235,16 @@ impl<I: Input> Driver<I> {
             let ready = self.input.wait(&self.bell, reading, wait.min(IDLE_WAKE))?;
             if ready.mail {
                 self.bell.clear();
-                self.settle();
-                if self.obey_state() {
-                    self.settle();
-                    return Ok(());
-                }
-                self.retry_held();
             }
+            // Every turn, not only when the wait saw the bell: a source that is always ready
+            // (a backlog of deliveries) may win every wait, and stop, finish and verdicts
+            // must not wait for it to run dry. Each check is one atomic load or try_recv.
+            self.settle();
+            if self.obey_state() {
+                self.settle();
+                return Ok(());
+            }
+            self.retry_held();
             if ready.readable && reading {
                 self.read_burst()?;
             }
@@ -263,7 +266,9 @@ impl<I: Input> Driver<I> {
 
     fn read_burst(&mut self) -> Result<(), I::Error> {
         for _ in 0..READ_BURST {
-            if !self.has_room() {
+            // A stop is acted on between two messages (a refused one may cost a broker round
+            // trip), not after the burst.
+            if !self.has_room() || self.state.load(Ordering::SeqCst) >= STOPPING {
                 return Ok(());
             }
             match self.input.read_one()? {

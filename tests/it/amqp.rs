@@ -336,3 +336,50 @@ fn sigterm_with_20000_deliveries_in_flight_acks_only_what_committed() {
     assert!(mq.drain(&dlq).is_empty());
     mq.delete(&queue);
 }
+
+/// A backlog of deliveries feedd refuses (each dead-lettered, one broker round trip) keeps the
+/// consumer's source always ready; SIGTERM must still be acted on within the drain bound.
+#[test]
+fn sigterm_during_a_backlog_of_refused_deliveries_exits_within_the_drain() {
+    let db = Db::create("amqp_poison_term");
+    let (queue, dlq) = broker::names("poison_term");
+    let mq = Client::connect(&broker::shared_url());
+    mq.delete(&queue);
+    mq.delete(&dlq);
+    mq.declare(&queue);
+    // Over `max_message_bytes`: every one is refused and dead-lettered.
+    let body = format!("1,1,{}", "1".repeat(80));
+    let bodies: Vec<String> = (0..20_000).map(|_| body.clone()).collect();
+    mq.publish(&queue, &bodies, &[]);
+    let (addr, listen) = metrics_listen();
+    let mut feedd = Feedd::start_owned(
+        &db,
+        &broker::amqp_overrides(
+            &broker::shared_url(),
+            &queue,
+            false,
+            &[
+                &listen,
+                "zmq.max_message_bytes = 64",
+                "daemon.shutdown_timeout_ms = 2000",
+            ],
+        ),
+    );
+    assert!(wait_until(Duration::from_secs(30), || scrape(
+        &addr,
+        "feedd_amqp_dead_letters_total"
+    ) >= 500.0));
+    let asked = std::time::Instant::now();
+    feedd.signal(Signal::SIGTERM);
+    let status = feedd.wait(Duration::from_secs(60));
+    let took = asked.elapsed();
+    assert!(status.success(), "{status:?}\n{}", feedd.stderr_log());
+    assert!(
+        took < Duration::from_millis(3500),
+        "SIGTERM took {took:?} (shutdown_timeout_ms 2000)\n{}",
+        feedd.stderr_log()
+    );
+    assert!(mq.ready(&queue) > 0, "stopped mid-backlog");
+    mq.delete(&queue);
+    mq.delete(&dlq);
+}

@@ -107,3 +107,37 @@ fn supervisor_killed_with_user_set_takes_the_serving_child_with_it() {
     assert_eq!(Req::connect(&f.endpoint()).ask("1,1,1"), "TRUE");
     f.stop_daemon();
 }
+
+/// On SIGHUP the supervisor follows the file's log settings only when the serving child can
+/// accept the file: a file refused as invalid leaves both on the running log.
+#[test]
+fn a_refused_file_moves_neither_the_supervisors_log_nor_the_childs() {
+    let db = Db::create("d_sup_log");
+    let f = Feedd::prepare(&db, &[]);
+    f.start_daemon();
+    let moved = f.dir.path().join("moved.log");
+    let f = f.prepare_in(
+        &db,
+        &[
+            &format!("daemon.log_file = {}", path_str(&moved)),
+            "mysql.no_such_key = 1",
+        ],
+    );
+    kill(f.daemon_pid(), Signal::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(10), || f
+            .log()
+            .contains("reload failed, keeping the running config")),
+        "{}",
+        f.log()
+    );
+    // `stop` reads the file for the pidfile: a valid one again (no SIGHUP follows).
+    let f = f.prepare_in(&db, &[]);
+    f.stop_daemon();
+    assert!(f.log().contains("supervisor: signal 15"), "{}", f.log());
+    let elsewhere = std::fs::read_to_string(&moved).unwrap_or_default();
+    assert!(
+        elsewhere.is_empty(),
+        "the supervisor moved to {moved:?}:\n{elsewhere}"
+    );
+}

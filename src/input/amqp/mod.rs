@@ -62,6 +62,8 @@ pub struct Consumer {
     arrived: Option<link::Delivery>,
     /// Intake stopped: no more deliveries, no reconnects.
     stopped: bool,
+    /// A switch is pending: the old settings are on their way out, so no reconnect to them.
+    switching: bool,
     /// Since when the connection is lost (one log line per episode), and failed attempts.
     lost: Option<(Instant, u32)>,
     backoff: Backoff,
@@ -107,6 +109,7 @@ impl Consumer {
             bell: None,
             arrived: None,
             stopped: false,
+            switching: false,
             lost: None,
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
             next_try: Instant::now(),
@@ -242,7 +245,7 @@ impl Consumer {
     }
 
     fn wants_link(&self) -> bool {
-        self.link.is_none() && self.settings.is_some() && !self.stopped
+        self.link.is_none() && self.settings.is_some() && !self.stopped && !self.switching
     }
 }
 
@@ -257,10 +260,12 @@ impl Input for Consumer {
     }
 
     fn wait(&mut self, bell: &Doorbell, read: bool, max: Duration) -> Result<Ready, Self::Error> {
-        if read && self.arrived.is_some() {
+        // The bell first: async-io's `readable()` loses every race to a buffered delivery.
+        let rung = bell_rung(bell);
+        if rung || (read && self.arrived.is_some()) {
             return Ok(Ready {
-                mail: false,
-                readable: true,
+                mail: rung,
+                readable: read && self.arrived.is_some(),
             });
         }
         let max = if self.wants_link() {
@@ -371,6 +376,7 @@ impl Input for Consumer {
         if let Some(old) = &mut self.link {
             old.cancel();
         }
+        self.switching = true;
         Ok(Some(part))
     }
 
@@ -378,7 +384,10 @@ impl Input for Consumer {
         let was = self.settings.as_ref().map(|s| s.url.to_string());
         let was = was.as_deref().unwrap_or("off");
         if link.as_ref().is_some_and(|l| !l.is_connected()) {
-            // The old channel was cancelled: a new one on the old settings consumes again.
+            // The old channel was cancelled: what it committed is acked, then a new one on the
+            // old settings consumes again.
+            self.flush_acks(true);
+            self.switching = false;
             self.lose("cancelled for a switch that did not happen".into());
             return Err(format!(
                 "[amqp]: the new broker connection was lost before the switch; staying on {was}"
@@ -388,6 +397,7 @@ impl Input for Consumer {
         if let Some(old) = self.link.take() {
             old.close();
         }
+        self.switching = false;
         self.settings = settings;
         self.link = link;
         self.new_generation();
@@ -410,6 +420,13 @@ impl Input for Consumer {
             link.close();
         }
     }
+}
+
+/// Whether the doorbell has rung (a poll that does not wait).
+fn bell_rung(bell: &Doorbell) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(bell.as_fd(), PollFlags::POLLIN)];
+    poll(&mut fds, PollTimeout::ZERO).is_ok_and(|n| n > 0)
 }
 
 fn wait_bell(bell: &smol::Async<OwnedFd>, wait: Duration) -> Event {

@@ -1,5 +1,5 @@
 //! The process around the pipeline: detaching, the pidfile lock, privileges, signals and
-//! the supervisor that restarts the serving process.
+//! the supervisor that restarts the serving process and upgrades it (`upgrade`).
 
 pub mod daemon;
 pub mod notify;
@@ -7,3 +7,4 @@ pub mod pidfile;
 pub mod privileges;
 pub mod signals;
 pub mod supervisor;
+pub mod upgrade;

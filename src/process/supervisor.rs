@@ -8,20 +8,36 @@
 //!
 //! HUP and USR1 reach a child only once it reported ready: before it has installed its
 //! handlers their default action would kill it. Until then they are held (and merged).
+//!
+//! The listening socket of `[zmq] endpoint` is the supervisor's (input/zmq/listener.rs): made
+//! once, handed to every serving child, so a child that dies or is replaced never leaves the
+//! endpoint refusing connections (they wait in the backlog). Before each start the supervisor
+//! reads the endpoint from the file again: after a reload moved it (the child bound the new one
+//! itself, live), the next child gets a listener for the new endpoint.
+//!
+//! SIGUSR2 is an upgrade (upgrade.rs): exec the binary on disk, keeping the pidfile lock and
+//! the listener; the new image starts a successor (the candidate) and, once it is ready,
+//! SIGTERMs the old child, which drains: it stops reading, commits and answers what it read,
+//! closes. A candidate that fails, exits or is not ready within `READY_LIMIT` is stopped and
+//! the old child serves on. Children are spawned and the exec done on the main thread: the
+//! parent-death signal follows the thread that forked, and the exec keeps only the caller.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
 
 use crate::backoff::Backoff;
+use crate::input::zmq::listener::{Listener, HANDED_FDS_VAR};
 use crate::logging::Logging;
 use crate::process::daemon::{self, Readiness, Report};
+use crate::process::pidfile::Pidfile;
 use crate::process::signals::Signals;
+use crate::process::upgrade::{self, Handover};
 
 /// The hidden flag that makes `feedd` a serving child.
 pub const SERVE_CHILD_FLAG: &str = "--serve-child";
@@ -31,6 +47,8 @@ const FIRST_DELAY: Duration = Duration::from_millis(200);
 const MAX_DELAY: Duration = Duration::from_secs(30);
 /// A child that lived this long was stable: the next restart starts from `FIRST_DELAY` again.
 const STABLE: Duration = Duration::from_secs(10);
+/// How long an upgrade's new child may take to report ready before it is given up.
+const READY_LIMIT: Duration = Duration::from_secs(60);
 
 enum Event {
     Signal(i32),
@@ -69,15 +87,36 @@ fn describe(status: &ExitStatus) -> String {
     }
 }
 
-fn spawn_child(exe: &Path, conf: &Path, events: &Sender<Event>) -> std::io::Result<(u32, Instant)> {
-    let mut child: Child = Command::new(exe)
+/// Starts a serving child, handing it `listener` (close-on-exec cleared for this spawn only:
+/// children are spawned on the main thread alone).
+fn spawn_child(
+    exe: &Path,
+    conf: &Path,
+    listener: Option<&Listener>,
+    events: &Sender<Event>,
+) -> std::io::Result<(u32, Instant)> {
+    let mut command = Command::new(exe);
+    command
         .arg(SERVE_CHILD_FLAG)
         .arg("--conf")
         .arg(conf)
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_PID")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
+        .stderr(Stdio::null());
+    match listener {
+        Some(l) => {
+            l.set_inherited(true)?;
+            command.env(HANDED_FDS_VAR, l.raw_fd().to_string())
+        }
+        None => command.env_remove(HANDED_FDS_VAR),
+    };
+    let spawned = command.spawn();
+    if let Some(l) = listener {
+        l.set_inherited(false)?;
+    }
+    let mut child: Child = spawned?;
     let pid = child.id();
     let stdout = child.stdout.take();
     let tx = events.clone();
@@ -93,6 +132,28 @@ fn spawn_child(exe: &Path, conf: &Path, events: &Sender<Event>) -> std::io::Resu
     Ok((pid, Instant::now()))
 }
 
+/// Waits for a child this image did not spawn (the old one, after an upgrade's exec).
+fn adopt_child(pid: u32, events: &Sender<Event>) -> std::io::Result<()> {
+    use nix::sys::wait::{waitpid, WaitStatus};
+    use std::os::unix::process::ExitStatusExt;
+    let tx = events.clone();
+    let raw = Pid::from_raw(i32::try_from(pid).unwrap_or(0));
+    std::thread::Builder::new()
+        .name(format!("wait-{pid}"))
+        .spawn(move || {
+            let status = loop {
+                match waitpid(raw, None) {
+                    Ok(WaitStatus::Exited(_, code)) => break ExitStatus::from_raw(code << 8),
+                    Ok(WaitStatus::Signaled(_, sig, _)) => break ExitStatus::from_raw(sig as i32),
+                    Err(nix::Error::EINTR) | Ok(_) => {}
+                    Err(_) => break ExitStatus::from_raw(0), // not ours (any more)
+                }
+            };
+            let _ = tx.send(Event::Exited { pid, status });
+        })
+        .map(drop)
+}
+
 fn forward(pid: u32, signal: i32) {
     let Ok(sig) = Signal::try_from(signal) else {
         return;
@@ -101,6 +162,15 @@ fn forward(pid: u32, signal: i32) {
     if let Err(e) = kill(Pid::from_raw(raw), sig) {
         log::warn!("supervisor: cannot forward {sig} to pid {pid}: {e}");
     }
+}
+
+/// How a supervisor begins.
+pub enum Start {
+    /// A new daemon holding `Pidfile`: start the first serving child, the invoker waits
+    /// for its readiness.
+    Fresh(Pidfile),
+    /// Resumed by an upgrade's exec: the old child serves; start its successor.
+    Upgraded(upgrade::Resumed),
 }
 
 /// Runs the supervisor until the serving process exits cleanly (after TERM/INT, or on its
@@ -113,8 +183,8 @@ pub fn run(
     signals: Signals,
     logging: &Logging,
     readiness: &mut Readiness,
+    start: Start,
 ) -> Result<i32, String> {
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find my own executable: {e}"))?;
     let (tx, rx) = crossbeam_channel::unbounded();
     let signals = signals.into_inner();
     let handle = signals.handle();
@@ -127,7 +197,7 @@ pub fn run(
                 let _ = signal_tx.send(Event::Signal(s));
             }
         });
-    let status = supervise(&exe, &conf, logging, readiness, &tx, &rx);
+    let status = supervise(&conf, logging, readiness, start, &tx, &rx);
     handle.close();
     if let Ok(t) = signal_thread {
         let _ = t.join();
@@ -135,13 +205,24 @@ pub fn run(
     status
 }
 
+/// An upgrade's new child, until it reports ready.
+struct Candidate {
+    pid: u32,
+    started: Instant,
+    /// HUP/USR1 that came while it started (it may have read the file before).
+    held: Vec<i32>,
+}
+
 /// The supervisor's state between events: the child it runs and how it is doing.
 struct Supervision<'a> {
-    exe: &'a Path,
+    exe: PathBuf,
     conf: &'a Path,
     logging: &'a Logging,
     readiness: &'a mut Readiness,
     tx: &'a Sender<Event>,
+    /// The pidfile lock (handed down on upgrade).
+    pidfile: Pidfile,
+    listener: Option<Listener>,
     policy: RestartPolicy,
     stopping: bool,
     first_start: bool,
@@ -152,55 +233,139 @@ struct Supervision<'a> {
     first_failure: Option<String>,
     pid: u32,
     started: Instant,
+    candidate: Option<Candidate>,
+    /// An upgrade whose old child died meanwhile: report once the current child is ready.
+    report_when_ready: bool,
 }
 
 fn supervise(
-    exe: &Path,
     conf: &Path,
     logging: &Logging,
     readiness: &mut Readiness,
+    start: Start,
     tx: &Sender<Event>,
     rx: &Receiver<Event>,
 ) -> Result<i32, String> {
-    let (pid, started) =
-        spawn_child(exe, conf, tx).map_err(|e| format!("cannot start the serving process: {e}"))?;
-    log::info!(
-        "supervisor pid {}: serving process pid {pid} started",
-        std::process::id()
-    );
+    let (exe, pidfile, listener, old) = match start {
+        Start::Fresh(pidfile) => {
+            let exe = std::env::current_exe()
+                .map_err(|e| format!("cannot find my own executable: {e}"))?;
+            (exe, pidfile, open_listener(conf, None), None)
+        }
+        Start::Upgraded(r) => (r.exe, r.pidfile, r.listener, Some(r.old_child)),
+    };
     let mut s = Supervision {
         exe,
         conf,
         logging,
         readiness,
         tx,
+        pidfile,
+        listener,
         policy: RestartPolicy::new(),
         stopping: false,
-        first_start: true,
+        first_start: old.is_none(),
         restarts: 0,
-        child_ready: false,
+        child_ready: old.is_some(),
         held: Vec::new(),
         first_failure: None,
-        pid,
-        started,
+        pid: old.unwrap_or(0),
+        started: Instant::now(),
+        candidate: None,
+        report_when_ready: false,
     };
-    loop {
-        let Ok(event) = rx.recv() else { return Ok(1) };
-        match event {
-            Event::Signal(signal) => s.on_signal(signal),
-            Event::Report { pid, report } if pid == s.pid => s.on_report(report),
-            Event::Exited { pid, status } if pid == s.pid => {
-                if let Some(done) = s.on_exit(&status, rx) {
-                    return done;
-                }
-            }
-            Event::Report { .. } | Event::Exited { .. } => {}
+    match old {
+        None => {
+            (s.pid, s.started) = spawn_child(&s.exe, conf, s.listener.as_ref(), tx)
+                .map_err(|e| format!("cannot start the serving process: {e}"))?;
+            log::info!(
+                "supervisor pid {}: serving process pid {} started",
+                std::process::id(),
+                s.pid
+            );
+        }
+        Some(old) => s.resume(old),
+    }
+    s.run(rx)
+}
+
+/// A listener for the file's `[zmq] endpoint`: `current` when it serves it, else a new one
+/// (`None`: ZeroMQ off, an endpoint only libzmq binds, or it cannot be bound now; the child
+/// then binds it itself and reports the reason).
+fn open_listener(conf: &Path, current: Option<Listener>) -> Option<Listener> {
+    let base = std::env::current_dir().unwrap_or_default();
+    let endpoint = match crate::config::Config::load(conf, &base) {
+        Ok(config) => config.zmq.endpoint,
+        // The child reports what is wrong with the file.
+        Err(_) => return current,
+    };
+    if endpoint.is_empty() {
+        return None;
+    }
+    if let Some(l) = current.filter(|l| l.serves(&endpoint)) {
+        return Some(l);
+    }
+    match Listener::open(&endpoint) {
+        Ok(Some(l)) => {
+            log::info!(
+                "supervisor: listening on {} for the serving processes",
+                l.endpoint()
+            );
+            Some(l)
+        }
+        Ok(None) => None,
+        Err(e) => {
+            log::warn!("supervisor: {e}; the serving process binds it itself");
+            None
         }
     }
 }
 
 impl Supervision<'_> {
+    fn run(&mut self, rx: &Receiver<Event>) -> Result<i32, String> {
+        loop {
+            let event = match rx.recv_timeout(Duration::from_secs(1)) {
+                Ok(event) => event,
+                Err(RecvTimeoutError::Timeout) => {
+                    self.check_candidate();
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => return Ok(1),
+            };
+            let candidate = self.candidate.as_ref().map(|c| c.pid);
+            match event {
+                Event::Signal(signal) => self.on_signal(signal),
+                Event::Report { pid, report } if Some(pid) == candidate => {
+                    self.on_candidate_report(report);
+                }
+                Event::Exited { pid, status } if Some(pid) == candidate => {
+                    self.give_up_candidate(&format!(
+                        "the new serving process {}",
+                        describe(&status)
+                    ));
+                }
+                Event::Report { pid, report } if pid == self.pid => self.on_report(report),
+                Event::Exited { pid, status } if pid == self.pid => {
+                    if let Some(done) = self.on_exit(&status, rx) {
+                        return done;
+                    }
+                }
+                Event::Exited { pid, status } => {
+                    log::info!(
+                        "supervisor: former serving process {pid} {}",
+                        describe(&status)
+                    );
+                }
+                Event::Report { .. } => {}
+            }
+        }
+    }
+
     fn on_signal(&mut self, s: i32) {
+        if s == SIGUSR2 {
+            self.upgrade();
+            return;
+        }
         if s == SIGHUP || s == SIGUSR1 {
             self.logging.reopen();
         }
@@ -220,6 +385,18 @@ impl Supervision<'_> {
                 "supervisor: signal {s}, stopping the serving process {}",
                 self.pid
             );
+            if let Some(c) = self.candidate.take() {
+                forward(c.pid, s);
+                upgrade::report(
+                    self.pidfile.path(),
+                    &Err("stopped during the upgrade".into()),
+                );
+            }
+        }
+        if let Some(c) = &mut self.candidate {
+            if !c.held.contains(&s) {
+                c.held.push(s);
+            }
         }
         if self.child_ready || s == SIGTERM || s == SIGINT {
             forward(self.pid, s);
@@ -241,6 +418,9 @@ impl Supervision<'_> {
                 } else {
                     log::info!("supervisor: serving process pid {} is serving", self.pid);
                 }
+                if std::mem::take(&mut self.report_when_ready) {
+                    upgrade::report(self.pidfile.path(), &Ok(self.pid));
+                }
             }
             Report::Failed(reason) if self.first_start => {
                 // Start-up failed: the invoker hears the reason, nothing is restarted.
@@ -248,7 +428,10 @@ impl Supervision<'_> {
                 self.stopping = true;
             }
             Report::Failed(reason) => {
-                log::error!("supervisor: serving process failed to start: {reason}")
+                log::error!("supervisor: serving process failed to start: {reason}");
+                if std::mem::take(&mut self.report_when_ready) {
+                    upgrade::report(self.pidfile.path(), &Err(reason));
+                }
             }
             Report::Silent => {}
         }
@@ -273,6 +456,17 @@ impl Supervision<'_> {
             );
             return Some(Ok(if status.success() { 0 } else { 1 }));
         }
+        if let Some(c) = self.candidate.take() {
+            // The old child died during an upgrade: its successor is already starting.
+            log::error!(
+                "supervisor: serving process {pid} {} during an upgrade; pid {} takes over",
+                describe(status),
+                c.pid
+            );
+            (self.pid, self.started, self.child_ready) = (c.pid, c.started, false);
+            self.report_when_ready = true;
+            return None;
+        }
         let delay = self.policy.next_delay(lived);
         self.restarts += 1;
         log::error!(
@@ -282,11 +476,12 @@ impl Supervision<'_> {
             self.restarts,
             delay.as_secs_f64()
         );
-        if wait_or_stop(rx, delay, self.logging) {
+        if wait_or_stop(rx, delay, self.logging, self.pidfile.path()) {
             log::info!("supervisor: stopped while waiting to restart");
             return Some(Ok(0));
         }
-        match spawn_child(self.exe, self.conf, self.tx) {
+        self.listener = open_listener(self.conf, self.listener.take());
+        match spawn_child(&self.exe, self.conf, self.listener.as_ref(), self.tx) {
             Ok((p, s)) => {
                 (self.pid, self.started) = (p, s);
                 self.child_ready = false;
@@ -299,16 +494,130 @@ impl Supervision<'_> {
             }
         }
     }
+
+    /// SIGUSR2: exec the binary on disk (returns only if that failed or was refused).
+    fn upgrade(&mut self) {
+        let refuse = |s: &Self, reason: String| {
+            log::error!("supervisor: upgrade refused: {reason}");
+            upgrade::report(s.pidfile.path(), &Err(reason));
+        };
+        if self.stopping || self.candidate.is_some() || !self.child_ready {
+            let reason = "the serving process is starting, stopping or being replaced; try again";
+            return refuse(self, reason.into());
+        }
+        let base = std::env::current_dir().unwrap_or_default();
+        if let Err(e) = crate::config::Config::load(self.conf, &base) {
+            return refuse(self, e.to_string());
+        }
+        log::info!(
+            "supervisor: SIGUSR2, upgrading: executing {}",
+            self.exe.display()
+        );
+        let failed = upgrade::exec(&Handover {
+            exe: &self.exe,
+            conf: self.conf,
+            pidfile: &self.pidfile,
+            listener: self.listener.as_ref(),
+            old_child: self.pid,
+        });
+        refuse(self, failed);
+    }
+
+    /// The new image after an upgrade's exec: wait for `old`, start its successor.
+    fn resume(&mut self, old: u32) {
+        log::info!(
+            "supervisor pid {} upgraded ({}); serving process {old} serves until its successor is ready",
+            std::process::id(),
+            self.exe.display()
+        );
+        if let Err(e) = adopt_child(old, self.tx) {
+            log::error!("supervisor: cannot wait for serving process {old}: {e}");
+        }
+        self.listener = open_listener(self.conf, self.listener.take());
+        match spawn_child(&self.exe, self.conf, self.listener.as_ref(), self.tx) {
+            Ok((pid, started)) => {
+                log::info!("supervisor: new serving process pid {pid} started");
+                self.candidate = Some(Candidate {
+                    pid,
+                    started,
+                    held: Vec::new(),
+                });
+            }
+            Err(e) => {
+                let reason = format!("cannot start the new serving process: {e}");
+                log::error!("supervisor: {reason}; pid {old} serves on");
+                upgrade::report(self.pidfile.path(), &Err(reason));
+            }
+        }
+    }
+
+    fn on_candidate_report(&mut self, report: Report) {
+        match report {
+            Report::Ready => {
+                let Some(c) = self.candidate.take() else {
+                    return;
+                };
+                let old = self.pid;
+                (self.pid, self.started, self.child_ready) = (c.pid, c.started, true);
+                for s in c.held {
+                    forward(self.pid, s);
+                }
+                log::info!(
+                    "supervisor: new serving process pid {} is serving; the old one ({old}) drains",
+                    self.pid
+                );
+                // The old child stops reading, answers what it read, and closes.
+                forward(old, SIGTERM);
+                upgrade::report(self.pidfile.path(), &Ok(self.pid));
+            }
+            Report::Failed(reason) => self.give_up_candidate(&reason),
+            // It exited without a word: its exit gives the reason.
+            Report::Silent => {}
+        }
+    }
+
+    /// Once a second: a candidate that is not ready in time is given up.
+    fn check_candidate(&mut self) {
+        if self
+            .candidate
+            .as_ref()
+            .is_some_and(|c| c.started.elapsed() > READY_LIMIT)
+        {
+            let reason = format!(
+                "the new serving process was not ready within {} s",
+                READY_LIMIT.as_secs()
+            );
+            self.give_up_candidate(&reason);
+        }
+    }
+
+    /// The upgrade failed: the candidate is stopped, the old child serves on.
+    fn give_up_candidate(&mut self, reason: &str) {
+        let Some(c) = self.candidate.take() else {
+            return;
+        };
+        log::error!(
+            "supervisor: upgrade failed: {reason}; serving process {} serves on",
+            self.pid
+        );
+        forward(c.pid, SIGTERM);
+        upgrade::report(self.pidfile.path(), &Err(reason.to_string()));
+    }
 }
 
-/// Waits `delay` while still honouring TERM/INT (true if told to stop meanwhile) and
-/// reopening the supervisor's own log on HUP/USR1 (the next child reads the config afresh).
-fn wait_or_stop(rx: &Receiver<Event>, delay: Duration, logging: &Logging) -> bool {
+/// Waits `delay` while still honouring TERM/INT (true if told to stop meanwhile),
+/// reopening the supervisor's own log on HUP/USR1 (the next child reads the config afresh) and
+/// refusing an upgrade (nothing serves to hand over from).
+fn wait_or_stop(rx: &Receiver<Event>, delay: Duration, logging: &Logging, pidfile: &Path) -> bool {
     let until = Instant::now() + delay;
     loop {
         match rx.recv_deadline(until) {
             Ok(Event::Signal(s)) if s == SIGTERM || s == SIGINT => return true,
             Ok(Event::Signal(s)) if s == SIGHUP || s == SIGUSR1 => logging.reopen(),
+            Ok(Event::Signal(SIGUSR2)) => {
+                let reason = "the serving process is restarting; try again";
+                upgrade::report(pidfile, &Err(reason.into()));
+            }
             Ok(_) => {}
             Err(_) => return false,
         }

@@ -34,6 +34,7 @@ use crate::heartbeat::Heartbeat;
 use crate::input::amqp::{AmqpPart, Consumer, ConsumerError};
 use crate::input::driver::{Driver, Handle};
 use crate::input::zap::ZapHandler;
+use crate::input::zmq::listener::Listener;
 use crate::input::zmq::{BoundEndpoint, Receiver, ReceiverError, ZmqSettings};
 use crate::logging::Logging;
 use crate::metrics::{Metrics, MetricsError, MetricsServer};
@@ -109,11 +110,13 @@ pub struct Server;
 
 impl Server {
     /// Connects the database, binds the sockets and the metrics listener. Nothing reads a
-    /// message yet, so the caller can still drop privileges.
+    /// message yet, so the caller can still drop privileges. `handed`: listening sockets the
+    /// process was given (supervisor, systemd), for `[zmq] endpoint`.
     pub fn bind(
         config: Config,
         signals: Signals,
         logging: Arc<Logging>,
+        handed: Vec<Listener>,
     ) -> Result<Bound, ServeError> {
         let queue = Queue::new(config.pipeline.queue_capacity);
         let depth = queue.depth_reader();
@@ -142,7 +145,7 @@ impl Server {
         // Bound before the ROUTER, so no CURVE handshake is ever unjudged.
         let zap = ZapHandler::start(&context, Arc::clone(&shared.config), metrics.clone())
             .map_err(ServeError::Zap)?;
-        let zmq = bind_zmq(&context, &shared, &queue)?;
+        let zmq = bind_zmq(&context, &shared, &queue, handed)?;
         let consumer = Consumer::connect(Arc::clone(&shared.config), metrics.clone())?;
         let consumer_beat = Heartbeat::new("amqp-consumer");
         let (consumer, consumer_handle) =
@@ -169,14 +172,30 @@ fn bind_zmq(
     context: &zmq::Context,
     shared: &Shared,
     queue: &Queue,
+    handed: Vec<Listener>,
 ) -> Result<Option<ZmqInput>, ServeError> {
     let settings = ZmqSettings::of(&shared.config.load());
     if settings.endpoint.is_empty() {
+        if let Some(l) = handed.first() {
+            log::warn!(
+                "a listening socket was handed to feedd ({}), but [zmq] endpoint is empty",
+                l.endpoint()
+            );
+        }
         log::info!("ZeroMQ input off ([zmq] endpoint is empty)");
         return Ok(None);
     }
-    let receiver = Receiver::bind(context, settings)?;
-    log::info!("listening on {}", receiver.bound_endpoint());
+    let owned = handed.len();
+    let receiver = Receiver::bind(context, settings, handed)?;
+    log::info!(
+        "listening on {}{}",
+        receiver.bound_endpoint(),
+        if owned > 0 {
+            " (a socket handed to this process)"
+        } else {
+            ""
+        }
+    );
     let bound = receiver.shared_bound();
     let heartbeat = Heartbeat::new("receiver");
     let (driver, handle) = Driver::new(receiver, queue, shared.metrics.clone(), heartbeat.clone())
@@ -372,6 +391,12 @@ fn serve(
                 Ok(Event::ReopenLog) => {
                     running.logging.reopen();
                     log::info!("SIGUSR1: log file reopened");
+                }
+                Ok(Event::Upgrade) => {
+                    let reason = "SIGUSR2: an upgrade needs the supervisor (--daemon with supervise = true); use restart";
+                    log::warn!("{reason}");
+                    let pidfile = running.shared.config.load().daemon.pidfile.clone();
+                    crate::process::upgrade::report(&pidfile, &Err(reason.into()));
                 }
                 Ok(Event::Shutdown { signal }) => {
                     log::info!("signal {signal}: shutting down, draining the queue");

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::harness::ports;
 use crate::harness::*;
 
 const RESEND_AFTER: Duration = Duration::from_secs(1);
@@ -337,6 +338,80 @@ fn a_killed_child_leaves_the_endpoint_accepting() {
     let (refused, failed, attempts) = probe.finish();
     assert_eq!((refused, failed), (0, 0), "of {attempts} connects");
     f.stop_daemon();
+}
+
+/// Starts feedd the way systemd socket activation does (`systemd-socket-activate`, which
+/// listens on `listen` and execs feedd with `LISTEN_FDS` on the first connection).
+fn socket_activated(f: &Feedd, listen: u16) -> Option<std::process::Child> {
+    let log = std::fs::File::create(f.dir.path().join("stderr.log")).unwrap();
+    Command::new("systemd-socket-activate")
+        .args([
+            "-l",
+            &format!("127.0.0.1:{listen}"),
+            feedd_bin(),
+            "--conf",
+            "feed.ini",
+        ])
+        .current_dir(f.dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .ok()
+}
+
+/// Item 3: a socket handed by systemd serves when it is `[zmq] endpoint`, and is refused by
+/// name when it is not.
+#[test]
+fn socket_activation_serves_the_handed_socket_and_refuses_another() {
+    let db = Db::create("z_activate");
+    let f = Feedd::prepare(&db, &[]);
+    let Some(mut activator) = socket_activated(&f, f.port) else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "systemd-socket-activate missing"
+        );
+        return eprintln!("skipped: systemd-socket-activate not installed");
+    };
+    let mut cleanup = Cleanup {
+        daemon: None,
+        children: Vec::new(),
+    };
+    // Listening before feedd runs: the first connect waits in the backlog until it serves.
+    assert!(wait_until(Duration::from_secs(5), || TcpStream::connect((
+        "127.0.0.1",
+        f.port
+    ))
+    .is_ok()));
+    let req = Req::connect(&f.endpoint());
+    assert_eq!(req.ask("1,1,1"), "TRUE", "{}", f.stderr_log());
+    assert!(
+        f.stderr_log().contains("a socket handed to this process"),
+        "{}",
+        f.stderr_log()
+    );
+    kill(activator.id() as i32, Signal::SIGTERM);
+    assert!(activator.wait().unwrap().success(), "{}", f.stderr_log());
+
+    // Handed a socket on another port than [zmq] endpoint: a start-up error naming both.
+    let other = ports::port();
+    let mut activator = socket_activated(&f, other).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || TcpStream::connect((
+        "127.0.0.1",
+        other
+    ))
+    .is_ok()));
+    let status = activator.wait().unwrap();
+    let log = f.stderr_log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains(&format!(
+            "listens on tcp://127.0.0.1:{other}, but [zmq] endpoint is {}",
+            f.endpoint()
+        )),
+        "{log}"
+    );
+    cleanup.children.clear();
 }
 
 /// `12.0003` as the table stores it (DECIMAL(20,4)).

@@ -467,6 +467,8 @@ impl Supervision<'_> {
             self.report_when_ready = true;
             return None;
         }
+        // First thing: an endpoint moved by a reload is listened on again before the backoff.
+        self.listener = open_listener(self.conf, self.listener.take());
         let delay = self.policy.next_delay(lived);
         self.restarts += 1;
         log::error!(
@@ -480,7 +482,6 @@ impl Supervision<'_> {
             log::info!("supervisor: stopped while waiting to restart");
             return Some(Ok(0));
         }
-        self.listener = open_listener(self.conf, self.listener.take());
         match spawn_child(&self.exe, self.conf, self.listener.as_ref(), self.tx) {
             Ok((p, s)) => {
                 (self.pid, self.started) = (p, s);

@@ -328,13 +328,7 @@ fn a_killed_child_leaves_the_endpoint_accepting() {
         children: Vec::new(),
     };
     let probe = Probe::start(f.port);
-    let child = f.serving_pid().expect("a serving child");
-    kill(child, Signal::SIGKILL);
-    assert!(wait_until(Duration::from_secs(5), || f
-        .serving_pid()
-        .is_some_and(|p| p != child)));
-    let req = Req::connect(&f.endpoint());
-    assert_eq!(req.ask("1,1,1"), "TRUE");
+    kill_child_then_ask(&f, &f.endpoint(), "1,1,1");
     let (refused, failed, attempts) = probe.finish();
     assert_eq!((refused, failed), (0, 0), "of {attempts} connects");
     f.stop_daemon();
@@ -412,6 +406,53 @@ fn socket_activation_serves_the_handed_socket_and_refuses_another() {
         "{log}"
     );
     cleanup.children.clear();
+}
+
+/// Item 4: a reload moves the endpoint live; the restart after a `kill -9` serves the new
+/// endpoint on a socket the supervisor makes for it as soon as it sees the child gone. Only
+/// the moment between the death and that bind may refuse (the child had bound the moved
+/// endpoint itself); from the next restart on nothing does.
+#[test]
+fn after_a_reload_moved_the_endpoint_a_restart_serves_the_new_one() {
+    let db = Db::create("z_moved");
+    let f = Feedd::prepare(&db, &[]);
+    f.start_daemon();
+    let _cleanup = Cleanup {
+        daemon: Some(&f),
+        children: Vec::new(),
+    };
+    let moved = ports::port();
+    let text = std::fs::read_to_string(f.conf_path()).unwrap();
+    let text = text.replace(&f.endpoint(), &format!("tcp://127.0.0.1:{moved}"));
+    std::fs::write(f.conf_path(), text).unwrap();
+    kill(f.daemon_pid(), Signal::SIGHUP);
+    f.wait_for_daemon_log(&format!("now serving tcp://127.0.0.1:{moved}"));
+    let endpoint = format!("tcp://127.0.0.1:{moved}");
+    assert_eq!(Req::connect(&endpoint).ask("1,1,1"), "TRUE");
+    let probe = Probe::start(moved);
+    kill_child_then_ask(&f, &endpoint, "2,1,1");
+    let (refused, failed, attempts) = probe.finish();
+    assert!(
+        refused <= 1 && failed == 0,
+        "{refused} refused, {failed} failed of {attempts}"
+    );
+    f.wait_for_daemon_log(&format!("supervisor: listening on tcp://127.0.0.1:{moved}"));
+    // The next restart is on the supervisor's socket: nothing refused.
+    let probe = Probe::start(moved);
+    kill_child_then_ask(&f, &endpoint, "3,1,1");
+    let (refused, failed, attempts) = probe.finish();
+    assert_eq!((refused, failed), (0, 0), "of {attempts} connects");
+    f.stop_daemon();
+}
+
+/// Kills the serving child, waits for its successor, and asks it `body` on `endpoint`.
+fn kill_child_then_ask(f: &Feedd, endpoint: &str, body: &str) {
+    let child = f.serving_pid().expect("a serving child");
+    kill(child, Signal::SIGKILL);
+    assert!(wait_until(Duration::from_secs(5), || f
+        .serving_pid()
+        .is_some_and(|p| p != child)));
+    assert_eq!(Req::connect(endpoint).ask(body), "TRUE");
 }
 
 /// `12.0003` as the table stores it (DECIMAL(20,4)).

@@ -19,6 +19,7 @@ use nix::unistd::Pid;
 use crate::config::Config;
 use crate::input::zmq::listener::Listener;
 use crate::logging::Logging;
+use crate::process::control::Control;
 use crate::process::daemon::{self, Detached, Readiness, Report};
 use crate::process::notify::Notifier;
 use crate::process::pidfile::{self, Pidfile};
@@ -26,7 +27,7 @@ use crate::process::privileges;
 use crate::process::signals::Signals;
 use crate::process::supervisor::{self, Start};
 use crate::process::upgrade;
-use crate::server::{Outcome, Server};
+use crate::server::{Handed, Outcome, Server};
 
 /// Exit statuses.
 pub const EXIT_OK: i32 = 0;
@@ -98,7 +99,10 @@ fn serve(
     let log_path =
         config.log_path(held.pidfile.is_some() || matches!(parent, Parent::Supervisor(_)));
     // Handed by a supervisor or by systemd socket activation; matched to `[zmq] endpoint`.
-    let handed = Listener::inherited()?;
+    let handed = Handed {
+        listeners: Listener::inherited()?,
+        control: Control::inherited(),
+    };
     let bound = Server::bind(config, held.signals, Arc::clone(&held.logging), handed)?;
     if let Some(target) = target {
         if let Some(log) = &log_path {

@@ -54,17 +54,20 @@ pub fn use_fd(socket: &mut zmq::Socket, fd: OwnedFd) -> Result<(), zmq::Error> {
     })
 }
 
-/// Takes ownership of descriptor `raw` inherited from the parent process (named in an
-/// environment variable); `None` if no such descriptor is open.
+/// Takes ownership of descriptor `raw` handed to this process: inherited from the parent
+/// (named in an environment variable) or just received in an SCM_RIGHTS message; `None` if no
+/// such descriptor is open.
 ///
-/// Call once per number, at start-up, before anything else could have opened or closed it.
+/// Call once per number: at start-up, before anything else could have opened or closed it, or
+/// right after `recvmsg` installed it.
 pub fn adopt_inherited_fd(raw: RawFd) -> Option<OwnedFd> {
     if raw < 3 {
         return None; // stdio is never a handed socket or lock
     }
     nix::fcntl::fcntl(raw, nix::fcntl::FcntlArg::F_GETFD).ok()?;
-    // SAFETY: `raw` is open (F_GETFD succeeded); it came from our parent across exec, so
-    // nothing in this process owns it yet, and callers adopt each number once.
+    // SAFETY: `raw` is open (F_GETFD succeeded); it came from our parent across exec or from
+    // the kernel in a received message, so nothing in this process owns it yet, and callers
+    // adopt each number once.
     Some(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 

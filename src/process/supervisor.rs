@@ -9,11 +9,15 @@
 //! HUP and USR1 reach a child only once it reported ready: before it has installed its
 //! handlers their default action would kill it. Until then they are held (and merged).
 //!
-//! The listening socket of `[zmq] endpoint` is the supervisor's (input/zmq/listener.rs): made
-//! once, handed to every serving child, so a child that dies or is replaced never leaves the
-//! endpoint refusing connections (they wait in the backlog). Before each start the supervisor
-//! reads the endpoint from the file again: after a reload moved it (the child bound the new one
-//! itself, live), the next child gets a listener for the new endpoint.
+//! Every listener a serving child uses is the supervisor's (input/zmq/listener.rs): the one for
+//! `[zmq] endpoint` is made once and handed to every serving child, so a child that dies or is
+//! replaced never leaves the endpoint refusing connections (they wait in the backlog). Before
+//! it forwards a SIGHUP, the supervisor reads `[zmq] endpoint` from the file and hands the child
+//! the listener for it over the child's control channel (control.rs), making it first when
+//! the endpoint moved; the child's reload listens on it instead of binding. After the reload
+//! the child reports what it serves, and the supervisor closes the listener no longer served
+//! (the old one after a move, the new one after a refused reload). Before each start it reads
+//! the endpoint again (a child may have died before it reported).
 //!
 //! SIGUSR2 is an upgrade (upgrade.rs): exec the binary on disk, keeping the pidfile lock and
 //! the listener; the new image starts a successor (the candidate) and, once it is ready,
@@ -34,6 +38,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
 use crate::backoff::Backoff;
 use crate::input::zmq::listener::{Listener, HANDED_FDS_VAR};
 use crate::logging::Logging;
+use crate::process::control::{Control, Serving, CONTROL_FD_VAR};
 use crate::process::daemon::{self, Readiness, Report};
 use crate::process::pidfile::Pidfile;
 use crate::process::signals::Signals;
@@ -52,8 +57,19 @@ const READY_LIMIT: Duration = Duration::from_secs(60);
 
 enum Event {
     Signal(i32),
-    Report { pid: u32, report: Report },
-    Exited { pid: u32, status: ExitStatus },
+    Report {
+        pid: u32,
+        report: Report,
+    },
+    Exited {
+        pid: u32,
+        status: ExitStatus,
+    },
+    /// After a reload, what the child serves.
+    Serving {
+        pid: u32,
+        serving: Serving,
+    },
 }
 
 /// Restart delays: doubling while the child keeps dying young, reset after a stable run.
@@ -87,14 +103,19 @@ fn describe(status: &ExitStatus) -> String {
     }
 }
 
-/// Starts a serving child, handing it `listener` (close-on-exec cleared for this spawn only:
-/// children are spawned on the main thread alone).
+/// A serving child just started: its pid, when, and the supervisor's end of its control
+/// channel.
+type Spawned = (u32, Instant, Control);
+
+/// Starts a serving child, handing it `listener` and its end of a new control channel
+/// (close-on-exec cleared for this spawn only: children are spawned on the main thread alone).
 fn spawn_child(
     exe: &Path,
     conf: &Path,
     listener: Option<&Listener>,
     events: &Sender<Event>,
-) -> std::io::Result<(u32, Instant)> {
+) -> std::io::Result<Spawned> {
+    let (control, child_end) = Control::pair()?;
     let mut command = Command::new(exe);
     command
         .arg(SERVE_CHILD_FLAG)
@@ -104,7 +125,9 @@ fn spawn_child(
         .env_remove("LISTEN_PID")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+        .stderr(Stdio::null())
+        .env(CONTROL_FD_VAR, child_end.raw_fd().to_string());
+    child_end.set_inherited(true)?;
     match listener {
         Some(l) => {
             l.set_inherited(true)?;
@@ -113,6 +136,8 @@ fn spawn_child(
         None => command.env_remove(HANDED_FDS_VAR),
     };
     let spawned = command.spawn();
+    // The child has its copy (or none): ours goes, so its exit ends the channel.
+    drop(child_end);
     if let Some(l) = listener {
         l.set_inherited(false)?;
     }
@@ -120,20 +145,30 @@ fn spawn_child(
     let pid = child.id();
     let stdout = child.stdout.take();
     let tx = events.clone();
+    let reports = control.try_clone()?;
     std::thread::Builder::new()
         .name(format!("wait-{pid}"))
         .spawn(move || {
             let report = stdout.map(daemon::read_report).unwrap_or(Report::Silent);
             let _ = tx.send(Event::Report { pid, report });
+            relay_reports(pid, &reports, &tx);
             if let Ok(status) = child.wait() {
                 let _ = tx.send(Event::Exited { pid, status });
             }
         })?;
-    Ok((pid, Instant::now()))
+    Ok((pid, Instant::now(), control))
 }
 
-/// Waits for a child this image did not spawn (the old one, after an upgrade's exec).
-fn adopt_child(pid: u32, events: &Sender<Event>) -> std::io::Result<()> {
+/// The child's reports after each reload, until its end of the channel closes (it exited).
+fn relay_reports(pid: u32, control: &Control, events: &Sender<Event>) {
+    while let Some(serving) = control.next_report() {
+        let _ = events.send(Event::Serving { pid, serving });
+    }
+}
+
+/// Waits for a child this image did not spawn (the old one, after an upgrade's exec), relaying
+/// its reports first.
+fn adopt_child(pid: u32, control: Option<Control>, events: &Sender<Event>) -> std::io::Result<()> {
     use nix::sys::wait::{waitpid, WaitStatus};
     use std::os::unix::process::ExitStatusExt;
     let tx = events.clone();
@@ -141,6 +176,9 @@ fn adopt_child(pid: u32, events: &Sender<Event>) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name(format!("wait-{pid}"))
         .spawn(move || {
+            if let Some(c) = control {
+                relay_reports(pid, &c, &tx);
+            }
             let status = loop {
                 match waitpid(raw, None) {
                     Ok(WaitStatus::Exited(_, code)) => break ExitStatus::from_raw(code << 8),
@@ -209,6 +247,7 @@ pub fn run(
 struct Candidate {
     pid: u32,
     started: Instant,
+    control: Control,
     /// HUP/USR1 that came while it started (it may have read the file before).
     held: Vec<i32>,
 }
@@ -222,7 +261,15 @@ struct Supervision<'a> {
     tx: &'a Sender<Event>,
     /// The pidfile lock (handed down on upgrade).
     pidfile: Pidfile,
+    /// The listener the serving child serves on (handed down on upgrade).
     listener: Option<Listener>,
+    /// Listeners made for a reload, by the number they were handed down as, until the child
+    /// reports a reload that saw them.
+    spares: Vec<(u64, Listener)>,
+    /// The number of the last listener handed down.
+    handed: u64,
+    /// The serving child's control channel (`None`: an old child adopted without one).
+    control: Option<Control>,
     policy: RestartPolicy,
     stopping: bool,
     first_start: bool,
@@ -250,9 +297,9 @@ fn supervise(
         Start::Fresh(pidfile) => {
             let exe = std::env::current_exe()
                 .map_err(|e| format!("cannot find my own executable: {e}"))?;
-            (exe, pidfile, open_listener(conf, None), None)
+            (exe, pidfile, open_listener(conf, Vec::new()), None)
         }
-        Start::Upgraded(r) => (r.exe, r.pidfile, r.listener, Some(r.old_child)),
+        Start::Upgraded(r) => (r.exe, r.pidfile, r.listener, Some((r.old_child, r.control))),
     };
     let mut s = Supervision {
         exe,
@@ -262,6 +309,9 @@ fn supervise(
         tx,
         pidfile,
         listener,
+        spares: Vec::new(),
+        handed: 0,
+        control: None,
         policy: RestartPolicy::new(),
         stopping: false,
         first_start: old.is_none(),
@@ -269,43 +319,52 @@ fn supervise(
         child_ready: old.is_some(),
         held: Vec::new(),
         first_failure: None,
-        pid: old.unwrap_or(0),
+        pid: old.as_ref().map_or(0, |(pid, _)| *pid),
         started: Instant::now(),
         candidate: None,
         report_when_ready: false,
     };
     match old {
         None => {
-            (s.pid, s.started) = spawn_child(&s.exe, conf, s.listener.as_ref(), tx)
+            let (pid, started, control) = spawn_child(&s.exe, conf, s.listener.as_ref(), tx)
                 .map_err(|e| format!("cannot start the serving process: {e}"))?;
+            (s.pid, s.started, s.control) = (pid, started, Some(control));
             log::info!(
                 "supervisor pid {}: serving process pid {} started",
                 std::process::id(),
                 s.pid
             );
         }
-        Some(old) => s.resume(old),
+        Some((old, control)) => s.resume(old, control),
     }
     s.run(rx)
 }
 
-/// A listener for the file's `[zmq] endpoint`: `current` when it serves it, else a new one
-/// (`None`: ZeroMQ off, an endpoint only libzmq binds, or it cannot be bound now; the child
-/// then binds it itself and reports the reason).
-fn open_listener(conf: &Path, current: Option<Listener>) -> Option<Listener> {
+/// The file's `[zmq] endpoint`, read alone (`None`: unreadable; the child reports why).
+fn file_endpoint(conf: &Path) -> Option<String> {
+    // `conf` is absolute and the daemon runs in the directory it was started from.
     let base = std::env::current_dir().unwrap_or_default();
-    let endpoint = match crate::config::Config::load(conf, &base) {
-        Ok(config) => config.zmq.endpoint,
-        // The child reports what is wrong with the file.
-        Err(_) => return current,
+    crate::config::zmq_endpoint(conf, &base).ok()
+}
+
+/// A listener for the file's `[zmq] endpoint`: the one of `known` serving it (the others
+/// close), else a new one (`None`: ZeroMQ off, an endpoint only libzmq binds, or it cannot be
+/// bound now; the child then binds it itself and reports the reason).
+fn open_listener(conf: &Path, known: Vec<Listener>) -> Option<Listener> {
+    let Some(endpoint) = file_endpoint(conf) else {
+        return known.into_iter().next();
     };
     if endpoint.is_empty() {
         return None;
     }
-    if let Some(l) = current.filter(|l| l.serves(&endpoint)) {
+    if let Some(l) = known.into_iter().find(|l| l.serves(&endpoint)) {
         return Some(l);
     }
-    match Listener::open(&endpoint) {
+    open_for(&endpoint)
+}
+
+fn open_for(endpoint: &str) -> Option<Listener> {
+    match Listener::open(endpoint) {
         Ok(Some(l)) => {
             log::info!(
                 "supervisor: listening on {} for the serving processes",
@@ -356,7 +415,8 @@ impl Supervision<'_> {
                         describe(&status)
                     );
                 }
-                Event::Report { .. } => {}
+                Event::Serving { pid, serving } if pid == self.pid => self.on_serving(serving),
+                Event::Report { .. } | Event::Serving { .. } => {}
             }
         }
     }
@@ -371,7 +431,6 @@ impl Supervision<'_> {
         }
         if s == SIGHUP {
             // The supervisor's own log follows the file too; the child judges the rest.
-            // `conf` is absolute and the daemon runs in the directory it was started from.
             let base = std::env::current_dir().unwrap_or_default();
             if let Ok(settings) = crate::config::LogSettings::load(self.conf, &base) {
                 if let Err(e) = self.logging.apply(&settings) {
@@ -399,7 +458,7 @@ impl Supervision<'_> {
             }
         }
         if self.child_ready || s == SIGTERM || s == SIGINT {
-            forward(self.pid, s);
+            self.forward_to_child(s);
         } else if !self.held.contains(&s) {
             self.held.push(s);
         }
@@ -409,8 +468,8 @@ impl Supervision<'_> {
         match report {
             Report::Ready => {
                 self.child_ready = true;
-                for s in self.held.drain(..) {
-                    forward(self.pid, s);
+                for s in std::mem::take(&mut self.held) {
+                    self.forward_to_child(s);
                 }
                 if self.first_start {
                     self.first_start = false;
@@ -464,11 +523,14 @@ impl Supervision<'_> {
                 c.pid
             );
             (self.pid, self.started, self.child_ready) = (c.pid, c.started, false);
+            self.control = Some(c.control);
             self.report_when_ready = true;
             return None;
         }
-        // First thing: an endpoint moved by a reload is listened on again before the backoff.
-        self.listener = open_listener(self.conf, self.listener.take());
+        // First thing: the endpoint is listened on again before the backoff, should the child
+        // have died before it reported that a reload moved it.
+        self.control = None;
+        self.listener = open_listener(self.conf, self.take_listeners());
         let delay = self.policy.next_delay(lived);
         self.restarts += 1;
         log::error!(
@@ -483,8 +545,8 @@ impl Supervision<'_> {
             return Some(Ok(0));
         }
         match spawn_child(&self.exe, self.conf, self.listener.as_ref(), self.tx) {
-            Ok((p, s)) => {
-                (self.pid, self.started) = (p, s);
+            Ok((p, s, control)) => {
+                (self.pid, self.started, self.control) = (p, s, Some(control));
                 self.child_ready = false;
                 log::info!("supervisor: serving process pid {p} started");
                 None
@@ -506,6 +568,9 @@ impl Supervision<'_> {
             let reason = "the serving process is starting, stopping or being replaced; try again";
             return refuse(self, reason.into());
         }
+        if !self.spares.is_empty() {
+            return refuse(self, "a reload is under way; try again".into());
+        }
         let base = std::env::current_dir().unwrap_or_default();
         if let Err(e) = crate::config::Config::load(self.conf, &base) {
             return refuse(self, e.to_string());
@@ -519,28 +584,31 @@ impl Supervision<'_> {
             conf: self.conf,
             pidfile: &self.pidfile,
             listener: self.listener.as_ref(),
+            control: self.control.as_ref(),
             old_child: self.pid,
         });
         refuse(self, failed);
     }
 
     /// The new image after an upgrade's exec: wait for `old`, start its successor.
-    fn resume(&mut self, old: u32) {
+    fn resume(&mut self, old: u32, control: Option<Control>) {
         log::info!(
             "supervisor pid {} upgraded ({}); serving process {old} serves until its successor is ready",
             std::process::id(),
             self.exe.display()
         );
-        if let Err(e) = adopt_child(old, self.tx) {
+        self.control = control.as_ref().and_then(|c| c.try_clone().ok());
+        if let Err(e) = adopt_child(old, control, self.tx) {
             log::error!("supervisor: cannot wait for serving process {old}: {e}");
         }
-        self.listener = open_listener(self.conf, self.listener.take());
+        self.listener = open_listener(self.conf, self.take_listeners());
         match spawn_child(&self.exe, self.conf, self.listener.as_ref(), self.tx) {
-            Ok((pid, started)) => {
+            Ok((pid, started, control)) => {
                 log::info!("supervisor: new serving process pid {pid} started");
                 self.candidate = Some(Candidate {
                     pid,
                     started,
+                    control,
                     held: Vec::new(),
                 });
             }
@@ -560,8 +628,9 @@ impl Supervision<'_> {
                 };
                 let old = self.pid;
                 (self.pid, self.started, self.child_ready) = (c.pid, c.started, true);
+                self.control = Some(c.control);
                 for s in c.held {
-                    forward(self.pid, s);
+                    self.forward_to_child(s);
                 }
                 log::info!(
                     "supervisor: new serving process pid {} is serving; the old one ({old}) drains",
@@ -590,6 +659,80 @@ impl Supervision<'_> {
             );
             self.give_up_candidate(&reason);
         }
+    }
+
+    /// Forwards `s` to the serving child; a SIGHUP after handing it the listener for the
+    /// file's `[zmq] endpoint`.
+    fn forward_to_child(&mut self, s: i32) {
+        if s == SIGHUP {
+            self.hand_down();
+        }
+        forward(self.pid, s);
+    }
+
+    /// Hands the serving child the listener for the file's `[zmq] endpoint` (made now when the
+    /// endpoint moved), for its reload to listen on instead of binding. Without one (ZeroMQ
+    /// off, an endpoint only libzmq binds, an address that cannot be bound) the child binds
+    /// itself and reports why not.
+    fn hand_down(&mut self) {
+        let Some(control) = &self.control else {
+            return;
+        };
+        let Some(endpoint) = file_endpoint(self.conf).filter(|e| !e.is_empty()) else {
+            return;
+        };
+        self.handed += 1;
+        let seq = self.handed;
+        let known = (self.listener.iter())
+            .chain(self.spares.iter().map(|(_, l)| l))
+            .find(|l| l.serves(&endpoint));
+        let sent = match known {
+            Some(l) => control.hand(seq, l),
+            None => {
+                let Some(l) = open_for(&endpoint) else {
+                    return;
+                };
+                let sent = control.hand(seq, &l);
+                self.spares.push((seq, l));
+                sent
+            }
+        };
+        if let Err(e) = sent {
+            log::warn!("supervisor: cannot hand the listener on {endpoint} down: {e}");
+        }
+    }
+
+    /// The child's reload is over: it serves `serving.endpoint`. The listener for it stays,
+    /// the others it saw close (a listener handed down since stays for the next reload).
+    fn on_serving(&mut self, serving: Serving) {
+        let (seen, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.spares)
+            .into_iter()
+            .partition(|(seq, _)| *seq <= serving.taken);
+        self.spares = later;
+        let seen = self
+            .listener
+            .take()
+            .into_iter()
+            .chain(seen.into_iter().map(|(_, l)| l));
+        for l in seen {
+            if self.listener.is_none()
+                && !serving.endpoint.is_empty()
+                && l.serves(&serving.endpoint)
+            {
+                self.listener = Some(l);
+            } else {
+                log::info!(
+                    "supervisor: closing the listener on {} (no longer served)",
+                    l.endpoint()
+                );
+            }
+        }
+    }
+
+    /// Every listener held (the serving one first); the caller keeps what it needs.
+    fn take_listeners(&mut self) -> Vec<Listener> {
+        let spares = self.spares.drain(..).map(|(_, l)| l);
+        self.listener.take().into_iter().chain(spares).collect()
     }
 
     /// The upgrade failed: the candidate is stopped, the old child serves on.

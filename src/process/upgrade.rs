@@ -1,7 +1,8 @@
 //! `feedd upgrade` (SIGUSR2 to the supervisor, like nginx): the supervisor execs the binary now
-//! on disk in place of itself, handing down its pidfile lock and listening socket by number
-//! (close-on-exec cleared for the exec only), and the new image resumes supervising: it starts
-//! a new serving child, and once that one is ready tells the old one to drain (supervisor.rs).
+//! on disk in place of itself, handing down its pidfile lock, listening socket and the serving
+//! child's control channel by number (close-on-exec cleared for the exec only), and the new
+//! image resumes supervising: it starts a new serving child, and once that one is ready tells
+//! the old one to drain (supervisor.rs).
 //!
 //! Across the exec the pid, the session, the working directory and the children stay; the
 //! threads do not (the exec ends them), so the new image waits for the adopted old child
@@ -16,12 +17,15 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::input::zmq::listener::{Listener, HANDED_FDS_VAR};
+use crate::process::control::Control;
 use crate::process::pidfile::Pidfile;
 
 /// The hidden flag of a supervisor resumed by an upgrade's exec.
 pub const RESUME_FLAG: &str = "--upgraded";
 const PIDFILE_FD_VAR: &str = "FEEDD_PIDFILE_FD";
 const OLD_CHILD_VAR: &str = "FEEDD_UPGRADE_FROM";
+/// The supervisor's end of the old child's control channel.
+const OLD_CONTROL_VAR: &str = "FEEDD_UPGRADE_CONTROL_FD";
 /// The path children are started from: the one the first supervisor was started as (a
 /// wrapper script there stays in the chain), not what the new image resolves itself to.
 const EXE_VAR: &str = "FEEDD_EXE";
@@ -53,6 +57,7 @@ pub struct Handover<'a> {
     pub conf: &'a Path,
     pub pidfile: &'a Pidfile,
     pub listener: Option<&'a Listener>,
+    pub control: Option<&'a Control>,
     pub old_child: u32,
 }
 
@@ -67,6 +72,7 @@ pub fn exec(h: &Handover<'_>) -> String {
     }
     let inherit = |on: bool| -> nix::Result<()> {
         h.pidfile.set_inherited(on)?;
+        h.control.map_or(Ok(()), |c| c.set_inherited(on))?;
         h.listener.map_or(Ok(()), |l| l.set_inherited(on))
     };
     if let Err(e) = inherit(true) {
@@ -86,6 +92,10 @@ pub fn exec(h: &Handover<'_>) -> String {
         Some(l) => cmd.env(HANDED_FDS_VAR, l.raw_fd().to_string()),
         None => cmd.env_remove(HANDED_FDS_VAR),
     };
+    match h.control {
+        Some(c) => cmd.env(OLD_CONTROL_VAR, c.raw_fd().to_string()),
+        None => cmd.env_remove(OLD_CONTROL_VAR),
+    };
     log::logger().flush();
     let error = cmd.exec();
     let _ = inherit(false);
@@ -96,6 +106,8 @@ pub fn exec(h: &Handover<'_>) -> String {
 pub struct Resumed {
     pub pidfile: Pidfile,
     pub listener: Option<Listener>,
+    /// The old child's control channel, when it was handed down.
+    pub control: Option<Control>,
     pub old_child: u32,
     pub exe: PathBuf,
 }
@@ -117,6 +129,7 @@ pub fn resume(pidfile: &Path) -> Result<Resumed, String> {
         .map_err(|e| e.to_string())?
         .into_iter()
         .next();
+    let control = number(OLD_CONTROL_VAR).ok().and_then(Control::adopt);
     let exe = match std::env::var_os(EXE_VAR) {
         Some(p) => PathBuf::from(p),
         None => std::env::current_exe().map_err(|e| e.to_string())?,
@@ -124,6 +137,7 @@ pub fn resume(pidfile: &Path) -> Result<Resumed, String> {
     Ok(Resumed {
         pidfile,
         listener,
+        control,
         old_child,
         exe,
     })

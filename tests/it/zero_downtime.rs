@@ -320,9 +320,7 @@ fn upgrades_and_a_killed_child_refuse_no_connection_and_lose_nothing() {
 /// wait in the backlog instead of being refused.
 #[test]
 fn a_killed_child_leaves_the_endpoint_accepting() {
-    let db = Db::create("z_kill9");
-    let f = Feedd::prepare(&db, &[]);
-    f.start_daemon();
+    let (_db, f) = supervised("z_kill9");
     let _cleanup = Cleanup {
         daemon: Some(&f),
         children: Vec::new(),
@@ -408,41 +406,112 @@ fn socket_activation_serves_the_handed_socket_and_refuses_another() {
     cleanup.children.clear();
 }
 
-/// Item 4: a reload moves the endpoint live; the restart after a `kill -9` serves the new
-/// endpoint on a socket the supervisor makes for it as soon as it sees the child gone. Only
-/// the moment between the death and that bind may refuse (the child had bound the moved
-/// endpoint itself); from the next restart on nothing does.
+/// Item 4: a reload moves the endpoint live on a listener the supervisor made for it and
+/// handed to the serving child, so the moved endpoint outlives the child too: an upgrade and
+/// a `kill -9` after the move refuse no connection on it, and the old endpoint stops accepting
+/// once the reload took (nobody serves it any more).
 #[test]
-fn after_a_reload_moved_the_endpoint_a_restart_serves_the_new_one() {
-    let db = Db::create("z_moved");
-    let f = Feedd::prepare(&db, &[]);
-    f.start_daemon();
+fn after_a_reload_moved_the_endpoint_restarts_and_upgrades_serve_the_new_one() {
+    let (_db, f) = supervised("z_moved");
     let _cleanup = Cleanup {
         daemon: Some(&f),
         children: Vec::new(),
     };
     let moved = ports::port();
-    let text = std::fs::read_to_string(f.conf_path()).unwrap();
-    let text = text.replace(&f.endpoint(), &format!("tcp://127.0.0.1:{moved}"));
-    std::fs::write(f.conf_path(), text).unwrap();
-    kill(f.daemon_pid(), Signal::SIGHUP);
-    f.wait_for_daemon_log(&format!("now serving tcp://127.0.0.1:{moved}"));
     let endpoint = format!("tcp://127.0.0.1:{moved}");
+    let text = std::fs::read_to_string(f.conf_path()).unwrap();
+    reload_with(&f, &text.replace(&f.endpoint(), &endpoint));
+    f.wait_for_daemon_log(&format!("now serving {endpoint}"));
     assert_eq!(Req::connect(&endpoint).ask("1,1,1"), "TRUE");
+
+    // An upgrade right after the move, then a `kill -9`: both on the moved endpoint.
     let probe = Probe::start(moved);
-    kill_child_then_ask(&f, &endpoint, "2,1,1");
-    let (refused, failed, attempts) = probe.finish();
-    assert!(
-        refused <= 1 && failed == 0,
-        "{refused} refused, {failed} failed of {attempts}"
+    let before = f.serving_pid().expect("a serving child");
+    let (status, out, err) = f.command(&["upgrade", "--conf", "feed.ini"]);
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "upgrade after the move: {out}{err}\n{}",
+        f.log()
     );
-    f.wait_for_daemon_log(&format!("supervisor: listening on tcp://127.0.0.1:{moved}"));
-    // The next restart is on the supervisor's socket: nothing refused.
-    let probe = Probe::start(moved);
+    assert!(
+        wait_until(Duration::from_secs(15), || !alive(before)),
+        "the old child drains and exits"
+    );
+    assert_eq!(Req::connect(&endpoint).ask("2,1,1"), "TRUE");
     kill_child_then_ask(&f, &endpoint, "3,1,1");
+    let (refused, failed, attempts) = probe.finish();
+    assert_eq!(
+        (refused, failed),
+        (0, 0),
+        "of {attempts} connects to the moved endpoint"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || TcpStream::connect((
+            "127.0.0.1",
+            f.port
+        ))
+        .is_err()),
+        "the old endpoint stops accepting once the reload took"
+    );
+    f.stop_daemon();
+}
+
+/// Item 4, all or nothing: a reload that would move the endpoint but is refused (its database
+/// is unreachable) leaves the old endpoint served on the supervisor's listener, which it keeps,
+/// and the listener it made for the new endpoint closed.
+#[test]
+fn a_refused_reload_that_moved_the_endpoint_keeps_the_old_listener() {
+    let (db, f) = supervised("z_moved_refused");
+    let _cleanup = Cleanup {
+        daemon: Some(&f),
+        children: Vec::new(),
+    };
+    let moved = ports::port();
+    let good = std::fs::read_to_string(f.conf_path()).unwrap();
+    let bad = good
+        .replace(&f.endpoint(), &format!("tcp://127.0.0.1:{moved}"))
+        .replace(
+            &format!("port = {}", db.port),
+            &format!("port = {}", ports::port()),
+        );
+    reload_with(&f, &bad);
+    f.wait_for_daemon_log("reload failed");
+    f.wait_for_daemon_log(&format!(
+        "supervisor: closing the listener on tcp://127.0.0.1:{moved}"
+    ));
+    assert!(
+        TcpStream::connect(("127.0.0.1", moved)).is_err(),
+        "nothing listens on the endpoint of the refused reload"
+    );
+    assert!(
+        !f.log()
+            .contains(&format!("closing the listener on {}", f.endpoint())),
+        "the served listener stays: {}",
+        f.log()
+    );
+    assert_eq!(Req::connect(&f.endpoint()).ask("1,1,1"), "TRUE");
+    std::fs::write(f.conf_path(), good).unwrap();
+    let probe = Probe::start(f.port);
+    kill_child_then_ask(&f, &f.endpoint(), "2,1,1");
     let (refused, failed, attempts) = probe.finish();
     assert_eq!((refused, failed), (0, 0), "of {attempts} connects");
     f.stop_daemon();
+}
+
+/// A database and a `--daemon` feedd under its supervisor, started.
+fn supervised(name: &str) -> (Db, Feedd) {
+    let db = Db::create(name);
+    let f = Feedd::prepare(&db, &[]);
+    f.start_daemon();
+    (db, f)
+}
+
+/// Writes `text` as the daemon's config and has it reloaded (`feedd reload`).
+fn reload_with(f: &Feedd, text: &str) {
+    std::fs::write(f.conf_path(), text).unwrap();
+    let (status, out, err) = f.command(&["reload", "--conf", "feed.ini"]);
+    assert!(status.success(), "reload: {out}{err}");
 }
 
 /// Kills the serving child, waits for its successor, and asks it `body` on `endpoint`.

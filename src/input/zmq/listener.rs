@@ -10,11 +10,13 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
 use nix::sys::socket::{
     self, AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage, UnixAddr,
 };
+use parking_lot::Mutex;
 
 /// The environment variable naming the descriptors a supervisor hands its serving child
 /// (comma-separated numbers); systemd's `LISTEN_FDS`/`LISTEN_PID` are read too.
@@ -164,8 +166,18 @@ impl Listener {
     }
 
     fn adopt(raw: RawFd) -> Result<Listener, ListenerError> {
+        let fd = crate::zmq_ffi::adopt_inherited_fd(raw).ok_or(ListenerError::Handed {
+            fd: raw,
+            reason: "not open".into(),
+        })?;
+        Listener::from_fd(fd)
+    }
+
+    /// A listening socket handed over (inherited, or received from the supervisor), made
+    /// non-blocking and close-on-exec.
+    pub fn from_fd(fd: OwnedFd) -> Result<Listener, ListenerError> {
+        let raw = fd.as_raw_fd();
         let handed = |reason: String| ListenerError::Handed { fd: raw, reason };
-        let fd = crate::zmq_ffi::adopt_inherited_fd(raw).ok_or(handed("not open".into()))?;
         let listening = socket::getsockopt(&fd, socket::sockopt::AcceptConn)
             .map_err(|e| handed(format!("not a socket: {e}")))?;
         if !listening {
@@ -203,6 +215,48 @@ impl Listener {
     /// inherit the listener (a serving child, or itself on upgrade).
     pub fn set_inherited(&self, inherited: bool) -> nix::Result<()> {
         set_cloexec(&self.fd, !inherited)
+    }
+}
+
+/// The listeners handed to the serving process, shared by the receiver (which listens on
+/// `dup`s of them) and the reload (which adds those the supervisor hands down for a new
+/// endpoint, and closes the ones no longer served once a reload is over).
+#[derive(Debug, Clone, Default)]
+pub struct Listeners(Arc<Mutex<Vec<Listener>>>);
+
+impl Listeners {
+    pub fn new(first: Option<Listener>) -> Listeners {
+        Listeners(Arc::new(Mutex::new(first.into_iter().collect())))
+    }
+
+    pub fn add(&self, listener: Listener) {
+        self.0.lock().push(listener);
+    }
+
+    /// Whether one of them serves `endpoint`.
+    pub fn serves(&self, endpoint: &str) -> bool {
+        self.0.lock().iter().any(|l| l.serves(endpoint))
+    }
+
+    /// A copy for libzmq of the one serving `endpoint`, if any.
+    pub fn dup_for(&self, endpoint: &str) -> Option<std::io::Result<OwnedFd>> {
+        let all = self.0.lock();
+        all.iter()
+            .find(|l| l.serves(endpoint))
+            .map(Listener::dup_for_zmq)
+    }
+
+    /// Closes this process's copies of the listeners that do not serve `endpoint`.
+    pub fn keep_only(&self, endpoint: &str) {
+        let mut all = self.0.lock();
+        let mut kept: Vec<Listener> = Vec::new();
+        for l in all.drain(..) {
+            // One copy per socket is enough (the supervisor hands the same one again).
+            if l.serves(endpoint) && !kept.iter().any(|k| k.address == l.address) {
+                kept.push(l);
+            }
+        }
+        *all = kept;
     }
 }
 

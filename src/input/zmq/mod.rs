@@ -12,9 +12,10 @@
 //! again. The old socket is read no more and answers what it read before it closes; what
 //! clients sent it that was not read is neither stored nor answered: they resend.
 //!
-//! A listener handed to the process (by the supervisor, or systemd socket activation;
-//! `listener`) serves its endpoint whenever the settings name it: the ROUTER listens on a
-//! `dup` of it through `ZMQ_USE_FD`, at once, since the address never stops being bound.
+//! A listener handed to the process (by the supervisor at start or for a reload, or by systemd
+//! socket activation; `listener`) serves its endpoint whenever the settings name it: the
+//! ROUTER listens on a `dup` of it through `ZMQ_USE_FD`, at once, since the address never stops
+//! being bound.
 
 mod judge;
 pub mod listener;
@@ -28,7 +29,7 @@ use crate::input::driver::{Input, Ready, Taken};
 use crate::input::mailbox::Doorbell;
 use crate::input::record;
 use crate::message::Verdict;
-use listener::Listener;
+use listener::{Listener, Listeners};
 
 pub use judge::{judge, Incoming};
 pub use socket::remove_ipc_file;
@@ -105,8 +106,8 @@ pub struct Receiver {
     /// The endpoint of the socket replaced last: libzmq may still be closing its listener.
     released: Option<String>,
     shared_bound: BoundEndpoint,
-    /// The listener handed to this process, if any: it outlives every socket bound on it.
-    handed: Option<Listener>,
+    /// The listeners handed to this process: they outlive every socket bound on them.
+    handed: Listeners,
     /// When the last reply went out: closing waits a moment after it (see `finish`).
     last_reply: Option<Instant>,
 }
@@ -120,15 +121,13 @@ const CLOSE_PAUSE: Duration = Duration::from_millis(300);
 /// address never stops being bound, so no wait), else by libzmq, retrying while a replaced
 /// listener of ours closes when `retry`.
 fn bind_on(
-    handed: Option<&Listener>,
+    handed: &Listeners,
     socket: &mut zmq::Socket,
     endpoint: &str,
     retry: bool,
 ) -> Result<(), zmq::Error> {
-    if let Some(l) = handed.filter(|l| l.serves(endpoint)) {
-        let fd = l
-            .dup_for_zmq()
-            .map_err(|e| zmq::Error::from_raw(e.raw_os_error().unwrap_or(libc::EBADF)))?;
+    if let Some(fd) = handed.dup_for(endpoint) {
+        let fd = fd.map_err(|e| zmq::Error::from_raw(e.raw_os_error().unwrap_or(libc::EBADF)))?;
         crate::zmq_ffi::use_fd(socket, fd)?;
         return socket.bind(endpoint);
     }
@@ -139,11 +138,6 @@ fn bind_on(
     }
 }
 
-/// Whether the handed listener serves `endpoint`.
-fn is_handed(handed: Option<&Listener>, endpoint: &str) -> bool {
-    handed.is_some_and(|l| l.serves(endpoint))
-}
-
 impl Receiver {
     /// Creates and binds the socket, so a bind failure is a start-up error. `handed`: the
     /// listeners handed to the process; one that does not serve the endpoint is an error.
@@ -152,13 +146,13 @@ impl Receiver {
         settings: ZmqSettings,
         handed: Vec<Listener>,
     ) -> Result<Receiver, ReceiverError> {
-        let handed = listener::take_for(handed, &settings.endpoint)?;
+        let handed = Listeners::new(listener::take_for(handed, &settings.endpoint)?);
         let mut router = context.socket(zmq::ROUTER)?;
         configure_router(&mut router, &settings)?;
-        if handed.is_none() {
+        if !handed.serves(&settings.endpoint) {
             refuse_live_ipc(&settings.endpoint)?;
         }
-        bind_on(handed.as_ref(), &mut router, &settings.endpoint, false).map_err(|error| {
+        bind_on(&handed, &mut router, &settings.endpoint, false).map_err(|error| {
             ReceiverError::Bind {
                 endpoint: settings.endpoint.clone(),
                 error,
@@ -183,6 +177,11 @@ impl Receiver {
         &self.bound
     }
 
+    /// The listeners handed to this process, shared with the reload.
+    pub fn listeners(&self) -> Listeners {
+        self.handed.clone()
+    }
+
     /// The endpoint served, kept up to date through reloads.
     pub fn shared_bound(&self) -> BoundEndpoint {
         Arc::clone(&self.shared_bound)
@@ -198,7 +197,7 @@ impl Receiver {
     /// reload stays applied (or, if even that fails, bound to nothing until a reload binds).
     fn restore(&mut self) {
         let restored = self.make_socket(&self.settings).and_then(|mut s| {
-            bind_on(self.handed.as_ref(), &mut s, &self.settings.endpoint, true).map(|()| s)
+            bind_on(&self.handed, &mut s, &self.settings.endpoint, true).map(|()| s)
         });
         match restored {
             Ok(s) => self.router = s,
@@ -297,8 +296,8 @@ impl Input for Receiver {
         let mut socket = self
             .make_socket(&new)
             .map_err(|e| format!("[zmq]: cannot make a socket: {e}"))?;
-        let handed = self.handed.as_ref();
-        let bound_early = if is_handed(handed, &new.endpoint) {
+        let handed = &self.handed;
+        let bound_early = if handed.serves(&new.endpoint) {
             bind_on(handed, &mut socket, &new.endpoint, false)
                 .map_err(|e| format!("[zmq] endpoint: cannot bind {}: {e}", new.endpoint))?;
             true
@@ -344,7 +343,7 @@ impl Input for Receiver {
         drop(old);
         self.generation += 1;
         if !bound_early {
-            if let Err(e) = bind_on(self.handed.as_ref(), &mut self.router, &new.endpoint, true) {
+            if let Err(e) = bind_on(&self.handed, &mut self.router, &new.endpoint, true) {
                 self.restore();
                 return Err(format!("[zmq] endpoint: cannot bind {}: {e}", new.endpoint));
             }
@@ -355,7 +354,7 @@ impl Input for Receiver {
         );
         *self.shared_bound.lock() = self.bound.clone();
         self.released = Some(old_bound.clone());
-        if old_bound != self.bound && !is_handed(self.handed.as_ref(), &old_bound) {
+        if old_bound != self.bound && !self.handed.serves(&old_bound) {
             // Ours until a moment ago; the old listener may still be closing, so the file
             // goes by name (a new instance would have been refused while we held it).
             unlink_ipc(&old_bound);

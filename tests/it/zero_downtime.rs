@@ -499,6 +499,32 @@ fn a_refused_reload_that_moved_the_endpoint_keeps_the_old_listener() {
     f.stop_daemon();
 }
 
+/// Item 4: widening the port in place (`127.0.0.1:P` to `*:P`) cannot be bound while the
+/// supervisor holds the old listener: the reload is refused before anything switches, naming
+/// both, and the old endpoint serves on.
+#[test]
+fn a_reload_widening_the_supervised_port_is_refused_before_it_switches() {
+    let (_db, f) = supervised("z_widen");
+    let _cleanup = Cleanup {
+        daemon: Some(&f),
+        children: Vec::new(),
+    };
+    let req = Req::connect(&f.endpoint());
+    assert_eq!(req.ask("1,1,1"), "TRUE");
+    let text = std::fs::read_to_string(f.conf_path()).unwrap();
+    let wide = format!("tcp://*:{}", f.port);
+    reload_with(&f, &text.replace(&f.endpoint(), &wide));
+    f.wait_for_daemon_log("reload failed");
+    let log = f.log();
+    assert!(
+        log.contains(&format!("{wide} overlaps {}", f.endpoint())),
+        "{log}"
+    );
+    assert!(!log.contains("now serving"), "nothing switched: {log}");
+    assert_eq!(req.ask("2,1,1"), "TRUE", "the old socket serves on");
+    f.stop_daemon();
+}
+
 /// A database and a `--daemon` feedd under its supervisor, started.
 fn supervised(name: &str) -> (Db, Feedd) {
     let db = Db::create(name);

@@ -301,6 +301,13 @@ impl Input for Receiver {
             bind_on(handed, &mut socket, &new.endpoint, false)
                 .map_err(|e| format!("[zmq] endpoint: cannot bind {}: {e}", new.endpoint))?;
             true
+        } else if serving && handed.serves(&self.bound) && overlaps(&new.endpoint, &self.bound) {
+            // The handed listener keeps the address taken whatever this process closes:
+            // refused before anything is switched.
+            return Err(format!(
+                "[zmq] endpoint: {} overlaps {}, whose listening socket outlives this process (supervisor or systemd); change it with a restart",
+                new.endpoint, self.bound
+            ));
         } else if new.endpoint == self.settings.endpoint || !serving {
             false
         } else {

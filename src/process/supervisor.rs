@@ -544,6 +544,8 @@ impl Supervision<'_> {
             log::info!("supervisor: stopped while waiting to restart");
             return Some(Ok(0));
         }
+        // The file may have changed during the wait (the child refuses a listener for another).
+        self.listener = open_listener(self.conf, self.take_listeners());
         match spawn_child(&self.exe, self.conf, self.listener.as_ref(), self.tx) {
             Ok((p, s, control)) => {
                 (self.pid, self.started, self.control) = (p, s, Some(control));

@@ -4,7 +4,8 @@
 //! that streams messages and resends whatever is not answered, an AMQP publisher (publisher
 //! confirms; republishes what was not confirmed), and an injector that, at random every 1–4 s,
 //! kills the database or the broker (restarting it 1–3 s later), kills the serving child,
-//! reloads with a changed config, or sends SIGUSR1. Afterwards the client resends until
+//! upgrades (`feedd upgrade`; one during a database outage rolls back), reloads with a changed
+//! config, or sends SIGUSR1. Afterwards the client resends until
 //! everything it sent is answered and feedd drains the queue, and the run prints messages
 //! sent / acknowledged / resent, published / confirmed, faults injected,
 //! acknowledged-but-missing-or-different (ZeroMQ: every acknowledged ticket holds exactly the
@@ -17,6 +18,7 @@
 mod harness;
 
 use std::collections::{HashMap, HashSet};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -86,6 +88,9 @@ struct Faults {
     broker_kills: u64,
     db_kills: u64,
     child_kills: u64,
+    upgrades: u64,
+    /// Upgrades that rolled back (the new child could not get ready, e.g. the database down).
+    upgrades_refused: u64,
     reloads: u64,
     usr1: u64,
 }
@@ -135,7 +140,17 @@ fn main() {
                 if stop.load(Ordering::Relaxed) {
                     break;
                 }
-                match rng.next(5) {
+                match rng.next(6) {
+                    5 => {
+                        let upgraded = std::process::Command::new(harness::feedd_bin())
+                            .args(["upgrade", "--conf"])
+                            .arg(&conf_path)
+                            .current_dir(conf_path.parent().unwrap_or(Path::new(".")))
+                            .output()
+                            .is_ok_and(|out| out.status.success());
+                        f.upgrades += 1;
+                        f.upgrades_refused += u64::from(!upgraded);
+                    }
                     4 => {
                         broker.lock().kill9();
                         std::thread::sleep(Duration::from_millis(1000 + rng.next(2000)));
@@ -273,11 +288,18 @@ fn main() {
     );
     println!("AMQP queue drained:           {drained}");
     println!(
-        "faults injected:              {} (broker kill -9: {}, database kill -9: {}, serving child kill -9: {}, reloads: {}, SIGUSR1: {})",
-        faults.broker_kills + faults.db_kills + faults.child_kills + faults.reloads + faults.usr1,
+        "faults injected:              {} (broker kill -9: {}, database kill -9: {}, serving child kill -9: {}, upgrades: {} ({} rolled back), reloads: {}, SIGUSR1: {})",
+        faults.broker_kills
+            + faults.db_kills
+            + faults.child_kills
+            + faults.upgrades
+            + faults.reloads
+            + faults.usr1,
         faults.broker_kills,
         faults.db_kills,
         faults.child_kills,
+        faults.upgrades,
+        faults.upgrades_refused,
         faults.reloads,
         faults.usr1
     );

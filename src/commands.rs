@@ -17,14 +17,17 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use crate::config::Config;
+use crate::input::zmq::listener::Listener;
 use crate::logging::Logging;
+use crate::process::control::Control;
 use crate::process::daemon::{self, Detached, Readiness, Report};
 use crate::process::notify::Notifier;
 use crate::process::pidfile::{self, Pidfile};
 use crate::process::privileges;
 use crate::process::signals::Signals;
-use crate::process::supervisor;
-use crate::server::{Outcome, Server};
+use crate::process::supervisor::{self, Start};
+use crate::process::upgrade;
+use crate::server::{Handed, Outcome, Server};
 
 /// Exit statuses.
 pub const EXIT_OK: i32 = 0;
@@ -95,7 +98,12 @@ fn serve(
     };
     let log_path =
         config.log_path(held.pidfile.is_some() || matches!(parent, Parent::Supervisor(_)));
-    let bound = Server::bind(config, held.signals, Arc::clone(&held.logging))?;
+    // Handed by a supervisor or by systemd socket activation; matched to `[zmq] endpoint`.
+    let handed = Handed {
+        listeners: Listener::inherited()?,
+        control: Control::inherited(),
+    };
+    let bound = Server::bind(config, held.signals, Arc::clone(&held.logging), handed)?;
     if let Some(target) = target {
         if let Some(log) = &log_path {
             let mut paths: Vec<&Path> = vec![log.as_path()];
@@ -207,10 +215,16 @@ fn run_daemon(config: Config, mut readiness: Readiness) -> i32 {
                 let Held {
                     signals, pidfile, ..
                 } = held;
-                let status =
-                    supervisor::run(config.file.clone(), signals, &logging, &mut readiness);
-                drop(pidfile);
-                status.map_err(anyhow::Error::msg)
+                let pidfile = pidfile.context("the supervisor holds no pidfile")?;
+                // The supervisor owns the pidfile from here, and drops it as it returns.
+                supervisor::run(
+                    config.file.clone(),
+                    signals,
+                    &logging,
+                    &mut readiness,
+                    Start::Fresh(pidfile),
+                )
+                .map_err(anyhow::Error::msg)
             } else {
                 // `held` (and its pidfile) is gone once `serve` returns: nothing is left
                 // behind when the failure is reported below.
@@ -261,6 +275,55 @@ pub fn serve_child(conf: &Path) -> i32 {
             readiness.failed(&format!("{e:#}"));
             EXIT_FAILURE
         }
+    }
+}
+
+/// `feedd --upgraded` (hidden): the supervisor's new image after an upgrade's exec.
+pub fn resume_supervisor(conf: &Path) -> i32 {
+    let result = Signals::register()
+        .context("cannot install signal handlers")
+        .and_then(|signals| {
+            let config = load_config(conf)?;
+            let resumed = upgrade::resume(&config.daemon.pidfile).map_err(anyhow::Error::msg)?;
+            let logging = Logging::start(&config.log(), true)?;
+            let status = supervisor::run(
+                config.file.clone(),
+                signals,
+                &logging,
+                &mut Readiness::none(),
+                Start::Upgraded(resumed),
+            );
+            logging.flush();
+            status.map_err(anyhow::Error::msg)
+        });
+    match result {
+        Ok(status) => status,
+        Err(e) => {
+            // Nobody supervises any more: the children stop (parent-death signal).
+            log::error!("upgrade: the new supervisor cannot start: {e:#}");
+            EXIT_FAILURE
+        }
+    }
+}
+
+/// `feedd upgrade`: SIGUSR2 to the supervisor, then its outcome: 0 once the new serving
+/// process serves, 1 with the reason when it never became ready (the old one serves on).
+pub fn upgrade(conf: &Path) -> anyhow::Result<i32> {
+    let config = load_config(conf)?;
+    let path = &config.daemon.pidfile;
+    let Some(pid) = pidfile::running_pid(path)? else {
+        bail!("not running");
+    };
+    upgrade::clear_result(path);
+    signal_pid(pid, Signal::SIGUSR2)?;
+    // The new child's start-up, plus a margin.
+    let limit = Duration::from_secs(75);
+    match upgrade::await_result(path, limit) {
+        Ok(child) => {
+            println!("upgraded (pid {pid}, serving pid {child})");
+            Ok(EXIT_OK)
+        }
+        Err(reason) => bail!("upgrade failed: {reason}"),
     }
 }
 

@@ -9,8 +9,12 @@ message by id, whatever order the replies arrive in.
 - A message not answered within the timeout is resent with the same id and body (feedd is
   idempotent on the ticket, so a resend is always safe); a late reply to an earlier copy is
   simply taken as the answer, and further copies' replies are ignored.
-- ZMQ_IMMEDIATE=1: messages are queued only on connected peers. Without it a DEALER connected
-  to several feedd (give several endpoints, comma-separated) keeps queueing on a dead one.
+- ZMQ_IMMEDIATE=1 only with several endpoints (comma-separated): messages are then queued
+  only on connected peers; without it a DEALER keeps queueing on a dead feedd. With one
+  endpoint it stays off: libzmq discards replies received but not yet read when a connection
+  with IMMEDIATE drops (a feedd restarting or upgrading), which would cost resends. During
+  `feedd upgrade` the messages in flight on the old connection are resent after the timeout
+  and answered once by the new serving process.
 - FALSE <reason> means none of that message's records is stored; resending will not help.
 
 Usage: feedd_dealer.py ENDPOINT[,ENDPOINT...] [FILE] [--per-message N] [--window W]
@@ -53,9 +57,11 @@ def main():
 
     socket = zmq.Context.instance().socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
-    socket.setsockopt(zmq.IMMEDIATE, 1)
-    for endpoint in args.endpoints.split(","):
-        socket.connect(endpoint.strip())
+    endpoints = [e.strip() for e in args.endpoints.split(",") if e.strip()]
+    if len(endpoints) > 1:
+        socket.setsockopt(zmq.IMMEDIATE, 1)
+    for endpoint in endpoints:
+        socket.connect(endpoint)
     poller = zmq.Poller()
     poller.register(socket, zmq.POLLIN | zmq.POLLOUT)
     timeout = args.timeout_ms / 1000

@@ -115,6 +115,16 @@ impl LogSettings {
     }
 }
 
+/// Reads `[zmq] endpoint` alone from `file`: the supervisor makes the listener for it (at
+/// each start of a serving process, and before it forwards a reload) while its serving child
+/// judges the rest of the file.
+pub fn zmq_endpoint(file: &Path, base: &Path) -> Result<String, ConfigError> {
+    let (file, text) = read(file, base)?;
+    let mut ini = ini::read(&text, &file)?;
+    let mut zmq_s = Section::take(&mut ini, &file, "zmq");
+    ZmqConfig::endpoint(&mut zmq_s)
+}
+
 impl Config {
     /// The log settings of this config.
     pub fn log(&self) -> LogSettings {

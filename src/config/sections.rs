@@ -268,6 +268,15 @@ impl DaemonConfig {
 }
 
 impl ZmqConfig {
+    /// `endpoint`, checked; empty turns the ZeroMQ input off (then [amqp] url must be set).
+    pub fn endpoint(s: &mut Section<'_>) -> Result<String, ConfigError> {
+        let raw = s.string("endpoint", "tcp://127.0.0.1:5555")?;
+        if !raw.is_empty() {
+            validate_endpoint(&raw).map_err(|reason| s.error("endpoint", reason))?;
+        }
+        Ok(raw)
+    }
+
     pub fn from_section(s: &mut Section<'_>, base: &Path) -> Result<ZmqConfig, ConfigError> {
         let curve_secret_key = match s.optional("curve_secret_key")? {
             None => None,
@@ -298,14 +307,7 @@ impl ZmqConfig {
             }
         };
         Ok(ZmqConfig {
-            endpoint: {
-                let raw = s.string("endpoint", "tcp://127.0.0.1:5555")?;
-                // Empty turns the ZeroMQ input off (then [amqp] url must be set).
-                if !raw.is_empty() {
-                    validate_endpoint(&raw).map_err(|reason| s.error("endpoint", reason))?;
-                }
-                raw
-            },
+            endpoint: ZmqConfig::endpoint(s)?,
             max_message_bytes: s.number("max_message_bytes", 1_048_576, 64, 64 << 20)?,
             curve_secret_key,
             curve_allowed_clients,

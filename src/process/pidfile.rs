@@ -103,6 +103,45 @@ impl Pidfile {
     }
 }
 
+impl Pidfile {
+    /// The pidfile path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The lock's descriptor number, for an upgrade's exec to hand down.
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&*self._lock)
+    }
+
+    /// Close-on-exec off only while the supervisor execs itself (an upgrade): the new image
+    /// keeps the lock, which no serving child may ever inherit.
+    pub fn set_inherited(&self, inherited: bool) -> nix::Result<()> {
+        use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+        let flags = if inherited {
+            FdFlag::empty()
+        } else {
+            FdFlag::FD_CLOEXEC
+        };
+        fcntl(self.raw_fd(), FcntlArg::F_SETFD(flags)).map(drop)
+    }
+
+    /// The pidfile an upgrade's exec handed down as descriptor `fd`: locked again (a no-op on
+    /// the open file description that holds the lock) and close-on-exec again.
+    pub fn adopt(path: &Path, fd: std::os::fd::OwnedFd) -> Result<Pidfile, PidfileError> {
+        let file = File::from(fd);
+        let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| io_error(path)(std::io::Error::from_raw_os_error(e as i32)))?;
+        let held = Pidfile {
+            path: path.to_path_buf(),
+            _lock: lock,
+        };
+        held.set_inherited(false)
+            .map_err(|e| io_error(path)(std::io::Error::from_raw_os_error(e as i32)))?;
+        Ok(held)
+    }
+}
+
 impl Drop for Pidfile {
     fn drop(&mut self) {
         // Removed while still locked, so no starter can mistake it for ours.

@@ -1,4 +1,4 @@
-//! The signal thread: turns SIGHUP, SIGUSR1, SIGTERM and SIGINT into events for the main
+//! The signal thread: turns SIGHUP, SIGUSR1, SIGUSR2, SIGTERM and SIGINT into events for the main
 //! thread, and does nothing else (it never connects to anything, so it never blocks).
 //!
 //! Handlers are registered by `Signals::register` as the very first step of start-up, so a
@@ -7,7 +7,7 @@
 use std::thread::JoinHandle;
 
 use crossbeam_channel::Sender;
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
 use signal_hook::iterator::{Handle, Signals as HookSignals};
 
 use crate::heartbeat::Heartbeat;
@@ -19,6 +19,8 @@ pub enum Event {
     Reload,
     /// SIGUSR1: reopen the log file only.
     ReopenLog,
+    /// SIGUSR2: an upgrade, which only a supervisor can do (its default action would kill).
+    Upgrade,
     /// SIGTERM or SIGINT: drain and exit.
     Shutdown { signal: i32 },
 }
@@ -28,7 +30,7 @@ pub struct Signals(HookSignals);
 
 impl Signals {
     pub fn register() -> std::io::Result<Signals> {
-        HookSignals::new([SIGHUP, SIGUSR1, SIGTERM, SIGINT]).map(Signals)
+        HookSignals::new([SIGHUP, SIGUSR1, SIGUSR2, SIGTERM, SIGINT]).map(Signals)
     }
 
     /// The signal-hook iterator, for a thread that handles the signals itself (supervisor).
@@ -64,6 +66,7 @@ impl SignalThread {
                         let event = match signal {
                             SIGHUP => Event::Reload,
                             SIGUSR1 => Event::ReopenLog,
+                            SIGUSR2 => Event::Upgrade,
                             _ => Event::Shutdown { signal },
                         };
                         if events.send(event).is_err() {

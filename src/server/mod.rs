@@ -34,15 +34,17 @@ use crate::heartbeat::Heartbeat;
 use crate::input::amqp::{AmqpPart, Consumer, ConsumerError};
 use crate::input::driver::{Driver, Handle};
 use crate::input::zap::ZapHandler;
+use crate::input::zmq::listener::{Listener, Listeners};
 use crate::input::zmq::{BoundEndpoint, Receiver, ReceiverError, ZmqSettings};
 use crate::logging::Logging;
 use crate::metrics::{Metrics, MetricsError, MetricsServer};
 use crate::pipeline::queue::Queue;
 use crate::pipeline::store::{Store, StoreError};
 use crate::pipeline::worker::{self, Shared};
+use crate::process::control::Control;
 use crate::process::notify::Notifier;
 use crate::process::signals::{Event, SignalThread, Signals};
-use reload::{Owners, Reload, Running};
+use reload::{Handoff, Owners, Reload, Running};
 use threads::{spawn_pinned, Exit, Role};
 
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +89,7 @@ struct ZmqInput {
     handle: Handle<ZmqSettings>,
     heartbeat: Heartbeat,
     bound: BoundEndpoint,
+    listeners: Listeners,
 }
 
 /// Everything bound and proven, no thread serving yet.
@@ -103,6 +106,7 @@ pub struct Bound {
     signals: Signals,
     logging: Arc<Logging>,
     workers: usize,
+    handoff: Handoff,
 }
 
 pub struct Server;
@@ -114,6 +118,7 @@ impl Server {
         config: Config,
         signals: Signals,
         logging: Arc<Logging>,
+        handed: Handed,
     ) -> Result<Bound, ServeError> {
         let queue = Queue::new(config.pipeline.queue_capacity);
         let depth = queue.depth_reader();
@@ -142,7 +147,11 @@ impl Server {
         // Bound before the ROUTER, so no CURVE handshake is ever unjudged.
         let zap = ZapHandler::start(&context, Arc::clone(&shared.config), metrics.clone())
             .map_err(ServeError::Zap)?;
-        let zmq = bind_zmq(&context, &shared, &queue)?;
+        let zmq = bind_zmq(&context, &shared, &queue, handed.listeners)?;
+        let handoff = Handoff {
+            listeners: zmq.as_ref().map(|z| z.listeners.clone()),
+            control: handed.control.map(Arc::new),
+        };
         let consumer = Consumer::connect(Arc::clone(&shared.config), metrics.clone())?;
         let consumer_beat = Heartbeat::new("amqp-consumer");
         let (consumer, consumer_handle) =
@@ -161,23 +170,51 @@ impl Server {
             signals,
             logging,
             workers,
+            handoff,
         })
     }
+}
+
+/// What the serving process was handed by whoever started it.
+#[derive(Default)]
+pub struct Handed {
+    /// Listening sockets (supervisor, systemd socket activation), for `[zmq] endpoint`.
+    pub listeners: Vec<Listener>,
+    /// The supervisor's control channel: listeners for a reload's new endpoint come down it,
+    /// what the process serves after each reload goes up.
+    pub control: Option<Control>,
 }
 
 fn bind_zmq(
     context: &zmq::Context,
     shared: &Shared,
     queue: &Queue,
+    handed: Vec<Listener>,
 ) -> Result<Option<ZmqInput>, ServeError> {
     let settings = ZmqSettings::of(&shared.config.load());
     if settings.endpoint.is_empty() {
+        if let Some(l) = handed.first() {
+            log::warn!(
+                "a listening socket was handed to feedd ({}), but [zmq] endpoint is empty",
+                l.endpoint()
+            );
+        }
         log::info!("ZeroMQ input off ([zmq] endpoint is empty)");
         return Ok(None);
     }
-    let receiver = Receiver::bind(context, settings)?;
-    log::info!("listening on {}", receiver.bound_endpoint());
+    let owned = handed.len();
+    let receiver = Receiver::bind(context, settings, handed)?;
+    log::info!(
+        "listening on {}{}",
+        receiver.bound_endpoint(),
+        if owned > 0 {
+            " (a socket handed to this process)"
+        } else {
+            ""
+        }
+    );
     let bound = receiver.shared_bound();
+    let listeners = receiver.listeners();
     let heartbeat = Heartbeat::new("receiver");
     let (driver, handle) = Driver::new(receiver, queue, shared.metrics.clone(), heartbeat.clone())
         .map_err(ServeError::Mailbox)?;
@@ -186,6 +223,7 @@ fn bind_zmq(
         handle,
         heartbeat,
         bound,
+        listeners,
     }))
 }
 
@@ -212,9 +250,9 @@ impl Bound {
             signals,
             logging,
             workers,
+            handoff,
         } = self;
-        let config = shared.config.load_full();
-        let cores = Cores::of(&config);
+        let cores = Cores::of(&shared.config.load());
         let (exits_tx, exits_rx) = crossbeam_channel::unbounded();
         let worker_threads = spawn_workers(&queue, &shared, workers, &cores, &exits_tx)?;
         // From here only the inputs' drivers keep the queue open.
@@ -248,10 +286,10 @@ impl Bound {
             logging: &logging,
             notify: notify.as_ref(),
             workers,
-            file: config.file.clone(),
-            base: config.base_dir.clone(),
+            file: shared.config.load().file.clone(),
+            base: shared.config.load().base_dir.clone(),
+            handoff,
         };
-        drop(config);
         let (failure, preparing) = serve(&mut running, &events_rx, &exits_rx);
         if let Some(n) = &notify {
             n.stopping();
@@ -372,6 +410,12 @@ fn serve(
                 Ok(Event::ReopenLog) => {
                     running.logging.reopen();
                     log::info!("SIGUSR1: log file reopened");
+                }
+                Ok(Event::Upgrade) => {
+                    let reason = "SIGUSR2: an upgrade needs the supervisor (--daemon with supervise = true); use restart";
+                    log::warn!("{reason}");
+                    let pidfile = running.shared.config.load().daemon.pidfile.clone();
+                    crate::process::upgrade::report(&pidfile, &Err(reason.into()));
                 }
                 Ok(Event::Shutdown { signal }) => {
                     log::info!("signal {signal}: shutting down, draining the queue");

@@ -2,15 +2,20 @@
 //! loop (server/mod.rs); nothing here waits.
 //!
 //! 1. Prepare, on a preparer thread (everything that can fail or block, off to the side, so a
-//!    SIGTERM is never kept waiting): read the file, `plan` it (server/plan.rs), prove what
-//!    the plan names (log file, new pool and its table, metrics listener, broker link).
+//!    SIGTERM is never kept waiting): take in the listeners the supervisor handed down for
+//!    `[zmq] endpoint` (process/control.rs; the receiver listens on them instead of binding),
+//!    read the file, `plan` it (server/plan.rs), prove what the plan names (log file, new pool
+//!    and its table, metrics listener, broker link).
 //! 2. Walk: hand each input's owner its part in turn and wait for its answer (bounded by the
 //!    plan's drain plus the switch itself). Once a part fails or does not answer, every part
 //!    applied so far is rolled back (its owner is handed the running settings), in reverse.
 //! 3. Publish, only when every part took: the new pool and listener to their owners, the
 //!    queue bound, the log, and the config through the `ArcSwap` workers load per batch.
 //!
-//! A SIGHUP that comes meanwhile sets one flag: another reload is prepared once this one ends.
+//! Once a reload ends, taken or refused, a supervised process closes the handed listeners it
+//! no longer serves and tells the supervisor what it serves, so the supervisor keeps that
+//! listener and closes the rest. A SIGHUP that comes meanwhile sets one flag: another reload
+//! is prepared once this one ends.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -24,12 +29,14 @@ use crossbeam_channel::Receiver as Chan;
 use crate::config::Config;
 use crate::input::amqp::{AmqpPart, AmqpSettings, Link};
 use crate::input::driver::{Answer, Handle};
+use crate::input::zmq::listener::Listeners;
 use crate::input::zmq::ZmqSettings;
 use crate::logging::Logging;
 use crate::metrics::{Metrics, MetricsServer};
 use crate::pipeline::queue::Queue;
 use crate::pipeline::store::Store;
 use crate::pipeline::worker::Shared;
+use crate::process::control::Control;
 use crate::process::notify::Notifier;
 use crate::server::plan::{plan, Plan};
 
@@ -54,6 +61,15 @@ pub struct Running<'a> {
     pub workers: usize,
     pub file: PathBuf,
     pub base: PathBuf,
+    pub handoff: Handoff,
+}
+
+/// What a supervisor hands the process for a reload, and where it goes.
+pub struct Handoff {
+    /// The listeners handed to the process (`None`: ZeroMQ off).
+    pub listeners: Option<Listeners>,
+    /// The supervisor's control channel (`None`: no supervisor).
+    pub control: Option<Arc<Control>>,
 }
 
 /// Everything of a reload that had to be proven, ready to walk.
@@ -206,9 +222,15 @@ impl Reload {
         let store = Arc::clone(&running.shared.store);
         let logging = Arc::clone(running.logging);
         let (workers, daemon) = (running.workers, self.daemon);
+        let h = &running.handoff;
+        let (listeners, control) = (h.listeners.clone(), h.control.clone());
         let spawned = std::thread::Builder::new()
             .name("reload".into())
             .spawn(move || {
+                // Sent before the SIGHUP was forwarded: waiting already.
+                if let Some(c) = &control {
+                    take_handed(c, listeners.as_ref());
+                }
                 let proof = Proof {
                     store: &store,
                     logging: &logging,
@@ -289,6 +311,15 @@ impl Reload {
                 Ok(()) => n.reload_done(true, "config reloaded"),
                 Err(reason) => n.reload_done(false, reason),
             }
+        }
+        if let Some(c) = &running.handoff.control {
+            // Taken or refused, the supervisor keeps the listener of what is served and
+            // closes the others; so does this process.
+            let endpoint = running.shared.config.load().zmq.endpoint.clone();
+            if let Some(l) = &running.handoff.listeners {
+                l.keep_only(&endpoint);
+            }
+            c.report(&endpoint);
         }
         if std::mem::take(&mut self.again) {
             self.start(running);
@@ -410,6 +441,20 @@ fn publish(publish: Publish, running: &mut Running) {
     }
     running.queue.set_capacity(new.pipeline.queue_capacity);
     running.shared.config.store(Arc::new(new));
+}
+
+/// The listeners the supervisor handed down for this reload, for the receiver to listen on
+/// instead of binding (none with ZeroMQ off: turning it on is restart-only).
+fn take_handed(control: &Control, listeners: Option<&Listeners>) {
+    for l in control.take_handed() {
+        log::info!(
+            "reload: the supervisor handed down a listener on {}",
+            l.endpoint()
+        );
+        if let Some(all) = listeners {
+            all.add(l);
+        }
+    }
 }
 
 /// What a reload is proven against (read only, on the preparer thread).

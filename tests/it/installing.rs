@@ -87,10 +87,25 @@ fn the_unit_file_verifies() {
     ] {
         assert!(unit.contains(line), "{line} missing from the unit");
     }
+    let socket =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/feedd.socket"))
+            .unwrap();
+    for line in [
+        "ListenStream=127.0.0.1:5555",
+        "NonBlocking=yes",
+        "Service=feedd.service",
+    ] {
+        assert!(socket.contains(line), "{line} missing from the socket unit");
+    }
     let dir = tempfile::tempdir().unwrap();
     let copy = dir.path().join("feedd.service");
     std::fs::write(&copy, unit.replace("/usr/bin/feedd", feedd_bin())).unwrap();
-    let (ok, text) = run("systemd-analyze", &["verify", &path_str(&copy)]);
+    let socket_copy = dir.path().join("feedd.socket");
+    std::fs::write(&socket_copy, socket).unwrap();
+    let (ok, text) = run(
+        "systemd-analyze",
+        &["verify", &path_str(&copy), &path_str(&socket_copy)],
+    );
     eprintln!(
         "systemd-analyze verify: {}",
         if text.is_empty() { "clean" } else { &text }
@@ -209,6 +224,7 @@ fn the_debian_package_installs_serves_and_purges() {
         ("/usr/bin/feedd-load", 0o755, "root", "root"),
         ("/etc/feedd/feed.ini", 0o640, "root", "feedd"),
         ("/lib/systemd/system/feedd.service", 0o644, "root", "root"),
+        ("/lib/systemd/system/feedd.socket", 0o644, "root", "root"),
         ("/etc/logrotate.d/feedd", 0o644, "root", "root"),
         ("/usr/lib/sysusers.d/feedd.conf", 0o644, "root", "root"),
         ("/var/log/feedd", 0o750, "feedd", "feedd"),
@@ -235,7 +251,11 @@ fn the_debian_package_installs_serves_and_purges() {
     if have("systemd-analyze") {
         let (ok, text) = run(
             "systemd-analyze",
-            &["verify", "/lib/systemd/system/feedd.service"],
+            &[
+                "verify",
+                "/lib/systemd/system/feedd.service",
+                "/lib/systemd/system/feedd.socket",
+            ],
         );
         assert!(ok && text.is_empty(), "installed unit: {text}");
     }

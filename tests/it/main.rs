@@ -21,3 +21,4 @@ mod reload;
 mod security;
 mod supervisor;
 mod table;
+mod zero_downtime;

@@ -11,8 +11,14 @@
 //! widened, only once the old socket has closed, and on failure the old settings are bound
 //! again. The old socket is read no more and answers what it read before it closes; what
 //! clients sent it that was not read is neither stored nor answered: they resend.
+//!
+//! A listener handed to the process (by the supervisor at start or for a reload, or by systemd
+//! socket activation; `listener`) serves its endpoint whenever the settings name it: the
+//! ROUTER listens on a `dup` of it through `ZMQ_USE_FD`, at once, since the address never stops
+//! being bound.
 
 mod judge;
+pub mod listener;
 mod socket;
 
 use std::sync::Arc;
@@ -23,6 +29,7 @@ use crate::input::driver::{Input, Ready, Taken};
 use crate::input::mailbox::Doorbell;
 use crate::input::record;
 use crate::message::Verdict;
+use listener::{Listener, Listeners};
 
 pub use judge::{judge, Incoming};
 pub use socket::remove_ipc_file;
@@ -41,6 +48,8 @@ pub enum ReceiverError {
     IpcNotSocket { endpoint: String, path: String },
     #[error("receiver socket: {0}")]
     Socket(zmq::Error),
+    #[error(transparent)]
+    Listener(#[from] listener::ListenerError),
 }
 
 // Not `#[from]`: that would also make it the error's source, printed twice in a `{:#}` chain.
@@ -97,20 +106,58 @@ pub struct Receiver {
     /// The endpoint of the socket replaced last: libzmq may still be closing its listener.
     released: Option<String>,
     shared_bound: BoundEndpoint,
+    /// The listeners handed to this process: they outlive every socket bound on them.
+    handed: Listeners,
+    /// When the last reply went out: closing waits a moment after it (see `finish`).
+    last_reply: Option<Instant>,
+}
+
+/// How long the socket stays open (nothing read) after its last reply before it closes: a
+/// client that set `ZMQ_IMMEDIATE` discards replies it received but had not read when its
+/// connection drops (HAZARDS: ZeroMQ).
+const CLOSE_PAUSE: Duration = Duration::from_millis(300);
+
+/// Binds `socket` to `endpoint`: on a `dup` of the handed listener when it serves it (the
+/// address never stops being bound, so no wait), else by libzmq, retrying while a replaced
+/// listener of ours closes when `retry`.
+fn bind_on(
+    handed: &Listeners,
+    socket: &mut zmq::Socket,
+    endpoint: &str,
+    retry: bool,
+) -> Result<(), zmq::Error> {
+    if let Some(fd) = handed.dup_for(endpoint) {
+        let fd = fd.map_err(|e| zmq::Error::from_raw(e.raw_os_error().unwrap_or(libc::EBADF)))?;
+        crate::zmq_ffi::use_fd(socket, fd)?;
+        return socket.bind(endpoint);
+    }
+    if retry {
+        bind_retrying(socket, endpoint)
+    } else {
+        socket.bind(endpoint)
+    }
 }
 
 impl Receiver {
-    /// Creates and binds the socket, so a bind failure is a start-up error.
-    pub fn bind(context: &zmq::Context, settings: ZmqSettings) -> Result<Receiver, ReceiverError> {
+    /// Creates and binds the socket, so a bind failure is a start-up error. `handed`: the
+    /// listeners handed to the process; one that does not serve the endpoint is an error.
+    pub fn bind(
+        context: &zmq::Context,
+        settings: ZmqSettings,
+        handed: Vec<Listener>,
+    ) -> Result<Receiver, ReceiverError> {
+        let handed = Listeners::new(listener::take_for(handed, &settings.endpoint)?);
         let mut router = context.socket(zmq::ROUTER)?;
         configure_router(&mut router, &settings)?;
-        refuse_live_ipc(&settings.endpoint)?;
-        router
-            .bind(&settings.endpoint)
-            .map_err(|error| ReceiverError::Bind {
+        if !handed.serves(&settings.endpoint) {
+            refuse_live_ipc(&settings.endpoint)?;
+        }
+        bind_on(&handed, &mut router, &settings.endpoint, false).map_err(|error| {
+            ReceiverError::Bind {
                 endpoint: settings.endpoint.clone(),
                 error,
-            })?;
+            }
+        })?;
         let bound = last_endpoint(&router).unwrap_or_else(|| settings.endpoint.clone());
         Ok(Receiver {
             context: context.clone(),
@@ -120,12 +167,19 @@ impl Receiver {
             settings,
             shared_bound: Arc::new(parking_lot::Mutex::new(bound.clone())),
             bound,
+            handed,
+            last_reply: None,
         })
     }
 
     /// The endpoint bound (with a wildcard port resolved).
     pub fn bound_endpoint(&self) -> &str {
         &self.bound
+    }
+
+    /// The listeners handed to this process, shared with the reload.
+    pub fn listeners(&self) -> Listeners {
+        self.handed.clone()
     }
 
     /// The endpoint served, kept up to date through reloads.
@@ -142,9 +196,9 @@ impl Receiver {
     /// After a failed late bind: the old settings on a fresh socket again, so nothing of the
     /// reload stays applied (or, if even that fails, bound to nothing until a reload binds).
     fn restore(&mut self) {
-        let restored = self
-            .make_socket(&self.settings)
-            .and_then(|s| bind_retrying(&s, &self.settings.endpoint).map(|()| s));
+        let restored = self.make_socket(&self.settings).and_then(|mut s| {
+            bind_on(&self.handed, &mut s, &self.settings.endpoint, true).map(|()| s)
+        });
         match restored {
             Ok(s) => self.router = s,
             Err(back) => {
@@ -228,6 +282,7 @@ impl Input for Receiver {
                 &envelope.frames,
                 &record::reply_text(&verdict),
             );
+            self.last_reply = Some(Instant::now());
         }
     }
 
@@ -238,10 +293,22 @@ impl Input for Receiver {
         if new == self.settings && serving {
             return Ok(None);
         }
-        let socket = self
+        let mut socket = self
             .make_socket(&new)
             .map_err(|e| format!("[zmq]: cannot make a socket: {e}"))?;
-        let bound_early = if new.endpoint == self.settings.endpoint || !serving {
+        let handed = &self.handed;
+        let bound_early = if handed.serves(&new.endpoint) {
+            bind_on(handed, &mut socket, &new.endpoint, false)
+                .map_err(|e| format!("[zmq] endpoint: cannot bind {}: {e}", new.endpoint))?;
+            true
+        } else if serving && handed.serves(&self.bound) && overlaps(&new.endpoint, &self.bound) {
+            // The handed listener keeps the address taken whatever this process closes:
+            // refused before anything is switched.
+            return Err(format!(
+                "[zmq] endpoint: {} overlaps {}, whose listening socket outlives this process (supervisor or systemd); change it with a restart",
+                new.endpoint, self.bound
+            ));
+        } else if new.endpoint == self.settings.endpoint || !serving {
             false
         } else {
             refuse_live_ipc(&new.endpoint).map_err(|e| e.to_string())?;
@@ -283,7 +350,7 @@ impl Input for Receiver {
         drop(old);
         self.generation += 1;
         if !bound_early {
-            if let Err(e) = bind_retrying(&self.router, &new.endpoint) {
+            if let Err(e) = bind_on(&self.handed, &mut self.router, &new.endpoint, true) {
                 self.restore();
                 return Err(format!("[zmq] endpoint: cannot bind {}: {e}", new.endpoint));
             }
@@ -294,7 +361,7 @@ impl Input for Receiver {
         );
         *self.shared_bound.lock() = self.bound.clone();
         self.released = Some(old_bound.clone());
-        if old_bound != self.bound {
+        if old_bound != self.bound && !self.handed.serves(&old_bound) {
             // Ours until a moment ago; the old listener may still be closing, so the file
             // goes by name (a new instance would have been refused while we held it).
             unlink_ipc(&old_bound);
@@ -310,6 +377,13 @@ impl Input for Receiver {
     }
 
     fn finish(&mut self) {
+        // Open a moment after the last reply, so clients take it before the connection drops.
+        if let Some(pause) = self
+            .last_reply
+            .map(|at| CLOSE_PAUSE.saturating_sub(at.elapsed()))
+        {
+            std::thread::sleep(pause);
+        }
         // Time for the last replies to leave.
         let _ = self.router.set_linger(1000);
         *self.shared_bound.lock() = self.bound.clone();

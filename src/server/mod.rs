@@ -175,7 +175,7 @@ fn bind_zmq(
         log::info!("ZeroMQ input off ([zmq] endpoint is empty)");
         return Ok(None);
     }
-    let receiver = Receiver::bind(context, settings)?;
+    let receiver = Receiver::bind(context, settings, shared.metrics.clone())?;
     log::info!("listening on {}", receiver.bound_endpoint());
     let bound = receiver.shared_bound();
     let heartbeat = Heartbeat::new("receiver");

@@ -2,7 +2,9 @@
 //! (input/driver.rs), which runs it on the pinned receiver thread.
 //!
 //! Messages are judged on arrival (`judge`, pure), so malformed and oversized ones are
-//! answered at once and never occupy the queue; replies go out after COMMIT.
+//! answered at once and never occupy the queue; replies go out after COMMIT. A reply the
+//! socket cannot take (`ZMQ_ROUTER_MANDATORY`: the peer's pipe is full) is held (`held`) and
+//! sent when the socket is writable; while too many are held, the driver reads no more.
 //!
 //! Its part of a reload (endpoint, CURVE key, size limit) moves serving to a fresh socket:
 //! libzmq copies a socket's options into each listener at bind, and unbinding may leave
@@ -12,6 +14,7 @@
 //! again. The old socket is read no more and answers what it read before it closes; what
 //! clients sent it that was not read is neither stored nor answered: they resend.
 
+mod held;
 mod judge;
 mod socket;
 
@@ -23,6 +26,8 @@ use crate::input::driver::{Input, Ready, Taken};
 use crate::input::mailbox::Doorbell;
 use crate::input::record;
 use crate::message::Verdict;
+use crate::metrics::Metrics;
+use held::{Held, Reply, Sent};
 
 pub use judge::{judge, Incoming};
 pub use socket::remove_ipc_file;
@@ -72,6 +77,8 @@ impl ZmqSettings {
 pub struct Envelope {
     frames: Vec<Vec<u8>>,
     socket: u64,
+    /// Records of the message, acknowledged when its `TRUE` is handed to the client.
+    records: usize,
 }
 
 /// A fresh socket made for new settings, waiting for the old one's messages to be answered.
@@ -97,11 +104,26 @@ pub struct Receiver {
     /// The endpoint of the socket replaced last: libzmq may still be closing its listener.
     released: Option<String>,
     shared_bound: BoundEndpoint,
+    /// Replies the socket could not take yet (a peer's pipe full), sent when it can.
+    held: Held,
+    /// The last flush moved nothing: wait on the retry timer, not on POLLOUT (which a ROUTER
+    /// reports while any peer's pipe has room, not necessarily a held peer's).
+    stalled: bool,
+    metrics: Metrics,
 }
+
+/// How often held replies are offered again when the socket gave no sign it would take them.
+const HELD_RETRY: Duration = Duration::from_millis(1);
+/// Longest time `finish` spends sending held replies before the socket closes.
+const FINISH_FLUSH: Duration = Duration::from_secs(1);
 
 impl Receiver {
     /// Creates and binds the socket, so a bind failure is a start-up error.
-    pub fn bind(context: &zmq::Context, settings: ZmqSettings) -> Result<Receiver, ReceiverError> {
+    pub fn bind(
+        context: &zmq::Context,
+        settings: ZmqSettings,
+        metrics: Metrics,
+    ) -> Result<Receiver, ReceiverError> {
         let mut router = context.socket(zmq::ROUTER)?;
         configure_router(&mut router, &settings)?;
         refuse_live_ipc(&settings.endpoint)?;
@@ -120,6 +142,9 @@ impl Receiver {
             settings,
             shared_bound: Arc::new(parking_lot::Mutex::new(bound.clone())),
             bound,
+            held: Held::default(),
+            stalled: false,
+            metrics,
         })
     }
 
@@ -131,6 +156,60 @@ impl Receiver {
     /// The endpoint served, kept up to date through reloads.
     pub fn shared_bound(&self) -> BoundEndpoint {
         Arc::clone(&self.shared_bound)
+    }
+
+    /// Sends a reply now, or holds it (its peer's pipe full, or replies already held for it).
+    fn reply(&mut self, reply: Reply) {
+        if self.held.waiting_for(&reply) {
+            return self.held.hold(reply);
+        }
+        match send(&self.router, &reply.envelope, &reply.text) {
+            Sent::Handed => self.acknowledged(reply.records),
+            Sent::Full => self.held.hold(reply),
+            Sent::Gone => self.lost("peer_gone", 1),
+        }
+    }
+
+    /// Offers the held replies again.
+    fn flush(&mut self) {
+        let router = &self.router;
+        let done = self.held.flush(|r| send(router, &r.envelope, &r.text));
+        self.stalled = done.handed == 0 && done.gone == 0;
+        self.acknowledged(done.records);
+        self.lost("peer_gone", done.gone);
+    }
+
+    fn acknowledged(&self, records: usize) {
+        if records > 0 {
+            self.metrics.records_acknowledged.inc_by(records as u64);
+        }
+    }
+
+    fn lost(&self, reason: &str, replies: usize) {
+        if replies > 0 {
+            log::debug!("receiver: {replies} reply(ies) dropped: {reason}");
+            self.metrics
+                .replies_dropped
+                .with_label_values(&[reason])
+                .inc_by(replies as u64);
+        }
+    }
+
+    /// Before the socket closes: sends what it takes within `FINISH_FLUSH`, counts the rest.
+    fn flush_before_close(&mut self, reason: &str) {
+        let until = Instant::now() + FINISH_FLUSH;
+        while !self.held.is_empty() && Instant::now() < until {
+            self.flush();
+            if self.stalled {
+                let mut items = [self.router.as_poll_item(zmq::POLLOUT)];
+                let _ = zmq::poll(&mut items, 1);
+            }
+        }
+        let left = self.held.clear();
+        if left > 0 {
+            log::warn!("receiver: {left} reply(ies) not taken by their clients before the socket closed; they resend");
+        }
+        self.lost(reason, left);
     }
 
     fn make_socket(&self, settings: &ZmqSettings) -> Result<zmq::Socket, zmq::Error> {
@@ -174,11 +253,18 @@ impl Input for Receiver {
     }
 
     fn wait(&mut self, bell: &Doorbell, read: bool, max: Duration) -> Result<Ready, Self::Error> {
-        let events = if read {
+        let mut events = if read {
             zmq::POLLIN
         } else {
             zmq::PollEvents::empty()
         };
+        let mut max = max;
+        if !self.held.is_empty() {
+            max = max.min(HELD_RETRY);
+            if !self.stalled {
+                events |= zmq::POLLOUT;
+            }
+        }
         let mut items = [
             self.router.as_poll_item(events),
             zmq::PollItem::from_fd(bell.fd(), zmq::POLLIN),
@@ -202,32 +288,48 @@ impl Input for Receiver {
         Ok(match judge(frames, self.settings.max_message_bytes) {
             Incoming::Ignore => Taken::Ignored,
             Incoming::Refuse { envelope, reason } => {
-                send(
-                    &self.router,
-                    &envelope,
-                    format!("FALSE {reason}").as_bytes(),
-                );
+                self.reply(Reply {
+                    envelope,
+                    text: format!("FALSE {reason}").into_bytes().into(),
+                    records: 0,
+                });
                 Taken::Refused
             }
             Incoming::Accept { envelope, records } => Taken::Accepted {
-                records,
-                received,
                 tag: Envelope {
                     frames: envelope,
                     socket: self.generation,
+                    records: records.len(),
                 },
+                records,
+                received,
             },
         })
     }
 
     fn answer(&mut self, envelope: Envelope, verdict: Verdict) {
         // Of a replaced socket: the client resends.
-        if envelope.socket == self.generation {
-            send(
-                &self.router,
-                &envelope.frames,
-                &record::reply_text(&verdict),
-            );
+        if envelope.socket != self.generation {
+            return self.lost("replaced", 1);
+        }
+        let records = match verdict {
+            Verdict::Accept { .. } => envelope.records,
+            Verdict::Conflict(_) => 0,
+        };
+        self.reply(Reply {
+            envelope: envelope.frames,
+            text: record::reply_text(&verdict),
+            records,
+        });
+    }
+
+    fn backlog_full(&self) -> bool {
+        self.held.is_full()
+    }
+
+    fn tick(&mut self) {
+        if !self.held.is_empty() {
+            self.flush();
         }
     }
 
@@ -277,6 +379,7 @@ impl Input for Receiver {
             settings: new,
             bound_early,
         } = fresh;
+        self.flush_before_close("replaced");
         let old = std::mem::replace(&mut self.router, socket);
         // Time for the replies just sent to leave; the listener closes at once regardless.
         let _ = old.set_linger(1000);
@@ -310,6 +413,7 @@ impl Input for Receiver {
     }
 
     fn finish(&mut self) {
+        self.flush_before_close("shutdown");
         // Time for the last replies to leave.
         let _ = self.router.set_linger(1000);
         *self.shared_bound.lock() = self.bound.clone();

@@ -31,6 +31,7 @@ mod harness;
 mod load;
 
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -56,6 +57,8 @@ struct Run {
     feedd_cpu_s: f64,
     db_cpu_s: Option<f64>,
     records: u64,
+    /// Messages without a reply (or answered FALSE) when the run ended.
+    missing: u64,
     /// Rows/s of the prepared ceiling with `workers` connections, measured right before.
     ceiling: f64,
 }
@@ -67,6 +70,22 @@ struct Cell {
     per_msg: usize,
     in_flight: usize,
     runs: Vec<Run>,
+}
+
+impl Run {
+    fn of(report: &LoadReport) -> Run {
+        Run {
+            rate: report.records_per_sec(),
+            p50_ms: report.latency_ms(0.5),
+            p99_ms: report.latency_ms(0.99),
+            peak_rss_kib: 0,
+            feedd_cpu_s: 0.0,
+            db_cpu_s: None,
+            records: report.records_acked,
+            missing: report.missing + report.falses,
+            ceiling: f64::NAN,
+        }
+    }
 }
 
 impl Cell {
@@ -85,6 +104,9 @@ impl Cell {
     }
     fn ceiling(&self) -> f64 {
         median(self.runs.iter().map(|r| r.ceiling).collect())
+    }
+    fn missing(&self) -> u64 {
+        self.runs.iter().map(|r| r.missing).sum()
     }
     fn peak_rss_mib(&self) -> f64 {
         self.runs.iter().map(|r| r.peak_rss_kib).max().unwrap_or(0) as f64 / 1024.0
@@ -186,6 +208,23 @@ fn run_feedd(
     rate: Option<f64>,
     db_pid: Option<i32>,
 ) -> (LoadReport, Run) {
+    run_feedd_with(
+        4, workers, batch_size, per_msg, window, records, rate, db_pid,
+    )
+}
+
+/// `run_feedd` with `clients` clients; `workers` 0 is feedd's default (one per core).
+#[allow(clippy::too_many_arguments)]
+fn run_feedd_with(
+    clients: usize,
+    workers: usize,
+    batch_size: usize,
+    per_msg: usize,
+    window: usize,
+    records: u64,
+    rate: Option<f64>,
+    db_pid: Option<i32>,
+) -> (LoadReport, Run) {
     let db = Db::create(&format!("bench_w{workers}_b{batch_size}_k{per_msg}"));
     let w = format!("pipeline.workers = {workers}");
     let b = format!("pipeline.batch_size = {batch_size}");
@@ -193,11 +232,11 @@ fn run_feedd(
     let options = LoadOptions {
         endpoint: feedd.endpoint(),
         records,
-        clients: 4,
+        clients,
         window,
         per_msg,
         start_ticket: 1,
-        reply_timeout: Duration::from_secs(30),
+        reply_timeout: Duration::from_secs(10),
         curve: None,
         rate,
     };
@@ -206,19 +245,20 @@ fn run_feedd(
     let report = load::run(&options, Arc::new(Progress::default())).expect("load run");
     let feedd_cpu_s = cpu_seconds(feedd.pid()).unwrap_or(0.0) - cpu0;
     let db_cpu_s = db0.and_then(|c0| Some(db_pid.and_then(cpu_seconds)? - c0));
-    assert!(report.ok(), "feedd run failed: {}", report.summary());
+    if !report.ok() {
+        println!(
+            "  !! run with missing or FALSE replies: {}",
+            report.summary()
+        );
+    }
     let peak = peak_rss_kib(feedd.pid());
     feedd.signal(harness::Signal::SIGTERM);
     feedd.wait(Duration::from_secs(20));
     let run = Run {
-        rate: report.records_per_sec(),
-        p50_ms: report.latency_ms(0.5),
-        p99_ms: report.latency_ms(0.99),
         peak_rss_kib: peak,
         feedd_cpu_s,
         db_cpu_s,
-        records: report.records_acked,
-        ceiling: f64::NAN,
+        ..Run::of(&report)
     };
     (report, run)
 }
@@ -379,6 +419,131 @@ fn seed_pattern(records: u64) -> f64 {
     rate
 }
 
+/// A bare ZeroMQ ROUTER answering `TRUE` at once, driven by the load client with `clients` ×
+/// 1 in flight × 1 record: the transport's floor for that client, on this machine, now.
+fn echo_run(clients: usize, records: u64) -> LoadReport {
+    let endpoint = format!("tcp://127.0.0.1:{}", harness::ports::port());
+    let router = harness::context().socket(zmq::ROUTER).unwrap();
+    router.bind(&endpoint).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopping = Arc::clone(&stop);
+    let server = std::thread::spawn(move || {
+        while !stopping.load(Ordering::Relaxed) {
+            if router.poll(zmq::POLLIN, 50).unwrap() == 0 {
+                continue;
+            }
+            while let Ok(mut frames) = router.recv_multipart(zmq::DONTWAIT) {
+                if let Some(body) = frames.last_mut() {
+                    *body = b"TRUE".to_vec();
+                }
+                router.send_multipart(frames, 0).unwrap();
+            }
+        }
+    });
+    let options = LoadOptions {
+        endpoint,
+        records,
+        clients,
+        window: 1,
+        per_msg: 1,
+        start_ticket: 1,
+        reply_timeout: Duration::from_secs(10),
+        curve: None,
+        rate: None,
+    };
+    let report = load::run(&options, Arc::new(Progress::default())).expect("echo load run");
+    stop.store(true, Ordering::Relaxed);
+    server.join().unwrap();
+    report
+}
+
+/// One client count of the one-in-flight section: per run (interleaved) the one-row INSERT
+/// p50, the echo ROUTER and feedd (its defaults: a worker per core, batch_size 1,000).
+struct Single {
+    clients: usize,
+    echo: Vec<Run>,
+    feedd: Vec<Run>,
+    insert_p50_ms: Vec<f64>,
+}
+
+impl Single {
+    fn ratios(&self) -> Vec<f64> {
+        self.feedd
+            .iter()
+            .zip(&self.echo)
+            .map(|(f, e)| f.rate / e.rate)
+            .collect()
+    }
+    /// feedd's p50 above echo p50 + INSERT p50, per run, in ms.
+    fn excess_ms(&self) -> Vec<f64> {
+        self.feedd
+            .iter()
+            .zip(&self.echo)
+            .zip(&self.insert_p50_ms)
+            .map(|((f, e), i)| f.p50_ms - e.p50_ms - i)
+            .collect()
+    }
+    fn missing(&self) -> u64 {
+        self.feedd.iter().chain(&self.echo).map(|r| r.missing).sum()
+    }
+}
+
+fn one_in_flight(plan: &Plan, clients: usize, db_pid: Option<i32>) -> Single {
+    let records = match (plan.quick, clients) {
+        (true, 1) => 300,
+        (true, _) => 2_000 * (clients as u64 / 16).max(1),
+        (false, 1) => 3_000,
+        (false, _) => 30_000 * (clients as u64 / 16).max(1),
+    };
+    let mut single = Single {
+        clients,
+        echo: Vec::new(),
+        feedd: Vec::new(),
+        insert_p50_ms: Vec::new(),
+    };
+    for _ in 0..plan.runs {
+        let (_, insert) = commit_floor(if plan.quick { 50 } else { 300 });
+        single.insert_p50_ms.push(insert);
+        single.echo.push(Run::of(&echo_run(clients, records)));
+        let (_, run) = run_feedd_with(clients, 0, 1000, 1, 1, records, None, db_pid);
+        single.feedd.push(run);
+    }
+    let rates = |v: &[Run]| v.iter().map(|r| r.rate).collect::<Vec<_>>();
+    let p50s = |v: &[Run]| v.iter().map(|r| r.p50_ms).collect::<Vec<_>>();
+    println!(
+        "{:>4} × 1 × 1: feedd {:>7.0} rec/s [{}] p50 {:.3} ms [{}] | echo {:>7.0} rec/s [{}] p50 {:.3} ms | INSERT p50 {:.3} ms | × echo {:.2} [{}] | p50 − (echo + INSERT) {:+.3} ms [{}] | missing {}",
+        clients,
+        median(rates(&single.feedd)),
+        spread(&rates(&single.feedd), 0),
+        median(p50s(&single.feedd)),
+        spread(&p50s(&single.feedd), 3),
+        median(rates(&single.echo)),
+        spread(&rates(&single.echo), 0),
+        median(p50s(&single.echo)),
+        median(single.insert_p50_ms.clone()),
+        median(single.ratios()),
+        spread(&single.ratios(), 2),
+        median(single.excess_ms()),
+        spread(&single.excess_ms(), 3),
+        single.missing()
+    );
+    single
+}
+
+/// The one-client database ceiling: the better of prepared and text 1,000-row INSERTs.
+fn one_client_ceiling(plan: &Plan) -> f64 {
+    [false, true]
+        .into_iter()
+        .map(|prepared| {
+            median(
+                (0..plan.runs)
+                    .map(|_| db_ceiling_for(plan.ceiling_secs * 1.5, 1, prepared))
+                    .collect(),
+            )
+        })
+        .fold(0.0, f64::max)
+}
+
 /// A target line: what was asked, what was measured, whether it held.
 fn target(name: &str, measured: String, held: bool) {
     println!(
@@ -410,6 +575,7 @@ fn main() {
 
     // Baseline (a), best of clients: printed once, the strictest reference.
     let mut best_ceiling: (f64, u64, bool) = (0.0, 0, false);
+    let mut one_client_before: f64 = 0.0;
     for clients in [1, 2, 4] {
         for prepared in [false, true] {
             let rates: Vec<f64> = (0..plan.runs)
@@ -423,6 +589,9 @@ fn main() {
             );
             if r > best_ceiling.0 {
                 best_ceiling = (r, clients, prepared);
+            }
+            if clients == 1 {
+                one_client_before = one_client_before.max(r);
             }
         }
     }
@@ -438,6 +607,31 @@ fn main() {
         spread(&seeds, 0)
     );
 
+    // The seed's own clients: one message of one record in flight each, beside a bare echo
+    // ROUTER driven by the same client and the one-row INSERT, interleaved run by run.
+    println!("one record, one message in flight per client (feedd defaults), runs interleaved with the echo ROUTER and the INSERT floor:");
+    let singles: Vec<Single> = [1, 16, 64]
+        .into_iter()
+        .map(|clients| one_in_flight(&plan, clients, db_pid))
+        .collect();
+    // Shallow windows, as simple clients keep: 100 records × 4 clients × 4 and × 8 in flight.
+    println!(
+        "\n100 records/message, 4 clients × 4 and × 8 in flight (workers 2, batch_size 1,000):"
+    );
+    let shallow: Vec<Cell> = [1, 2]
+        .into_iter()
+        .map(|window| {
+            let c = cell(&plan, 2, 1000, 100, window * 4, db_pid);
+            print_cell(&c, best, seed);
+            c
+        })
+        .collect();
+    let one_client_after = one_client_ceiling(&plan);
+    let one_client = one_client_before.max(one_client_after);
+    println!(
+        "  one-client ceiling (best of prepared and text 1,000-row INSERTs): before {one_client_before:.0}, after {one_client_after:.0} rows/s\n"
+    );
+
     let configs: &[(usize, usize)] = if quick {
         &[(1, 1000), (2, 1000)]
     } else {
@@ -450,24 +644,28 @@ fn main() {
             (4, 1000),
         ]
     };
-    let mut specs: Vec<(usize, usize, usize)> = Vec::new();
+    let mut specs: Vec<(usize, usize, usize, usize)> = Vec::new();
     for &(w, b) in configs {
         for k in [1, 10, 100] {
-            specs.push((w, b, k));
+            specs.push((w, b, k, default_window(k)));
         }
     }
+    // Windows of 2,000 per client (twice the ROUTER's send high-water mark): every reply due.
+    specs.push((2, 1000, 1, 2000));
     if !quick {
-        specs.push((1, 2000, 100));
-        specs.push((2, 2000, 100));
+        specs.push((2, 1000, 10, 2000));
+        specs.push((1, 2000, 100, default_window(100)));
+        specs.push((2, 2000, 100, default_window(100)));
     }
     println!(
         "ratio × (a) = median of per-run ratios to the interleaved ceiling with as many connections as workers; [spread]"
     );
     println!(
-        "{:>3} {:>5} {:>4} {:>9} {:>17} {:>6} {:>6} {:>18} {:>6} {:>6} {:>9} {:>9} {:>5}",
+        "{:>3} {:>5} {:>4} {:>5} {:>9} {:>17} {:>6} {:>6} {:>18} {:>6} {:>6} {:>9} {:>9} {:>5} {:>4}",
         "wkr",
         "batch",
         "r/m",
+        "infl",
         "records/s",
         "[spread]",
         "p50ms",
@@ -477,11 +675,12 @@ fn main() {
         "×(b)",
         "feedd s/M",
         "maria s/M",
-        "RSS M"
+        "RSS M",
+        "miss"
     );
     let mut cells = Vec::new();
-    for (w, b, k) in specs {
-        let c = cell(&plan, w, b, k, default_window(k), db_pid);
+    for (w, b, k, window) in specs {
+        let c = cell(&plan, w, b, k, window, db_pid);
         print_cell(&c, best, seed);
         cells.push(c);
     }
@@ -545,7 +744,11 @@ fn main() {
         print_cell(&deep, best, seed);
         cells.push(deep);
     }
-    let peak_rss = cells.iter().map(|c| c.peak_rss_mib()).fold(0.0, f64::max);
+    let peak_rss = cells
+        .iter()
+        .chain(&shallow)
+        .map(|c| c.peak_rss_mib())
+        .fold(0.0, f64::max);
 
     if quick {
         println!("\ntargets (this run; a quick run is too short to judge them):");
@@ -608,6 +811,54 @@ fn main() {
             r >= 40.0,
         );
     }
+    for single in &singles {
+        let (r, ratios) = (median(single.ratios()), single.ratios());
+        let want = match single.clients {
+            16 => Some(0.6),
+            64 => Some(0.7),
+            _ => None,
+        };
+        if let Some(want) = want {
+            target(
+                &format!(
+                    "{} clients × 1 in flight ≥ {want} × echo ROUTER",
+                    single.clients
+                ),
+                format!("{r:.2} [{}]", spread(&ratios, 2)),
+                r >= want,
+            );
+        }
+        if single.clients == 1 {
+            let excess = median(single.excess_ms());
+            target(
+                "1 client × 1: ack p50 ≤ echo p50 + one-row INSERT p50 + 0.10 ms",
+                format!(
+                    "{excess:+.3} ms above echo + INSERT [{}]",
+                    spread(&single.excess_ms(), 3)
+                ),
+                excess <= 0.10,
+            );
+        }
+    }
+    for (c, want) in shallow.iter().zip([0.8, 1.1]) {
+        let r = c.rate() / one_client;
+        let runs: Vec<f64> = c.runs.iter().map(|x| x.rate / one_client).collect();
+        target(
+            &format!(
+                "100 rec/msg, 4 × {} in flight ≥ {want} × one-client ceiling",
+                c.in_flight / 4
+            ),
+            format!("{r:.2} [{}] of {one_client:.0} rows/s", spread(&runs, 2)),
+            r >= want,
+        );
+    }
+    let missing: u64 = cells.iter().chain(&shallow).map(Cell::missing).sum::<u64>()
+        + singles.iter().map(Single::missing).sum::<u64>();
+    target(
+        "0 missing replies in every cell (windows of 2,000 included)",
+        format!("{missing} missing"),
+        missing == 0,
+    );
     target(
         "peak RSS ≤ 64 MiB",
         format!("{peak_rss:.1} MiB"),
@@ -627,16 +878,19 @@ fn main() {
         one_row_insert_ms: floor_one,
         at,
     };
-    write_results(&cells, best, seed, &floor, quick);
+    let all: Vec<Cell> = shallow.into_iter().chain(cells).collect();
+    write_results(&all, best, seed, &floor, quick);
+    write_singles(&singles);
 }
 
 fn print_cell(c: &Cell, best: f64, seed: f64) {
     let rates: Vec<f64> = c.runs.iter().map(|r| r.rate).collect();
     println!(
-        "{:>3} {:>5} {:>4} {:>9.0} {:>17} {:>6.2} {:>6.2} {:>5.2} {:>12} {:>6.2} {:>6.1} {:>9.2} {:>9} {:>5.1}",
+        "{:>3} {:>5} {:>4} {:>5} {:>9.0} {:>17} {:>6.2} {:>6.2} {:>5.2} {:>12} {:>6.2} {:>6.1} {:>9.2} {:>9} {:>5.1} {:>4}",
         c.workers,
         c.batch_size,
         c.per_msg,
+        c.in_flight,
         c.rate(),
         format!("[{}]", spread(&rates, 0)),
         c.p50_ms(),
@@ -649,7 +903,8 @@ fn print_cell(c: &Cell, best: f64, seed: f64) {
         c.db_cpu_per_m()
             .map(|s| format!("{s:.2}"))
             .unwrap_or_else(|| "n/a".into()),
-        c.peak_rss_mib()
+        c.peak_rss_mib(),
+        c.missing()
     );
 }
 
@@ -660,10 +915,38 @@ struct Floor {
     at: Vec<(f64, f64, f64)>,
 }
 
+/// The one-in-flight section, to target/bench/ingest_single.csv.
+fn write_singles(singles: &[Single]) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    let _ = std::fs::create_dir_all(&dir);
+    let mut csv = String::from("clients,run,feedd_records_per_sec,feedd_ack_p50_ms,echo_records_per_sec,echo_ack_p50_ms,insert_p50_ms,missing_replies\n");
+    for s in singles {
+        for (i, ((f, e), ins)) in s
+            .feedd
+            .iter()
+            .zip(&s.echo)
+            .zip(&s.insert_p50_ms)
+            .enumerate()
+        {
+            let _ = writeln!(
+                csv,
+                "{},{i},{:.0},{:.3},{:.0},{:.3},{ins:.3},{}",
+                s.clients,
+                f.rate,
+                f.p50_ms,
+                e.rate,
+                e.p50_ms,
+                f.missing + e.missing
+            );
+        }
+    }
+    let _ = std::fs::write(dir.join("ingest_single.csv"), csv);
+}
+
 fn write_results(cells: &[Cell], best: f64, seed: f64, floor: &Floor, quick: bool) {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
     let _ = std::fs::create_dir_all(&dir);
-    let mut csv = String::from("workers,batch_size,records_per_message,in_flight,records_per_sec,ack_p50_ms,ack_p99_ms,interleaved_ceiling,ratio_interleaved,ratio_interleaved_min,ratio_interleaved_max,ratio_best_ceiling,ratio_seed,feedd_cpu_s_per_million,mariadbd_cpu_s_per_million,peak_rss_kib\n");
+    let mut csv = String::from("workers,batch_size,records_per_message,in_flight,records_per_sec,ack_p50_ms,ack_p99_ms,interleaved_ceiling,ratio_interleaved,ratio_interleaved_min,ratio_interleaved_max,ratio_best_ceiling,ratio_seed,feedd_cpu_s_per_million,mariadbd_cpu_s_per_million,peak_rss_kib,missing_replies\n");
     let mut json = format!(
         "{{\"quick\":{quick},\"best_ceiling_rows_per_sec\":{best:.0},\"seed_records_per_sec\":{seed:.0},\"empty_commit_ms\":{:.3},\"one_row_insert_ms\":{:.3},\"latency_at_fraction_of_peak\":[{}],\"cells\":[",
         floor.empty_commit_ms,
@@ -686,7 +969,7 @@ fn write_results(cells: &[Cell], best: f64, seed: f64, floor: &Floor, quick: boo
         let rss = c.runs.iter().map(|r| r.peak_rss_kib).max().unwrap_or(0);
         let _ = writeln!(
             csv,
-            "{},{},{},{},{:.0},{:.3},{:.3},{:.0},{:.3},{lo:.3},{hi:.3},{:.3},{:.2},{:.3},{db},{rss}",
+            "{},{},{},{},{:.0},{:.3},{:.3},{:.0},{:.3},{lo:.3},{hi:.3},{:.3},{:.2},{:.3},{db},{rss},{}",
             c.workers,
             c.batch_size,
             c.per_msg,
@@ -699,10 +982,11 @@ fn write_results(cells: &[Cell], best: f64, seed: f64, floor: &Floor, quick: boo
             c.rate() / best,
             c.rate() / seed,
             c.feedd_cpu_per_m(),
+            c.missing(),
         );
         let _ = write!(
             json,
-            "{}{{\"workers\":{},\"batch_size\":{},\"records_per_message\":{},\"in_flight\":{},\"records_per_sec\":{:.0},\"ack_p50_ms\":{:.3},\"ack_p99_ms\":{:.3},\"interleaved_ceiling\":{:.0},\"ratio_interleaved\":{:.3},\"ratio_interleaved_min\":{lo:.3},\"ratio_interleaved_max\":{hi:.3},\"ratio_best_ceiling\":{:.3},\"ratio_seed\":{:.2},\"feedd_cpu_s_per_million\":{:.3},\"mariadbd_cpu_s_per_million\":{},\"peak_rss_kib\":{rss}}}",
+            "{}{{\"workers\":{},\"batch_size\":{},\"records_per_message\":{},\"in_flight\":{},\"records_per_sec\":{:.0},\"ack_p50_ms\":{:.3},\"ack_p99_ms\":{:.3},\"interleaved_ceiling\":{:.0},\"ratio_interleaved\":{:.3},\"ratio_interleaved_min\":{lo:.3},\"ratio_interleaved_max\":{hi:.3},\"ratio_best_ceiling\":{:.3},\"ratio_seed\":{:.2},\"feedd_cpu_s_per_million\":{:.3},\"mariadbd_cpu_s_per_million\":{},\"peak_rss_kib\":{rss},\"missing_replies\":{}}}",
             if i > 0 { "," } else { "" },
             c.workers,
             c.batch_size,
@@ -717,6 +1001,7 @@ fn write_results(cells: &[Cell], best: f64, seed: f64, floor: &Floor, quick: boo
             c.rate() / seed,
             c.feedd_cpu_per_m(),
             if db.is_empty() { "null".to_string() } else { db },
+            c.missing(),
         );
     }
     json.push_str("]}\n");

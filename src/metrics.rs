@@ -15,8 +15,8 @@ use crossbeam_channel::{Sender, TrySendError};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +45,8 @@ pub struct Metrics {
     pub messages_rejected: IntCounter,
     pub records_committed: IntCounter,
     pub records_acknowledged: IntCounter,
+    /// Replies that could not be handed to a client, by `reason` (`peer_gone`, …).
+    pub replies_dropped: IntCounterVec,
     pub db_errors: IntCounter,
     pub batch_retries: IntCounter,
     pub config_reloads: IntCounter,
@@ -74,7 +76,8 @@ const HELP: &[(&str, &str)] = &[
     ("feedd_messages_received_total", "Messages read from the socket"),
     ("feedd_messages_rejected_total", "Messages answered FALSE (malformed, too large, conflict)"),
     ("feedd_records_committed_total", "Rows inserted by committed batches (resends of stored records add none)"),
-    ("feedd_records_acknowledged_total", "Records of messages answered TRUE (resends included)"),
+    ("feedd_records_acknowledged_total", "Records of messages answered TRUE and handed to a live client (resends included)"),
+    ("feedd_replies_dropped_total", "Replies not delivered: peer_gone (client disconnected), replaced (socket replaced by a reload), shutdown (not sent by the end of the drain)"),
     ("feedd_db_errors_total", "Failed batch attempts"),
     ("feedd_batch_retries_total", "Batch attempts retried"),
     ("feedd_config_reloads_total", "Successful reloads"),
@@ -125,6 +128,21 @@ impl Registrar {
         Ok(g)
     }
 
+    fn counter_vec(
+        &self,
+        name: &str,
+        label: &str,
+        values: &[&str],
+    ) -> Result<IntCounterVec, MetricsError> {
+        let c = IntCounterVec::new(Opts::new(name, Self::help(name)), &[label])?;
+        // Every value shown from the start, at 0.
+        for v in values {
+            c.with_label_values(&[v]);
+        }
+        self.0.register(Box::new(c.clone()))?;
+        Ok(c)
+    }
+
     fn gauge_vec(&self, name: &str, label: &str) -> Result<IntGaugeVec, MetricsError> {
         let g = IntGaugeVec::new(Opts::new(name, Self::help(name)), &[label])?;
         self.0.register(Box::new(g.clone()))?;
@@ -143,6 +161,11 @@ impl Metrics {
             messages_rejected: r.counter("feedd_messages_rejected_total")?,
             records_committed: r.counter("feedd_records_committed_total")?,
             records_acknowledged: r.counter("feedd_records_acknowledged_total")?,
+            replies_dropped: r.counter_vec(
+                "feedd_replies_dropped_total",
+                "reason",
+                &["peer_gone", "replaced", "shutdown"],
+            )?,
             db_errors: r.counter("feedd_db_errors_total")?,
             batch_retries: r.counter("feedd_batch_retries_total")?,
             config_reloads: r.counter("feedd_config_reloads_total")?,

@@ -2,7 +2,8 @@
 //! from workers, room freed in the queue, the main thread's requests), the intake with its
 //! held message, the count of messages in flight, and the switch of a reload. An input
 //! (`Input`: the ZeroMQ ROUTER, the AMQP consumer) supplies only "wait", "read one message",
-//! "answer one verdict", and "prepare / commit my part of a reload".
+//! "answer one verdict", "can I take more" (answers it could not send yet), and "prepare /
+//! commit my part of a reload".
 //!
 //! A reload part walks: `prepare` (may fail: nothing changes) → reading stops while the
 //! messages read so far are answered through the old resource (bounded by the drain the
@@ -81,6 +82,11 @@ pub trait Input {
     fn read_one(&mut self) -> Result<Taken<Self::Tag>, Self::Error>;
     /// Hands one verdict back (for a message of an older resource, the input drops it).
     fn answer(&mut self, tag: Self::Tag, verdict: Verdict);
+    /// The input holds as many answers as it may (its peers read slowly): read no more
+    /// messages until it has sent some. Its `wait` wakes when it can send again.
+    fn backlog_full(&self) -> bool {
+        false
+    }
     /// After a round of `answer`s (an AMQP consumer sends its acks here).
     fn answered(&mut self) {}
     /// A message read but dropped before it was queued (intake stopped): no verdict comes.
@@ -261,7 +267,9 @@ impl<I: Input> Driver<I> {
     }
 
     fn has_room(&self) -> bool {
-        self.held.is_none() && self.intake.as_ref().is_some_and(|i| i.has_room(1))
+        self.held.is_none()
+            && self.intake.as_ref().is_some_and(|i| i.has_room(1))
+            && !self.input.backlog_full()
     }
 
     fn read_burst(&mut self) -> Result<(), I::Error> {
@@ -441,6 +449,8 @@ mod tests {
     struct Fake {
         inbox: Arc<Mutex<VecDeque<u32>>>,
         log: Arc<Mutex<Vec<String>>>,
+        /// What `backlog_full` says.
+        full: Arc<std::sync::atomic::AtomicBool>,
     }
 
     impl Fake {
@@ -493,6 +503,9 @@ mod tests {
         }
         fn answer(&mut self, tag: u32, _: Verdict) {
             self.note(format!("answer {tag}"));
+        }
+        fn backlog_full(&self) -> bool {
+            self.full.load(Ordering::SeqCst)
         }
         fn prepare(&mut self, part: &'static str) -> Result<Option<&'static str>, String> {
             self.note(format!("prepare {part}"));
@@ -660,5 +673,21 @@ mod tests {
         r.answer(after);
         let lines = r.stop();
         assert_eq!(lines[..3], ["prepare A", "answer 1", "commit A"]);
+    }
+
+    #[test]
+    fn reading_pauses_while_the_input_holds_all_the_answers_it_may() {
+        let r = rig();
+        r.fake.full.store(true, Ordering::SeqCst);
+        r.fake.inbox.lock().push_back(1);
+        assert!(
+            r.take.rx.recv_timeout(Duration::from_millis(100)).is_err(),
+            "nothing read while the backlog is full"
+        );
+        r.fake.full.store(false, Ordering::SeqCst);
+        let job = r.take.rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        r.answer(job);
+        r.wait_for("answer 1");
+        r.stop();
     }
 }

@@ -203,7 +203,7 @@ fn bind_zmq(
         return Ok(None);
     }
     let owned = handed.len();
-    let receiver = Receiver::bind(context, settings, handed)?;
+    let receiver = Receiver::bind(context, settings, handed, shared.metrics.clone())?;
     log::info!(
         "listening on {}{}",
         receiver.bound_endpoint(),

@@ -178,3 +178,149 @@ fn full_queue_stops_reading_and_memory_stays_bounded() {
     }
     assert_eq!(db.count(), 30_000);
 }
+
+/// SPEC §4: a reply is never dropped because the client's window is deeper than the socket's
+/// send high-water mark (1,000): the receiver holds it until the pipe takes it.
+#[test]
+fn windows_of_2000_and_4096_get_every_reply() {
+    let db = Db::create("deep_windows");
+    let (metrics_addr, listen) = metrics_listen();
+    let feedd = Feedd::start(&db, &[&listen]);
+    let clients: Vec<_> = [(2000usize, 1u64), (4096, 1_000_001)]
+        .into_iter()
+        .map(|(window, first)| {
+            let endpoint = feedd.endpoint();
+            std::thread::spawn(move || {
+                let bodies = one_record_bodies(first, 20_000);
+                let (replies, missing) =
+                    Dealer::connect(&endpoint).stream(&bodies, window, Duration::from_secs(10));
+                assert!(replies.values().all(|r| r == "TRUE"));
+                (window, missing)
+            })
+        })
+        .collect();
+    for c in clients {
+        let (window, missing) = c.join().unwrap();
+        assert_eq!(missing, 0, "replies missing with a window of {window}");
+    }
+    assert_eq!(db.count(), 40_000);
+    // As many acknowledged as the clients received (counted just after each send).
+    let acknowledged = "feedd_records_acknowledged_total";
+    assert!(wait_until(Duration::from_secs(5), || {
+        scrape(&metrics_addr, acknowledged) == 40_000.0
+    }));
+}
+
+/// A client that sends 3,000 and reads nothing for 3 s: every reply waits for it.
+#[test]
+fn a_client_that_reads_nothing_for_3_s_then_gets_all_3000() {
+    let db = Db::create("late_reader");
+    // One batch, so 3,000 replies are due at once (three times the send high-water mark).
+    let feedd = Feedd::start(
+        &db,
+        &[
+            "pipeline.batch_size = 5000",
+            "pipeline.batch_timeout_ms = 500",
+        ],
+    );
+    let dealer = Dealer::connect_tight(&feedd.endpoint(), 100, 65_536);
+    let bodies = one_record_bodies(1, 3000);
+    for (i, b) in bodies.iter().enumerate() {
+        dealer.send(i as u64, b);
+    }
+    let sent = std::time::Instant::now();
+    assert!(wait_until(Duration::from_secs(30), || db.count() == 3000));
+    std::thread::sleep(Duration::from_secs(3).saturating_sub(sent.elapsed()));
+    let mut ids = HashSet::new();
+    dealer.0.set_rcvtimeo(10_000).unwrap();
+    while ids.len() < bodies.len() {
+        let Some((id, text)) = dealer.recv() else {
+            break;
+        };
+        assert_eq!(text, "TRUE");
+        ids.insert(id);
+    }
+    assert_eq!(ids.len(), 3000, "every reply, read late");
+}
+
+/// A client gone with replies pending: they are counted as dropped, and the others are served.
+#[test]
+fn replies_to_a_gone_client_are_counted_and_no_one_waits_for_them() {
+    let db = Db::create("gone_client");
+    let (metrics_addr, listen) = metrics_listen();
+    let feedd = Feedd::start(&db, &[&listen]);
+    let mut lock = db.conn();
+    lock.query_drop("LOCK TABLES fee WRITE").unwrap();
+    let gone = Dealer::connect(&feedd.endpoint());
+    for (i, b) in one_record_bodies(1, 500).iter().enumerate() {
+        gone.send(i as u64, b);
+    }
+    assert!(wait_until(Duration::from_secs(20), || {
+        scrape(&metrics_addr, "feedd_messages_received_total") >= 500.0
+    }));
+    drop(gone);
+    let live = Dealer::connect(&feedd.endpoint());
+    let bodies = one_record_bodies(10_001, 200);
+    for (i, b) in bodies.iter().enumerate() {
+        live.send(i as u64, b);
+    }
+    lock.query_drop("UNLOCK TABLES").unwrap();
+    for _ in 0..bodies.len() {
+        let (_, text) = live.recv().expect("the live client is answered");
+        assert_eq!(text, "TRUE");
+    }
+    let dropped = "feedd_replies_dropped_total{reason=\"peer_gone\"}";
+    assert!(
+        wait_until(Duration::from_secs(10), || scrape(&metrics_addr, dropped)
+            == 500.0),
+        "{}",
+        http_get(&metrics_addr, "/metrics")
+    );
+    assert_eq!(db.count(), 700);
+    // Only the replies handed to a live client.
+    let acknowledged = "feedd_records_acknowledged_total";
+    assert!(wait_until(Duration::from_secs(5), || {
+        scrape(&metrics_addr, acknowledged) == 200.0
+    }));
+}
+
+/// A client that sends without end and never reads: feedd holds a bounded number of replies,
+/// then stops reading; its memory stays bounded, and every reply comes once the client reads.
+#[test]
+fn a_reader_that_never_reads_keeps_memory_bounded() {
+    let db = Db::create("never_reads");
+    let (metrics_addr, listen) = metrics_listen();
+    // Memory is bounded by the held replies plus the work in flight (the queue's capacity).
+    let feedd = Feedd::start(&db, &[&listen, "pipeline.queue_capacity = 8192"]);
+    let dealer = Dealer::connect_tight(&feedd.endpoint(), 1, 4096);
+    let total = 120_000u64;
+    let bodies = one_record_bodies(1, total);
+    // Ids of 100 digits make replies of ~115 bytes, so the kernel's socket buffers (a few
+    // MB) fill long before the client has sent everything.
+    for (i, b) in bodies.iter().enumerate() {
+        let id = format!("{i:0>100}").into_bytes();
+        let frames = [id, Vec::new(), b.as_bytes().to_vec()];
+        dealer.0.send_multipart(frames, 0).unwrap();
+    }
+    // Reading stops: the count of messages read holds still for a second, short of all.
+    let mut last = -1.0;
+    assert!(wait_until(Duration::from_secs(60), || {
+        let now = scrape(&metrics_addr, "feedd_messages_received_total");
+        let still = now == last;
+        last = now;
+        std::thread::sleep(Duration::from_secs(1));
+        still
+    }));
+    assert!(last < total as f64, "reading stopped at {last}");
+    let rss = feedd.rss_kib();
+    eprintln!("reading stopped at {last} of {total} messages, RSS {rss} KiB");
+    assert!(rss < 64 * 1024, "RSS {rss} KiB while holding replies");
+    dealer.0.set_rcvtimeo(20_000).unwrap();
+    let mut n = 0;
+    while n < total {
+        let (_, text) = dealer.recv().expect("every reply once the client reads");
+        assert_eq!(text, "TRUE");
+        n += 1;
+    }
+    assert_eq!(db.count(), total);
+}

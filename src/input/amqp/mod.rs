@@ -41,6 +41,8 @@ pub use link::{AmqpSettings, Event, Link, LinkError};
 pub struct AmqpTag {
     generation: u64,
     tag: u64,
+    /// Records of the message, counted as acknowledged when its ack is due.
+    records: usize,
     body: Vec<u8>,
     properties: BasicProperties,
 }
@@ -149,14 +151,15 @@ impl Consumer {
                 Taken::Refused
             }
             Ok(records) => Taken::Accepted {
-                records,
-                received: Instant::now(),
                 tag: AmqpTag {
                     generation: self.generation,
                     tag,
+                    records: records.len(),
                     body: d.data,
                     properties: d.properties,
                 },
+                records,
+                received: Instant::now(),
             },
         }
     }
@@ -334,7 +337,10 @@ impl Input for Consumer {
             return; // its channel is gone: the broker redelivers it
         }
         match verdict {
-            Verdict::Accept { .. } => self.ledger.done(t.tag),
+            Verdict::Accept { .. } => {
+                self.metrics.records_acknowledged.inc_by(t.records as u64);
+                self.ledger.done(t.tag);
+            }
             Verdict::Conflict(reason) => self.reject(t.tag, &t.body, &t.properties, &reason),
         }
     }

@@ -2,7 +2,9 @@
 //! (input/driver.rs), which runs it on the pinned receiver thread.
 //!
 //! Messages are judged on arrival (`judge`, pure), so malformed and oversized ones are
-//! answered at once and never occupy the queue; replies go out after COMMIT.
+//! answered at once and never occupy the queue; replies go out after COMMIT. A reply the
+//! socket cannot take (`ZMQ_ROUTER_MANDATORY`: the peer's pipe is full) is held (`held`) and
+//! sent when the socket is writable; while too many are held, the driver reads no more.
 //!
 //! Its part of a reload (endpoint, CURVE key, size limit) moves serving to a fresh socket:
 //! libzmq copies a socket's options into each listener at bind, and unbinding may leave
@@ -17,6 +19,7 @@
 //! ROUTER listens on a `dup` of it through `ZMQ_USE_FD`, at once, since the address never stops
 //! being bound.
 
+mod held;
 mod judge;
 pub mod listener;
 mod socket;
@@ -29,6 +32,8 @@ use crate::input::driver::{Input, Ready, Taken};
 use crate::input::mailbox::Doorbell;
 use crate::input::record;
 use crate::message::Verdict;
+use crate::metrics::Metrics;
+use held::{Held, Reply, Sent};
 use listener::{Listener, Listeners};
 
 pub use judge::{judge, Incoming};
@@ -81,6 +86,8 @@ impl ZmqSettings {
 pub struct Envelope {
     frames: Vec<Vec<u8>>,
     socket: u64,
+    /// Records of the message, acknowledged when its `TRUE` is handed to the client.
+    records: usize,
 }
 
 /// A fresh socket made for new settings, waiting for the old one's messages to be answered.
@@ -110,6 +117,12 @@ pub struct Receiver {
     handed: Listeners,
     /// When the last reply went out: closing waits a moment after it (see `finish`).
     last_reply: Option<Instant>,
+    /// Replies the socket could not take yet (a peer's pipe full), sent when it can.
+    held: Held,
+    /// The last flush moved nothing: wait on the retry timer, not on POLLOUT (which a ROUTER
+    /// reports while any peer's pipe has room, not necessarily a held peer's).
+    stalled: bool,
+    metrics: Metrics,
 }
 
 /// How long the socket stays open (nothing read) after its last reply before it closes: a
@@ -138,6 +151,11 @@ fn bind_on(
     }
 }
 
+/// How often held replies are offered again when the socket gave no sign it would take them.
+const HELD_RETRY: Duration = Duration::from_millis(1);
+/// Longest time `finish` spends sending held replies before the socket closes.
+const FINISH_FLUSH: Duration = Duration::from_secs(1);
+
 impl Receiver {
     /// Creates and binds the socket, so a bind failure is a start-up error. `handed`: the
     /// listeners handed to the process; one that does not serve the endpoint is an error.
@@ -145,6 +163,7 @@ impl Receiver {
         context: &zmq::Context,
         settings: ZmqSettings,
         handed: Vec<Listener>,
+        metrics: Metrics,
     ) -> Result<Receiver, ReceiverError> {
         let handed = Listeners::new(listener::take_for(handed, &settings.endpoint)?);
         let mut router = context.socket(zmq::ROUTER)?;
@@ -169,6 +188,9 @@ impl Receiver {
             bound,
             handed,
             last_reply: None,
+            held: Held::default(),
+            stalled: false,
+            metrics,
         })
     }
 
@@ -185,6 +207,60 @@ impl Receiver {
     /// The endpoint served, kept up to date through reloads.
     pub fn shared_bound(&self) -> BoundEndpoint {
         Arc::clone(&self.shared_bound)
+    }
+
+    /// Sends a reply now, or holds it (its peer's pipe full, or replies already held for it).
+    fn reply(&mut self, reply: Reply) {
+        if self.held.waiting_for(&reply) {
+            return self.held.hold(reply);
+        }
+        match send(&self.router, &reply.envelope, &reply.text) {
+            Sent::Handed => self.acknowledged(reply.records),
+            Sent::Full => self.held.hold(reply),
+            Sent::Gone => self.lost("peer_gone", 1),
+        }
+    }
+
+    /// Offers the held replies again.
+    fn flush(&mut self) {
+        let router = &self.router;
+        let done = self.held.flush(|r| send(router, &r.envelope, &r.text));
+        self.stalled = done.handed == 0 && done.gone == 0;
+        self.acknowledged(done.records);
+        self.lost("peer_gone", done.gone);
+    }
+
+    fn acknowledged(&self, records: usize) {
+        if records > 0 {
+            self.metrics.records_acknowledged.inc_by(records as u64);
+        }
+    }
+
+    fn lost(&self, reason: &str, replies: usize) {
+        if replies > 0 {
+            log::debug!("receiver: {replies} reply(ies) dropped: {reason}");
+            self.metrics
+                .replies_dropped
+                .with_label_values(&[reason])
+                .inc_by(replies as u64);
+        }
+    }
+
+    /// Before the socket closes: sends what it takes within `FINISH_FLUSH`, counts the rest.
+    fn flush_before_close(&mut self, reason: &str) {
+        let until = Instant::now() + FINISH_FLUSH;
+        while !self.held.is_empty() && Instant::now() < until {
+            self.flush();
+            if self.stalled {
+                let mut items = [self.router.as_poll_item(zmq::POLLOUT)];
+                let _ = zmq::poll(&mut items, 1);
+            }
+        }
+        let left = self.held.clear();
+        if left > 0 {
+            log::warn!("receiver: {left} reply(ies) not taken by their clients before the socket closed; they resend");
+        }
+        self.lost(reason, left);
     }
 
     fn make_socket(&self, settings: &ZmqSettings) -> Result<zmq::Socket, zmq::Error> {
@@ -228,11 +304,18 @@ impl Input for Receiver {
     }
 
     fn wait(&mut self, bell: &Doorbell, read: bool, max: Duration) -> Result<Ready, Self::Error> {
-        let events = if read {
+        let mut events = if read {
             zmq::POLLIN
         } else {
             zmq::PollEvents::empty()
         };
+        let mut max = max;
+        if !self.held.is_empty() {
+            max = max.min(HELD_RETRY);
+            if !self.stalled {
+                events |= zmq::POLLOUT;
+            }
+        }
         let mut items = [
             self.router.as_poll_item(events),
             zmq::PollItem::from_fd(bell.fd(), zmq::POLLIN),
@@ -256,33 +339,49 @@ impl Input for Receiver {
         Ok(match judge(frames, self.settings.max_message_bytes) {
             Incoming::Ignore => Taken::Ignored,
             Incoming::Refuse { envelope, reason } => {
-                send(
-                    &self.router,
-                    &envelope,
-                    format!("FALSE {reason}").as_bytes(),
-                );
+                self.reply(Reply {
+                    envelope,
+                    text: format!("FALSE {reason}").into_bytes().into(),
+                    records: 0,
+                });
                 Taken::Refused
             }
             Incoming::Accept { envelope, records } => Taken::Accepted {
-                records,
-                received,
                 tag: Envelope {
                     frames: envelope,
                     socket: self.generation,
+                    records: records.len(),
                 },
+                records,
+                received,
             },
         })
     }
 
     fn answer(&mut self, envelope: Envelope, verdict: Verdict) {
         // Of a replaced socket: the client resends.
-        if envelope.socket == self.generation {
-            send(
-                &self.router,
-                &envelope.frames,
-                &record::reply_text(&verdict),
-            );
-            self.last_reply = Some(Instant::now());
+        if envelope.socket != self.generation {
+            return self.lost("replaced", 1);
+        }
+        let records = match verdict {
+            Verdict::Accept { .. } => envelope.records,
+            Verdict::Conflict(_) => 0,
+        };
+        self.last_reply = Some(Instant::now());
+        self.reply(Reply {
+            envelope: envelope.frames,
+            text: record::reply_text(&verdict),
+            records,
+        });
+    }
+
+    fn backlog_full(&self) -> bool {
+        self.held.is_full()
+    }
+
+    fn tick(&mut self) {
+        if !self.held.is_empty() {
+            self.flush();
         }
     }
 
@@ -344,6 +443,7 @@ impl Input for Receiver {
             settings: new,
             bound_early,
         } = fresh;
+        self.flush_before_close("replaced");
         let old = std::mem::replace(&mut self.router, socket);
         // Time for the replies just sent to leave; the listener closes at once regardless.
         let _ = old.set_linger(1000);
@@ -377,6 +477,7 @@ impl Input for Receiver {
     }
 
     fn finish(&mut self) {
+        self.flush_before_close("shutdown");
         // Open a moment after the last reply, so clients take it before the connection drops.
         if let Some(pause) = self
             .last_reply

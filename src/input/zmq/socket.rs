@@ -2,21 +2,29 @@
 //! the retries a same-address move needs, `ipc://` files, and sending a reply. Used only by
 //! the receiver thread that owns the socket.
 
+use crate::input::zmq::held::Sent;
 use crate::input::zmq::{ReceiverError, ZmqSettings};
 
-/// Sends a reply on the ROUTER; to a gone or saturated peer it is dropped, never waited for.
-pub(super) fn send(router: &zmq::Socket, envelope: &[Vec<u8>], text: &[u8]) {
-    for frame in envelope {
-        if let Err(e) = router.send(frame.as_slice(), zmq::DONTWAIT | zmq::SNDMORE) {
-            // A multipart send fails on its first frame (unroutable peers are dropped
-            // silently by the ROUTER), so nothing half-sent is left behind.
-            log::debug!("receiver: reply dropped: {e}");
-            return;
+/// Offers a reply to the ROUTER without waiting. With `ZMQ_ROUTER_MANDATORY` a multipart send
+/// fails on its first frame (EAGAIN: the peer's pipe is full; EHOSTUNREACH: no such peer), so
+/// nothing half-sent is left behind.
+pub(super) fn send(router: &zmq::Socket, envelope: &[Vec<u8>], text: &[u8]) -> Sent {
+    let frames = envelope
+        .iter()
+        .map(|f| (f.as_slice(), zmq::DONTWAIT | zmq::SNDMORE))
+        .chain(std::iter::once((text, zmq::DONTWAIT)));
+    for (frame, flags) in frames {
+        match router.send(frame, flags) {
+            Ok(()) => {}
+            Err(zmq::Error::EAGAIN) => return Sent::Full,
+            Err(zmq::Error::EHOSTUNREACH) => return Sent::Gone,
+            Err(e) => {
+                log::warn!("receiver: reply not sent: {e}");
+                return Sent::Gone;
+            }
         }
     }
-    if let Err(e) = router.send(text, zmq::DONTWAIT) {
-        log::debug!("receiver: reply dropped: {e}");
-    }
+    Sent::Handed
 }
 
 /// Two TCP endpoints that one listener's address excludes the other's: the same port, and the
@@ -101,6 +109,8 @@ pub(super) fn configure_router(
     )?;
     router.set_rcvhwm(1000)?;
     router.set_sndhwm(1000)?;
+    // A full pipe or a gone peer fails the send instead of dropping the reply silently.
+    router.set_router_mandatory(true)?;
     match &settings.curve_secret_key {
         Some(key) => {
             router.set_zap_domain("feedd")?;

@@ -48,6 +48,19 @@ impl Dealer {
         Dealer(s)
     }
 
+    /// A DEALER that buffers little on its side (receive high-water mark `rcvhwm`, kernel
+    /// receive buffer `rcvbuf` bytes), so replies it does not read back up into feedd.
+    pub fn connect_tight(endpoint: &str, rcvhwm: i32, rcvbuf: i32) -> Dealer {
+        let s = context().socket(zmq::DEALER).unwrap();
+        s.set_linger(0).unwrap();
+        s.set_rcvtimeo(30_000).unwrap();
+        s.set_sndhwm(0).unwrap();
+        s.set_rcvhwm(rcvhwm).unwrap();
+        s.set_rcvbuf(rcvbuf).unwrap();
+        s.connect(endpoint).unwrap();
+        Dealer(s)
+    }
+
     /// One DEALER connected to several feedd: messages spread round-robin over the live ones.
     /// `ZMQ_IMMEDIATE` keeps messages off a peer that is down (else they queue there).
     pub fn connect_all(endpoints: &[String]) -> Dealer {
@@ -103,6 +116,35 @@ impl Dealer {
             );
         }
         replies
+    }
+
+    /// Streams `bodies` keeping `window` in flight (id = index), as a client with a window
+    /// does; stops when every reply is in or none came for `quiet`. Returns the replies and
+    /// how many are missing (never resent).
+    pub fn stream(
+        &self,
+        bodies: &[String],
+        window: usize,
+        quiet: Duration,
+    ) -> (HashMap<u64, String>, usize) {
+        self.0
+            .set_rcvtimeo(i32::try_from(quiet.as_millis()).unwrap())
+            .unwrap();
+        let mut replies = HashMap::new();
+        let mut next = 0;
+        while replies.len() < bodies.len() {
+            while next < bodies.len() && next - replies.len() < window {
+                self.send(next as u64, &bodies[next]);
+                next += 1;
+            }
+            let Some((id, text)) = self.recv() else { break };
+            assert!(
+                replies.insert(id, text).is_none(),
+                "message {id} answered twice"
+            );
+        }
+        let missing = bodies.len() - replies.len();
+        (replies, missing)
     }
 
     /// A DEALER that authenticates with CURVE: the server's public key, this client's pair.

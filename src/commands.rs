@@ -24,7 +24,7 @@ use crate::process::pidfile::{self, Pidfile};
 use crate::process::privileges;
 use crate::process::signals::Signals;
 use crate::process::supervisor;
-use crate::server::{Outcome, Server};
+use crate::server::{Outcome, ServeError, Server};
 
 /// Exit statuses.
 pub const EXIT_OK: i32 = 0;
@@ -95,7 +95,14 @@ fn serve(
     };
     let log_path =
         config.log_path(held.pidfile.is_some() || matches!(parent, Parent::Supervisor(_)));
-    let bound = Server::bind(config, held.signals, Arc::clone(&held.logging))?;
+    let bound = match Server::bind(config, held.signals, Arc::clone(&held.logging)) {
+        // Asked to stop before serving: nothing was taken in, so nothing to drain.
+        Err(ServeError::Interrupted(i)) => {
+            log::info!("{i}");
+            return Ok(Outcome::Drained);
+        }
+        bound => bound?,
+    };
     if let Some(target) = target {
         if let Some(log) = &log_path {
             let mut paths: Vec<&Path> = vec![log.as_path()];

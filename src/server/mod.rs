@@ -41,7 +41,7 @@ use crate::pipeline::queue::Queue;
 use crate::pipeline::store::{Store, StoreError};
 use crate::pipeline::worker::{self, Shared};
 use crate::process::notify::Notifier;
-use crate::process::signals::{Event, SignalThread, Signals};
+use crate::process::signals::{Event, Interrupted, SignalThread, Signals};
 use reload::{Owners, Reload, Running};
 use threads::{spawn_pinned, Exit, Role};
 
@@ -61,6 +61,8 @@ pub enum ServeError {
     Mailbox(std::io::Error),
     #[error("CURVE authentication handler: {0}")]
     Zap(zmq::Error),
+    #[error(transparent)]
+    Interrupted(#[from] Interrupted),
 }
 
 // Not `#[from]`: that would also make it the error's source, printed twice in a `{:#}` chain.
@@ -112,7 +114,7 @@ impl Server {
     /// message yet, so the caller can still drop privileges.
     pub fn bind(
         config: Config,
-        signals: Signals,
+        mut signals: Signals,
         logging: Arc<Logging>,
     ) -> Result<Bound, ServeError> {
         let queue = Queue::new(config.pipeline.queue_capacity);
@@ -120,7 +122,10 @@ impl Server {
         let metrics = Metrics::new(Arc::new(move || depth.records()))?;
         let workers = config.pipeline.worker_count();
         let pool_size = config.mysql.pool_size_for(workers);
-        let store = Store::connect(&config.mysql, pool_size, &metrics)?;
+        let (mysql, m) = (config.mysql.clone(), metrics.clone());
+        let store = signals.interruptible("connecting the database", move || {
+            Store::connect(&mysql, pool_size, &m)
+        })???;
         store.publish();
         log::info!(
             "database {}/{} table `{}` ready (pool of {pool_size})",
@@ -143,7 +148,9 @@ impl Server {
         let zap = ZapHandler::start(&context, Arc::clone(&shared.config), metrics.clone())
             .map_err(ServeError::Zap)?;
         let zmq = bind_zmq(&context, &shared, &queue)?;
-        let consumer = Consumer::connect(Arc::clone(&shared.config), metrics.clone())?;
+        let (c, m) = (Arc::clone(&shared.config), metrics.clone());
+        let consumer = signals
+            .interruptible("connecting the broker", move || Consumer::connect(c, m))???;
         let consumer_beat = Heartbeat::new("amqp-consumer");
         let (consumer, consumer_handle) =
             Driver::new(consumer, &queue, metrics, consumer_beat.clone())

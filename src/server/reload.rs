@@ -433,9 +433,9 @@ fn prepare(file: &Path, base: &Path, old: &Config, proof: &Proof) -> Result<Prep
         .check(&plan.config.log())
         .map_err(|e| e.to_string())?;
     let link = match &plan.amqp {
-        Some(Some(s)) => {
-            Some(Link::connect(s).map_err(|e| format!("new AMQP target not usable: {e}"))?)
-        }
+        Some(Some(s)) => Some(
+            Link::connect(s, s.prefetch).map_err(|e| format!("new AMQP target not usable: {e}"))?,
+        ),
         _ => None,
     };
     let metrics_server = match plan.metrics {

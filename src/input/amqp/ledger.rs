@@ -7,6 +7,12 @@
 //! held (one multiple ack covers them once the gap closes) unless too many are held or the
 //! channel is being drained, when each is acked on its own. A ledger belongs to one channel:
 //! after a reconnect the consumer starts a new one (tags are per channel).
+//!
+//! `Window` is how many deliveries the broker may have in flight: after a connection error
+//! the next channel takes one at a time until a delivery is acked, so a delivery that breaks
+//! the connection (lapin refuses a frame larger than the negotiated `frame_max`) is the only
+//! one redelivered: the others keep their delivery budget on a quorum queue, whose delivery
+//! limit then retires the culprit, and on a classic queue the culprit is named in the log.
 
 use std::collections::BTreeMap;
 
@@ -110,9 +116,125 @@ impl Ledger {
     }
 }
 
+/// Losses in a row, each on a window of one before anything arrived, after which the head of
+/// the queue is the delivery that breaks the connection.
+pub const CULPRIT_STREAK: u32 = 3;
+
+/// The prefetch window after faults (pure).
+#[derive(Debug)]
+pub struct Window {
+    full: u16,
+    narrow: bool,
+    /// A delivery arrived on the current channel.
+    arrived: bool,
+    /// Losses in a row on a window of one with nothing arrived.
+    streak: u32,
+}
+
+/// What a lost connection means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Loss {
+    /// The first loss since deliveries were last acked: a new outage (log it, reset backoff).
+    pub new_outage: bool,
+    /// Losses in a row that the delivery at the head of the queue caused, as far as can be
+    /// told (a window of one, nothing arrived).
+    pub streak: u32,
+}
+
+impl Window {
+    pub fn new(full: u16) -> Window {
+        Window {
+            full: full.max(1),
+            narrow: false,
+            arrived: false,
+            streak: 0,
+        }
+    }
+
+    /// The prefetch for the next channel.
+    pub fn prefetch(&self) -> u16 {
+        if self.narrow {
+            1
+        } else {
+            self.full
+        }
+    }
+
+    /// A delivery arrived on the current channel.
+    pub fn arrived(&mut self) {
+        self.arrived = true;
+    }
+
+    /// The connection broke: the next channel takes one delivery at a time.
+    pub fn lost(&mut self) -> Loss {
+        let new_outage = !self.narrow;
+        if self.narrow && !self.arrived {
+            self.streak += 1;
+        } else {
+            self.streak = 0;
+        }
+        self.narrow = true;
+        self.arrived = false;
+        Loss {
+            new_outage,
+            streak: self.streak,
+        }
+    }
+
+    /// A delivery was acked; `Some(full)` once, when the window may open again.
+    pub fn acked(&mut self) -> Option<u16> {
+        self.streak = 0;
+        if self.narrow {
+            self.narrow = false;
+            (self.full > 1).then_some(self.full)
+        } else {
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_window_of_one_after_a_loss_until_an_ack() {
+        let mut w = Window::new(200);
+        assert_eq!(w.prefetch(), 200);
+        w.arrived();
+        assert_eq!(
+            w.lost(),
+            Loss {
+                new_outage: true,
+                streak: 0
+            },
+            "deliveries had arrived: no suspect"
+        );
+        assert_eq!(w.prefetch(), 1);
+        for streak in 1..=CULPRIT_STREAK {
+            let loss = w.lost();
+            assert!(!loss.new_outage, "still the same outage");
+            assert_eq!(loss.streak, streak, "nothing arrived on a window of one");
+        }
+        w.arrived();
+        assert_eq!(
+            w.lost().streak,
+            0,
+            "a delivery arrived: the head got through"
+        );
+        assert_eq!(w.acked(), Some(200));
+        assert_eq!(w.prefetch(), 200);
+        assert_eq!(w.acked(), None, "already open");
+        assert!(w.lost().new_outage);
+    }
+
+    #[test]
+    fn a_window_of_one_stays_one() {
+        let mut w = Window::new(1);
+        w.lost();
+        assert_eq!(w.acked(), None, "nothing to widen");
+        assert_eq!(w.prefetch(), 1);
+    }
 
     fn ledger(tags: std::ops::RangeInclusive<u64>, hold: usize) -> Ledger {
         let mut l = Ledger::new(hold);

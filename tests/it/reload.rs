@@ -4,13 +4,12 @@
 //! database host list, and SIGTERM arriving during a reload.
 
 use std::collections::{HashMap, HashSet};
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpStream};
-use std::sync::{Arc, Mutex};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use crate::harness::broker::{self, Client};
 use crate::harness::ports;
+use crate::harness::relay::Relay;
 use crate::harness::*;
 use mysql::prelude::Queryable;
 
@@ -693,54 +692,6 @@ fn sigterm_during_a_queue_switch_is_acted_on_at_once() {
     );
     mq.delete(&queue);
     mq.delete(&other_queue);
-}
-
-/// A TCP relay to `target` whose connections the test can cut at once (a broker that
-/// vanishes between a reload's preparation and its switch).
-struct Relay {
-    port: u16,
-    streams: Arc<Mutex<Vec<TcpStream>>>,
-}
-
-impl Relay {
-    fn start(target: &str) -> Relay {
-        let listener = ports::listener();
-        let port = listener.local_addr().unwrap().port();
-        let streams: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-        let (kept, target) = (Arc::clone(&streams), target.to_string());
-        // Detached: its sockets are shut down by `cut`, and the test process ends with it.
-        std::thread::spawn(move || {
-            for client in listener.incoming().flatten() {
-                let Ok(server) = TcpStream::connect(&target) else {
-                    continue;
-                };
-                for (from, to) in [(&client, &server), (&server, &client)] {
-                    let (mut from, mut to) = (from.try_clone().unwrap(), to.try_clone().unwrap());
-                    std::thread::spawn(move || {
-                        let mut buf = [0u8; 16 * 1024];
-                        while let Ok(n) = from.read(&mut buf) {
-                            if n == 0 || to.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                        let _ = to.shutdown(Shutdown::Both);
-                    });
-                }
-                kept.lock().unwrap().extend([client, server]);
-            }
-        });
-        Relay { port, streams }
-    }
-
-    fn connections(&self) -> usize {
-        self.streams.lock().unwrap().len() / 2
-    }
-
-    fn cut(&self) {
-        for s in self.streams.lock().unwrap().drain(..) {
-            let _ = s.shutdown(Shutdown::Both);
-        }
-    }
 }
 
 /// The receiver moves first; the consumer's new broker link is then found dead, so its part

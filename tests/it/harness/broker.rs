@@ -98,6 +98,14 @@ impl Client {
         .unwrap();
     }
 
+    /// Deletes this one queue (its exchange bindings go with it), ignoring an absent one.
+    pub fn delete_queue_only(&self, queue: &str) {
+        let _ = smol::block_on(
+            self.ch
+                .queue_delete(queue.into(), QueueDeleteOptions::default()),
+        );
+    }
+
     /// Deletes the queue (and `queue`.rejected with its exchange), ignoring absent ones.
     pub fn delete(&self, queue: &str) {
         smol::block_on(async {

@@ -1,0 +1,198 @@
+//! Hostile peers: a broker that stops answering mid-protocol (a relay that passes the first
+//! frames and then nothing), a database host that accepts TCP and never answers (a listener
+//! nobody accepts on), hosts that answer but cannot be used, a dead-letter queue deleted under
+//! a running feedd. Every wait is bounded, SIGTERM is acted on at once, nothing rejected is
+//! acked into nowhere.
+
+use std::time::{Duration, Instant};
+
+use crate::harness::broker::{self, Client};
+use crate::harness::ports;
+use crate::harness::relay::Relay;
+use crate::harness::*;
+
+/// Broker frames of a connection up to the passive queue declare: connection.start, .tune,
+/// .open-ok, channel.open-ok. The declare is never answered.
+const UP_TO_THE_DECLARE: usize = 4;
+
+fn silent_broker_feedd(test: &str, db: &Db) -> (Relay, Feedd) {
+    let (queue, _) = broker::names(test);
+    let relay = Relay::start("127.0.0.1:5672");
+    relay.go_silent_after(UP_TO_THE_DECLARE);
+    let url = relay.url(&broker::shared_url(), 5672);
+    let o = broker::amqp_overrides(&url, &queue, false, &[]);
+    let refs: Vec<&str> = o.iter().map(String::as_str).collect();
+    let f = Feedd::prepare(db, &refs).spawn_notified(&[]);
+    assert!(
+        wait_until(Duration::from_secs(10), || relay.connections() >= 1),
+        "feedd never connected to the broker:\n{}",
+        f.stderr_log()
+    );
+    (relay, f)
+}
+
+#[test]
+fn a_broker_silent_mid_protocol_fails_start_up_within_its_bound() {
+    let db = Db::create("hostile_silent_start");
+    let (_relay, mut f) = silent_broker_feedd("silent_start", &db);
+    let t = Instant::now();
+    let status = f.wait(Duration::from_secs(20));
+    let log = f.stderr_log();
+    println!("start-up failed after {:?}", t.elapsed());
+    assert!(!status.success(), "{log}");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert!(
+        log.contains("look for the queue: no answer within"),
+        "{log}"
+    );
+}
+
+#[test]
+fn sigterm_ends_a_start_up_stuck_on_a_silent_broker() {
+    let db = Db::create("hostile_silent_term");
+    let (_relay, mut f) = silent_broker_feedd("silent_term", &db);
+    f.signal(Signal::SIGTERM);
+    let t = Instant::now();
+    let status = f.wait(Duration::from_secs(20));
+    println!("exited {:?} after SIGTERM", t.elapsed());
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    assert!(status.success(), "{}", f.stderr_log());
+}
+
+/// The broker goes silent at reconnect: the consumer keeps turning (pings every half period
+/// of a 4 s watchdog) and SIGTERM ends feedd at once.
+#[test]
+fn a_broker_silent_at_reconnect_stalls_neither_the_watchdog_nor_sigterm() {
+    let db = Db::create("hostile_silent_reconnect");
+    let (queue, _) = broker::names("silent_reconnect");
+    let relay = Relay::start("127.0.0.1:5672");
+    let url = relay.url(&broker::shared_url(), 5672);
+    let o = broker::amqp_overrides(&url, &queue, false, &["daemon.shutdown_timeout_ms = 2000"]);
+    let refs: Vec<&str> = o.iter().map(String::as_str).collect();
+    let mut f = Feedd::prepare(&db, &refs).spawn_notified(&[("WATCHDOG_USEC", "4000000".into())]);
+    f.wait_ready();
+    relay.go_silent_after(UP_TO_THE_DECLARE);
+    relay.cut();
+    let pings: Vec<Instant> = f
+        .notify()
+        .collect(Duration::from_secs(12))
+        .into_iter()
+        .filter(|(_, text)| text == "WATCHDOG=1\n")
+        .map(|(at, _)| at)
+        .collect();
+    let log = f.stderr_log();
+    let longest = pings
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or_default();
+    println!(
+        "{} pings in 12 s, longest gap {longest:?}, {} broker connections",
+        pings.len(),
+        relay.connections()
+    );
+    assert!(pings.len() >= 5, "{} pings:\n{log}", pings.len());
+    assert!(longest < Duration::from_millis(3000), "{longest:?}\n{log}");
+    assert!(!log.contains("no ping"), "{log}");
+    assert!(relay.connections() >= 3, "the consumer kept trying:\n{log}");
+    assert_eq!(
+        log.matches("connection to").count(),
+        1,
+        "one line per outage:\n{log}"
+    );
+    f.signal(Signal::SIGTERM);
+    let t = Instant::now();
+    let status = f.wait(Duration::from_secs(30));
+    println!("exited {:?} after SIGTERM", t.elapsed());
+    assert!(status.success(), "{}", f.stderr_log());
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+}
+
+/// A first host that accepts TCP and never answers is passed within `connect_timeout_ms`.
+#[test]
+fn a_database_host_that_never_answers_is_passed_within_connect_timeout() {
+    let db = Db::create("hostile_db_hole");
+    let hole = ports::listener();
+    let hole_port = hole.local_addr().unwrap().port();
+    let hosts = format!(
+        "mysql.host = 127.0.0.1:{hole_port}, {}:{}",
+        mysql_host(),
+        mysql_port()
+    );
+    let t = Instant::now();
+    let f = Feedd::start(&db, &[&hosts, "mysql.connect_timeout_ms = 1000"]);
+    println!("ready after {:?}", t.elapsed());
+    assert!(t.elapsed() < Duration::from_secs(6), "{:?}", t.elapsed());
+    let log = f.stderr_log();
+    assert!(
+        log.contains(&format!("db host 127.0.0.1:{hole_port} not usable")),
+        "{log}"
+    );
+    drop(hole);
+}
+
+#[test]
+fn sigterm_ends_a_start_up_waiting_on_a_silent_database() {
+    let db = Db::create("hostile_db_hole_term");
+    let hole = ports::listener();
+    let hosts = format!(
+        "mysql.host = 127.0.0.1:{}",
+        hole.local_addr().unwrap().port()
+    );
+    let mut f =
+        Feedd::prepare(&db, &[&hosts, "mysql.connect_timeout_ms = 60000"]).spawn_notified(&[]);
+    // Accepted and held: the server greeting never comes.
+    hole.set_nonblocking(true).unwrap();
+    let mut held = None;
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            held = hole.accept().ok();
+            held.is_some()
+        }),
+        "feedd never connected:\n{}",
+        f.stderr_log()
+    );
+    f.signal(Signal::SIGTERM);
+    let t = Instant::now();
+    let status = f.wait(Duration::from_secs(70));
+    println!("exited {:?} after SIGTERM", t.elapsed());
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    assert!(status.success(), "{}", f.stderr_log());
+    drop(hole);
+}
+
+/// The dead-letter queue deleted under a running feedd: the next dead letter comes back
+/// unroutable, the queue is declared again and the dead letter lands in it.
+#[test]
+fn a_deleted_dead_letter_queue_is_declared_again_before_the_original_is_acked() {
+    let db = Db::create("hostile_dlq_gone");
+    let (queue, dlx) = broker::names("dlq_gone");
+    let mq = Client::connect(&broker::shared_url());
+    mq.delete(&queue);
+    mq.delete(&dlx);
+    let (addr, listen) = metrics_listen();
+    let o = broker::amqp_overrides(&broker::shared_url(), &queue, false, &[&listen]);
+    let f = Feedd::start_owned(&db, &o);
+    // The queue only: the exchange stays, with nothing bound to it.
+    mq.delete_queue_only(&dlx);
+    let bad: Vec<String> = (0..3).map(|i| format!("not a record {i}")).collect();
+    mq.publish(&queue, &bad, &[]);
+    assert!(
+        wait_until(Duration::from_secs(20), || mq
+            .counts(&dlx)
+            .is_some_and(|(ready, _)| ready == 3)),
+        "dead-letter queue: {:?}\n{}",
+        mq.counts(&dlx),
+        f.stderr_log()
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || mq.ready(&queue) == 0),
+        "originals still queued"
+    );
+    let letters = mq.drain(&dlx);
+    println!("{} dead letters in the re-declared queue", letters.len());
+    assert_eq!(letters.len(), 3, "{}", f.stderr_log());
+    assert_eq!(scrape(&addr, "feedd_amqp_dead_letters_total"), 3.0);
+    mq.delete(&queue);
+    mq.delete(&dlx);
+}

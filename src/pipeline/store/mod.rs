@@ -199,17 +199,24 @@ impl Store {
         };
         let mut tried = Vec::new();
         for host in 0..store.hosts.len() {
-            if host > 0 {
-                store.start_on(host);
-            }
             let Err(e) = store.prove(host) else {
                 return Ok(store);
             };
             if store.hosts.len() == 1 {
                 return Err(e);
             }
-            log::warn!("db host {} not usable: {e}", store.hosts[host]);
             tried.push(format!("{}: {e}", store.hosts[host]));
+            if host + 1 == store.hosts.len() {
+                break;
+            }
+            match e.move_reason() {
+                // Logged and counted like any move.
+                Some(reason) => store.move_from(host, &reason),
+                None => {
+                    log::warn!("db host {} not usable: {e}", store.hosts[host]);
+                    store.start_on(host + 1);
+                }
+            }
         }
         Err(StoreError::NoHost { tried })
     }

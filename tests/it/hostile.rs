@@ -196,3 +196,101 @@ fn a_deleted_dead_letter_queue_is_declared_again_before_the_original_is_acked() 
     mq.delete(&queue);
     mq.delete(&dlx);
 }
+
+/// 50 valid one-record deliveries (tickets 1–50), then ticket 51 with a header the broker
+/// accepts but delivers in a content-header frame larger than its own `frame_max` (lapin
+/// refuses the frame: the connection breaks each time), then 50 valid ones (52–101); feedd
+/// started on the queue, with its metrics address.
+fn poison_in_the_middle(test: &str, quorum: bool) -> (Db, String, Client, Feedd, String) {
+    let db = Db::create(&format!("hostile_{test}"));
+    let (queue, _) = broker::names(test);
+    let mq = Client::connect(&broker::shared_url());
+    mq.delete(&queue);
+    if quorum {
+        mq.declare_quorum(&queue, 5);
+    } else {
+        mq.declare(&queue);
+    }
+    mq.publish(&queue, &one_record_bodies(1, 50), &[]);
+    let pad = "p".repeat(131_040);
+    mq.publish(&queue, &one_record_bodies(51, 1), &[("x-pad", &pad)]);
+    mq.publish(&queue, &one_record_bodies(52, 50), &[]);
+    let (addr, listen) = metrics_listen();
+    let f = Feedd::start_owned(
+        &db,
+        &broker::amqp_overrides(&broker::shared_url(), &queue, false, &[&listen]),
+    );
+    (db, queue, mq, f, addr)
+}
+
+/// On a quorum queue with `x-delivery-limit = 5` only the culprit spends its delivery budget:
+/// the 100 valid deliveries around it are all stored and the broker retires the culprit.
+#[test]
+fn a_delivery_that_breaks_the_connection_spends_only_its_own_delivery_budget() {
+    let t = Instant::now();
+    let (db, queue, mq, f, addr) = poison_in_the_middle("poison_quorum", true);
+    assert!(
+        wait_until(Duration::from_secs(60), || db.count() >= 100
+            && mq.ready(&queue) == 0),
+        "{} rows, {} ready after {:?}\n{}",
+        db.count(),
+        mq.ready(&queue),
+        t.elapsed(),
+        f.stderr_log()
+    );
+    let rows = db.rows();
+    let reconnects = scrape(&addr, "feedd_amqp_reconnects_total");
+    let log = f.stderr_log();
+    println!(
+        "{} rows after {:?}, {reconnects} reconnects, {} 'connection lost' lines",
+        rows.len(),
+        t.elapsed(),
+        log.matches("lost (").count()
+    );
+    assert!(
+        (1..=50).chain(52..=101).all(|t| rows.contains_key(&t)),
+        "every valid message around the culprit is stored: {} rows\n{log}",
+        rows.len()
+    );
+    assert!(!rows.contains_key(&51), "the culprit never arrived");
+    assert!(log.contains("breaks the connection"), "{log}");
+    mq.delete(&queue);
+}
+
+/// On a classic queue the culprit stays at the head: feedd names it within a few reconnects,
+/// backs off (not hammering the broker), logs the outage once; the 50 before it are stored.
+#[test]
+fn a_delivery_that_breaks_the_connection_is_named_on_a_classic_queue() {
+    let t = Instant::now();
+    let (db, queue, _mq, f, addr) = poison_in_the_middle("poison_classic", false);
+    f.wait_for_log("breaks the connection", Duration::from_secs(30));
+    let named = t.elapsed();
+    wait_rows(&db, 50, 10, &f);
+    assert!(
+        wait_until(Duration::from_secs(30), || scrape(
+            &addr,
+            "feedd_amqp_reconnects_total"
+        ) >= 5.0),
+        "{}",
+        f.stderr_log()
+    );
+    let log = f.stderr_log();
+    println!(
+        "culprit named after {named:?}; {} rows, 5 reconnects after {:?}, {} 'connection lost' lines",
+        db.count(),
+        t.elapsed(),
+        log.matches("lost (").count()
+    );
+    assert_eq!(db.count(), 50, "the deliveries before the culprit\n{log}");
+    assert!(
+        t.elapsed() >= Duration::from_millis(1500),
+        "backoff 0.1 + 0.2 + 0.4 + 0.8 s at least: {:?}",
+        t.elapsed()
+    );
+    assert_eq!(
+        log.matches("lost (").count(),
+        1,
+        "one line per outage\n{log}"
+    );
+    Client::connect(&broker::shared_url()).delete(&queue);
+}

@@ -11,8 +11,9 @@
 //!
 //! Faults: a lost connection starts a new generation (tags belong to their channel, so
 //! verdicts of the old one are dropped and the broker redelivers) and the consumer reconnects
-//! with capped backoff, logged once per outage (until a delivery is acked again), on a window
-//! of one delivery until one is acked (`ledger::Window`). Every broker call returns within
+//! with capped backoff, logged once per outage, on a window of one delivery until the
+//! deliveries it had in hand and one more are settled (`ledger::Window`): a delivery that
+//! breaks the connection is then alone in flight. Every broker call returns within
 //! `link::CALL_TIMEOUT`, so the thread keeps turning for the watchdog. A dead letter's original
 //! is acked on its own as soon as the broker confirmed the dead letter; one the broker returns
 //! unroutable (its queue deleted) is declared again and published once more, else the original
@@ -39,7 +40,7 @@ use crate::input::mailbox::Doorbell;
 use crate::input::record;
 use crate::message::Verdict;
 use crate::metrics::Metrics;
-use ledger::{Ledger, Window, CULPRIT_STREAK};
+use ledger::{Ledger, Window, CULPRIT_STREAK, QUIET};
 pub use link::{AmqpSettings, Event, Link, LinkError};
 
 /// A delivery's reply address: its channel generation and tag, and what a dead letter needs.
@@ -68,9 +69,11 @@ pub struct Consumer {
     /// Intake stopped: no more deliveries, no reconnects.
     stopped: bool,
     /// Since when the connection is lost (one log line per outage), failed attempts, and
-    /// whether the reconnect was logged; cleared once a delivery is acked again.
+    /// whether the reconnect was logged; cleared once the window opens again.
     lost: Option<Outage>,
     window: Window,
+    /// Last delivery, settlement or reconnect: a window of one quiet for `QUIET` opens.
+    stirred: Instant,
     backoff: Backoff,
     next_try: Instant,
     metrics: Metrics,
@@ -124,6 +127,7 @@ impl Consumer {
             stopped: false,
             lost: None,
             window,
+            stirred: Instant::now(),
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
             next_try: Instant::now(),
             metrics,
@@ -149,6 +153,7 @@ impl Consumer {
     fn take(&mut self, d: link::Delivery) -> Taken<AmqpTag> {
         self.metrics.amqp_deliveries.inc();
         self.window.arrived();
+        self.stirred = Instant::now();
         let tag = d.delivery_tag;
         self.ledger.received(tag);
         let max_bytes = self.config.load().zmq.max_message_bytes;
@@ -189,6 +194,7 @@ impl Consumer {
                     );
                     self.ledger.forget(tag);
                     self.metrics.amqp_dead_letters.inc();
+                    self.settled(1);
                 }
                 Err(e) => self.lose(e.to_string()),
             }
@@ -210,7 +216,7 @@ impl Consumer {
                     return self.lose(e.to_string());
                 }
                 self.metrics.amqp_acks.inc();
-                self.was_acked();
+                self.settled(1);
             }
             Err(e @ LinkError::Returned { .. }) => {
                 // Not acked: the broker redelivers it on the next connection.
@@ -224,13 +230,19 @@ impl Consumer {
         }
     }
 
-    /// A delivery was acked: the outage (if any) is over and the window opens again.
-    fn was_acked(&mut self) {
+    /// `n` deliveries were acked or rejected: once the window may open again, the outage
+    /// (if any) is over.
+    fn settled(&mut self, n: u64) {
+        self.stirred = Instant::now();
+        if let Some(full) = self.window.settled(n) {
+            self.opened(full);
+        }
+    }
+
+    /// The window opens again: the outage is over.
+    fn opened(&mut self, full: u16) {
         self.lost = None;
-        let Some(full) = self.window.acked() else {
-            return;
-        };
-        if let Some(link) = &self.link {
+        if let Some(link) = self.link.as_ref().filter(|_| full > 1) {
             if let Err(e) = link.set_prefetch(full) {
                 self.lose(e.to_string());
             }
@@ -244,7 +256,7 @@ impl Consumer {
                 return self.lose(e.to_string());
             }
             self.metrics.amqp_acks.inc_by(ack.deliveries as u64);
-            self.was_acked();
+            self.settled(ack.deliveries as u64);
         }
     }
 
@@ -260,7 +272,7 @@ impl Consumer {
             .map(|s| (s.url.to_string(), s.queue.as_str()))
             .unwrap_or_default();
         if loss.new_outage || self.lost.is_none() {
-            log::warn!("amqp: connection to {url} lost ({reason}); reconnecting with backoff, one delivery at a time until one is acked; unacked deliveries will be redelivered");
+            log::warn!("amqp: connection to {url} lost ({reason}); reconnecting with backoff, one delivery at a time until those in hand are settled; unacked deliveries will be redelivered");
             self.lost = Some(Outage {
                 since: Instant::now(),
                 failed: 0,
@@ -295,6 +307,7 @@ impl Consumer {
                 self.link = Some(link);
                 self.new_generation();
                 self.metrics.amqp_reconnects.inc();
+                self.stirred = Instant::now();
             }
             Err(e) => {
                 match &mut self.lost {
@@ -425,6 +438,11 @@ impl Input for Consumer {
             self.reconnect();
         }
         self.flush_acks(false);
+        if self.link.is_some() && self.window.is_narrow() && self.stirred.elapsed() >= QUIET {
+            if let Some(full) = self.window.quiet() {
+                self.opened(full);
+            }
+        }
     }
 
     fn stop(&mut self) {

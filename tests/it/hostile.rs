@@ -6,6 +6,8 @@
 
 use std::time::{Duration, Instant};
 
+use mysql::prelude::Queryable;
+
 use crate::harness::broker::{self, Client};
 use crate::harness::ports;
 use crate::harness::relay::Relay;
@@ -293,4 +295,75 @@ fn a_delivery_that_breaks_the_connection_is_named_on_a_classic_queue() {
         "one line per outage\n{log}"
     );
     Client::connect(&broker::shared_url()).delete(&queue);
+}
+
+/// A first host that answers but cannot be used — no database (1049), an account that may
+/// only SELECT (1142), a table of another shape — is logged with its reason and passed: feedd
+/// serves on host 2. With no usable host at all, start-up fails naming each host's reason.
+#[test]
+fn a_first_host_that_cannot_be_used_is_passed_with_its_reason() {
+    let one = PrivateMariadb::start_with(&[]);
+    let db = Db::create("hostile_unusable");
+    let user = format!("feedd_t_sel_{}", std::process::id());
+    let hosts = format!(
+        "mysql.host = 127.0.0.1:{}, {}:{}",
+        one.port,
+        mysql_host(),
+        mysql_port()
+    );
+    let serves_on_host_2 = |overrides: &[&str], reason: &str| {
+        let mut o = vec![hosts.as_str()];
+        o.extend(overrides);
+        let t = Instant::now();
+        let f = Feedd::start(&db, &o);
+        let log = f.stderr_log();
+        println!("{reason}: ready after {:?}", t.elapsed());
+        assert!(
+            log.contains(&format!("db host 127.0.0.1:{} not usable", one.port)),
+            "{log}"
+        );
+        assert!(log.contains(reason), "{log}");
+        let d = Dealer::connect(&f.endpoint());
+        assert_eq!(d.round_trip(&one_record_bodies(1, 1))[&0], "TRUE");
+    };
+    // No database on host 1.
+    serves_on_host_2(&[], "1049");
+    // The database, and an account that may only read it.
+    let mut c = one.create_db(&db.name);
+    let pw = "mysql.password = pw";
+    let as_user = format!("mysql.user = {user}");
+    c.query_drop(format!("CREATE USER '{user}'@'%' IDENTIFIED BY 'pw'"))
+        .unwrap();
+    c.query_drop(format!("GRANT SELECT ON `{}`.* TO '{user}'@'%'", db.name))
+        .unwrap();
+    let mut shared = db.conn();
+    shared
+        .query_drop(format!("CREATE USER '{user}'@'%' IDENTIFIED BY 'pw'"))
+        .unwrap();
+    shared
+        .query_drop(format!("GRANT ALL ON `{}`.* TO '{user}'@'%'", db.name))
+        .unwrap();
+    serves_on_host_2(&[&as_user, pw], "1142");
+    // A table of another shape.
+    c.query_drop("CREATE TABLE fee (ticket VARCHAR(20) PRIMARY KEY)")
+        .unwrap();
+    serves_on_host_2(&[], "`ticket`");
+    // No usable host: each host's reason.
+    let none = format!(
+        "mysql.host = 127.0.0.1:{}, 127.0.0.1:{}",
+        one.port,
+        ports::port()
+    );
+    let mut f =
+        Feedd::prepare(&db, &[&none, "mysql.connect_timeout_ms = 1000"]).spawn_notified(&[]);
+    let status = f.wait(Duration::from_secs(20));
+    let log = f.stderr_log();
+    println!("no usable host:\n{log}");
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("`ticket`"), "{log}");
+    assert!(
+        log.contains("refused") || log.contains("Connection"),
+        "{log}"
+    );
+    let _ = shared.query_drop(format!("DROP USER '{user}'@'%'"));
 }

@@ -133,6 +133,14 @@ impl Class {
     }
 }
 
+/// The key a 1062 message names ("Duplicate entry '7' for key 'PRIMARY'"; MySQL 8 writes
+/// `table.key`), without the table.
+pub fn duplicate_key(message: &str) -> Option<&str> {
+    let (_, key) = message.rsplit_once("for key '")?;
+    let key = key.strip_suffix('\'')?;
+    Some(key.rsplit_once('.').map_or(key, |(_, k)| k))
+}
+
 /// The server error code, if `e` is a server error.
 pub fn code_of(e: &mysql::Error) -> Option<u16> {
     match e {

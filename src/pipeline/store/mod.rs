@@ -144,6 +144,9 @@ pub struct Store {
     pool_size: u32,
     connect_timeout: std::time::Duration,
     failover: Mutex<Failover>,
+    /// Names of the unique keys holding `ticket`, as the last table check read them: a
+    /// duplicate-key error naming another key is no resend but a table an operator must fix.
+    ticket_keys: Mutex<Vec<String>>,
     metrics: Metrics,
     serial: u64,
     table: String,
@@ -188,6 +191,7 @@ impl Store {
             pool_size,
             connect_timeout,
             failover: Mutex::new(Failover::new(config.hosts.len(), 0)),
+            ticket_keys: Mutex::new(vec!["PRIMARY".to_string()]),
             metrics: metrics.clone(),
             serial: NEXT_SERIAL.fetch_add(1, Ordering::Relaxed),
             table: config.table.clone(),

@@ -278,7 +278,9 @@ fn signal_pid(pid: i32, signal: Signal) -> anyhow::Result<()> {
     kill(Pid::from_raw(pid), signal).with_context(|| format!("cannot send {signal} to pid {pid}"))
 }
 
-/// `feedd stop`: SIGTERM, then wait until the lock is released.
+/// `feedd stop`: SIGTERM, then wait until the lock is released and every process of the
+/// service (the daemon and its serving child) has exited: the lock goes a moment before the
+/// process that held it ends.
 pub fn stop(conf: &Path) -> anyhow::Result<i32> {
     let config = load_config(conf)?;
     let path = &config.daemon.pidfile;
@@ -286,11 +288,13 @@ pub fn stop(conf: &Path) -> anyhow::Result<i32> {
         println!("not running");
         return Ok(EXIT_OK);
     };
+    let mut service = supervisor::children_of(pid);
+    service.push(pid);
     signal_pid(pid, Signal::SIGTERM)?;
     let limit = config.daemon.shutdown_timeout() + Duration::from_secs(5);
     let until = Instant::now() + limit;
     while Instant::now() < until {
-        if pidfile::holder(path)?.is_none() {
+        if pidfile::holder(path)?.is_none() && service.iter().all(|p| supervisor::exited(*p)) {
             println!("stopped (pid {pid})");
             return Ok(EXIT_OK);
         }

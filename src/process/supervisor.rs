@@ -315,6 +315,16 @@ fn wait_or_stop(rx: &Receiver<Event>, delay: Duration, logging: &Logging) -> boo
     }
 }
 
+/// Whether `pid` is gone or a zombie (exited, not yet reaped): `feedd stop` waits for that.
+pub fn exited(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+        // The state follows the parenthesised command.
+        stat.rfind(')')
+            .and_then(|i| stat.get(i + 2..i + 3))
+            .is_some_and(|state| state == "Z" || state == "X")
+    })
+}
+
 /// Pids of running serving children of `supervisor` (for `feedd status`).
 pub fn children_of(supervisor: i32) -> Vec<i32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {

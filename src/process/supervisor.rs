@@ -34,8 +34,18 @@ const STABLE: Duration = Duration::from_secs(10);
 
 enum Event {
     Signal(i32),
-    Report { pid: u32, report: Report },
-    Exited { pid: u32, status: ExitStatus },
+    Report {
+        pid: u32,
+        report: Report,
+    },
+    /// The child's reload took (its log settings with it).
+    Reloaded {
+        pid: u32,
+    },
+    Exited {
+        pid: u32,
+        status: ExitStatus,
+    },
 }
 
 /// Restart delays: doubling while the child keeps dying young, reset after a stable run.
@@ -84,8 +94,23 @@ fn spawn_child(exe: &Path, conf: &Path, events: &Sender<Event>) -> std::io::Resu
     std::thread::Builder::new()
         .name(format!("wait-{pid}"))
         .spawn(move || {
-            let report = stdout.map(daemon::read_report).unwrap_or(Report::Silent);
-            let _ = tx.send(Event::Report { pid, report });
+            match stdout {
+                Some(out) => daemon::read_reports(
+                    out,
+                    |report| {
+                        let _ = tx.send(Event::Report { pid, report });
+                    },
+                    || {
+                        let _ = tx.send(Event::Reloaded { pid });
+                    },
+                ),
+                None => {
+                    let _ = tx.send(Event::Report {
+                        pid,
+                        report: Report::Silent,
+                    });
+                }
+            }
             if let Ok(status) = child.wait() {
                 let _ = tx.send(Event::Exited { pid, status });
             }
@@ -194,7 +219,8 @@ fn supervise(
                     return done;
                 }
             }
-            Event::Report { .. } | Event::Exited { .. } => {}
+            Event::Reloaded { pid } if pid == s.pid => s.follow_log(),
+            Event::Report { .. } | Event::Exited { .. } | Event::Reloaded { .. } => {}
         }
     }
 }
@@ -204,16 +230,7 @@ impl Supervision<'_> {
         if s == SIGHUP || s == SIGUSR1 {
             self.logging.reopen();
         }
-        if s == SIGHUP {
-            // The supervisor's own log follows the file too; the child judges the rest.
-            // `conf` is absolute and the daemon runs in the directory it was started from.
-            let base = std::env::current_dir().unwrap_or_default();
-            if let Ok(settings) = crate::config::LogSettings::load(self.conf, &base) {
-                if let Err(e) = self.logging.apply(&settings) {
-                    log::error!("supervisor: {e}");
-                }
-            }
-        }
+
         if s == SIGTERM || s == SIGINT {
             self.stopping = true;
             log::info!(
@@ -225,6 +242,18 @@ impl Supervision<'_> {
             forward(self.pid, s);
         } else if !self.held.contains(&s) {
             self.held.push(s);
+        }
+    }
+
+    /// The child's reload took: the supervisor's own log follows the file too (a refused
+    /// reload keeps it). `conf` is absolute and the daemon runs where it was started.
+    fn follow_log(&self) {
+        let base = std::env::current_dir().unwrap_or_default();
+        if let Ok(settings) = crate::config::LogSettings::load(self.conf, &base) {
+            match self.logging.apply(&settings) {
+                Ok(()) => log::info!("supervisor: the serving process reloaded; log follows"),
+                Err(e) => log::error!("supervisor: {e}"),
+            }
         }
     }
 

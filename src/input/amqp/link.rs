@@ -80,6 +80,30 @@ pub enum Event {
     Lost(String),
 }
 
+/// A connection to a broker that answered, with nothing declared yet.
+pub struct Reached(Connection);
+
+impl Reached {
+    pub fn is_connected(&self) -> bool {
+        self.0.status().connected()
+    }
+
+    /// Declares what is missing and starts consuming, as `Link::connect` does.
+    pub fn consume(self, s: &AmqpSettings, prefetch: u16) -> Result<Link, LinkError> {
+        smol::block_on(async {
+            let d = Deadline::new(&s.url.to_string());
+            Link::open(self.0, s, prefetch, &d).await
+        })
+    }
+}
+
+async fn reach(s: &AmqpSettings, d: &Deadline) -> Result<Connection, LinkError> {
+    let props = ConnectionProperties::default()
+        .with_connection_name(LongString::from(format!("feedd {}", std::process::id())));
+    d.step("connect", Connection::connect(s.url.expose(), props))
+        .await
+}
+
 /// A connected channel consuming `queue` with manual acks.
 pub struct Link {
     connection: Connection,
@@ -149,20 +173,32 @@ impl Link {
     /// its queue), sets the prefetch (`prefetch`: the settings' or a narrower window) and
     /// starts consuming. Blocks at most `CALL_TIMEOUT`.
     pub fn connect(s: &AmqpSettings, prefetch: u16) -> Result<Link, LinkError> {
-        smol::block_on(Self::open(s, prefetch))
+        smol::block_on(async {
+            let d = Deadline::new(&s.url.to_string());
+            let connection = reach(s, &d).await?;
+            Self::open(connection, s, prefetch, &d).await
+        })
     }
 
-    async fn open(s: &AmqpSettings, prefetch: u16) -> Result<Link, LinkError> {
+    /// Connects only (login, vhost), declaring nothing: what a reload's preparer proves, so a
+    /// reload refused later leaves nothing on the broker. Blocks at most `CALL_TIMEOUT`.
+    pub fn reach(s: &AmqpSettings) -> Result<Reached, LinkError> {
+        smol::block_on(async {
+            let d = Deadline::new(&s.url.to_string());
+            reach(s, &d).await.map(Reached)
+        })
+    }
+
+    async fn open(
+        connection: Connection,
+        s: &AmqpSettings,
+        prefetch: u16,
+        d: &Deadline,
+    ) -> Result<Link, LinkError> {
         let url = s.url.to_string();
-        let d = Deadline::new(&url);
-        let props = ConnectionProperties::default()
-            .with_connection_name(LongString::from(format!("feedd {}", std::process::id())));
-        let connection = d
-            .step("connect", Connection::connect(s.url.expose(), props))
-            .await?;
-        ensure_queue(&connection, &d, &s.queue).await?;
+        ensure_queue(&connection, d, &s.queue).await?;
         if let Some(dlx) = &s.dead_letter_exchange {
-            declare_dead_letters(&connection, &d, dlx).await?;
+            declare_dead_letters(&connection, d, dlx).await?;
         }
         let channel = d
             .step("open a channel", connection.create_channel())

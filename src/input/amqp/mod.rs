@@ -41,7 +41,7 @@ use crate::input::record;
 use crate::message::Verdict;
 use crate::metrics::Metrics;
 use ledger::{Ledger, Window, CULPRIT_STREAK, QUIET};
-pub use link::{AmqpSettings, Event, Link, LinkError};
+pub use link::{AmqpSettings, Event, Link, LinkError, Reached};
 
 /// A delivery's reply address: its channel generation and tag, and what a dead letter needs.
 pub struct AmqpTag {
@@ -51,9 +51,10 @@ pub struct AmqpTag {
     properties: BasicProperties,
 }
 
-/// The consumer's part of a reload: new settings (`None`: AMQP off) and the link the
-/// preparer connected for them (`None` with settings: the consumer connects itself).
-pub type AmqpPart = (Option<AmqpSettings>, Option<Link>);
+/// The consumer's part of a reload: new settings (`None`: AMQP off) and the connection the
+/// preparer made for them (`None` with settings: the consumer connects itself). The queue
+/// and dead letters are declared only at the switch, the reload's last step.
+pub type AmqpPart = (Option<AmqpSettings>, Option<Reached>);
 
 pub struct Consumer {
     settings: Option<AmqpSettings>,
@@ -474,6 +475,18 @@ impl Input for Consumer {
                 "[amqp]: the new broker connection was lost before the switch; staying on {was}"
             ));
         }
+        let link = match (link, &settings) {
+            (Some(reached), Some(s)) => match reached.consume(s, s.prefetch) {
+                Ok(link) => Some(link),
+                Err(e) => {
+                    self.lose("cancelled for a switch that did not happen".into());
+                    return Err(format!(
+                        "[amqp]: new target not usable: {e}; staying on {was}"
+                    ));
+                }
+            },
+            _ => None,
+        };
         self.flush_acks(true);
         if let Some(old) = self.link.take() {
             old.close();

@@ -367,3 +367,23 @@ fn a_first_host_that_cannot_be_used_is_passed_with_its_reason() {
     );
     let _ = shared.query_drop(format!("DROP USER '{user}'@'%'"));
 }
+
+/// A start-up error states its cause once: an unreachable broker's "Connection refused" was
+/// printed three times in one line (each error of the chain holding its source's text), a
+/// host list named each host twice and wrapped the driver's text in its variant name.
+#[test]
+fn a_start_up_error_states_its_cause_once() {
+    let db = Db::create("hostile_cause_once");
+    let (queue, _) = broker::names("cause_once");
+    let o = broker::amqp_overrides(&broker::url_on(ports::port()), &queue, false, &[]);
+    let refs: Vec<&str> = o.iter().map(String::as_str).collect();
+    let err = Feedd::prepare(&db, &refs).start_must_fail();
+    println!("{err}");
+    assert_eq!(err.matches("Connection refused").count(), 1, "{err}");
+    let (a, b) = (ports::port(), ports::port());
+    let hosts = format!("mysql.host = 127.0.0.1:{a}, 127.0.0.1:{b}");
+    let err = Feedd::prepare(&db, &[&hosts]).start_must_fail();
+    println!("{err}");
+    assert_eq!(err.matches(&format!("127.0.0.1:{a}")).count(), 2, "{err}");
+    assert!(!err.contains("DriverError"), "{err}");
+}

@@ -29,11 +29,13 @@ pub const REASON_HEADER: &str = "feedd-reason";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
-    #[error("AMQP broker {url}: {step}: {source}")]
+    // `error`, not `source`: as a source its text (which holds its own sources' text) would
+    // be printed again by a `{:#}` chain.
+    #[error("AMQP broker {url}: {step}: {error}")]
     Broker {
         url: String,
         step: &'static str,
-        source: Box<lapin::Error>,
+        error: Box<lapin::Error>,
     },
     #[error("AMQP broker {url}: {step}: no answer within {ms} ms")]
     Timeout {
@@ -140,10 +142,10 @@ impl Deadline {
     ) -> Result<T, LinkError> {
         let left = self.at.saturating_duration_since(Instant::now());
         async {
-            f.await.map_err(|source| LinkError::Broker {
+            f.await.map_err(|error| LinkError::Broker {
                 url: self.url.clone(),
                 step,
-                source: Box::new(source),
+                error: Box::new(error),
             })
         }
         .or(async {

@@ -45,7 +45,7 @@ use crate::pipeline::hosts::{self, Failover, HostAddr, MoveReason};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("database {host}: {error}{hint}")]
+    #[error("database {host}: {}{hint}", errors::text(error))]
     Host {
         host: String,
         error: mysql::Error,
@@ -209,7 +209,10 @@ impl Store {
             if store.hosts.len() == 1 {
                 return Err(e);
             }
-            tried.push(format!("{}: {e}", store.hosts[host]));
+            tried.push(match &e {
+                StoreError::Host { .. } => e.to_string(), // names its host
+                _ => format!("{}: {e}", store.hosts[host]),
+            });
             if host + 1 == store.hosts.len() {
                 break;
             }

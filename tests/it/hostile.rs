@@ -396,3 +396,44 @@ fn a_start_up_error_states_its_cause_once() {
     assert_eq!(err.matches(&format!("127.0.0.1:{a}")).count(), 2, "{err}");
     assert!(!err.contains("DriverError"), "{err}");
 }
+
+/// A malformed delivery whose header fits the broker's `frame_max` but not with `feedd-reason`
+/// added: the dead letter goes without the original headers (saying so) instead of breaking
+/// the connection each time, and the deliveries behind it are stored.
+#[test]
+fn a_dead_letter_too_large_for_the_frame_limit_goes_without_its_headers() {
+    let db = Db::create("hostile_big_dead_letter");
+    let (queue, dlq) = broker::names("big_dead_letter");
+    let mq = Client::connect(&broker::shared_url());
+    mq.delete(&queue);
+    mq.declare(&queue);
+    let pad = "p".repeat(131_000);
+    mq.publish(&queue, &["not a record".to_string()], &[("x-pad", &pad)]);
+    mq.publish(&queue, &one_record_bodies(1, 5), &[]);
+    let (addr, listen) = metrics_listen();
+    let f = Feedd::start_owned(
+        &db,
+        &broker::amqp_overrides(&broker::shared_url(), &queue, false, &[&listen]),
+    );
+    wait_rows(&db, 5, 20, &f);
+    let mut letters = Vec::new();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            letters.extend(mq.drain(&dlq));
+            !letters.is_empty()
+        }),
+        "{}",
+        f.stderr_log()
+    );
+    let (body, headers) = &letters[0];
+    println!(
+        "dead letter headers: {:?}",
+        headers.keys().collect::<Vec<_>>()
+    );
+    assert_eq!(body, "not a record");
+    assert!(headers.contains_key("feedd-reason"), "{headers:?}");
+    assert!(headers.contains_key("feedd-headers-dropped"), "{headers:?}");
+    assert_eq!(scrape(&addr, "feedd_amqp_dead_letters_total"), 1.0);
+    assert_eq!(scrape(&addr, "feedd_amqp_reconnects_total"), 0.0);
+    mq.delete(&queue);
+}

@@ -344,12 +344,8 @@ impl Link {
         properties: &BasicProperties,
         reason: &str,
     ) -> Result<(), LinkError> {
-        let mut headers = properties.headers().clone().unwrap_or_default();
-        headers.insert(
-            REASON_HEADER.into(),
-            AMQPValue::LongString(LongString::from(reason)),
-        );
-        let properties = properties.clone().with_headers(headers);
+        let frame_max = self.connection.configuration().frame_max();
+        let properties = dead_letter_properties(properties, reason, frame_max);
         let options = BasicPublishOptions {
             mandatory: true,
             ..BasicPublishOptions::default()
@@ -414,6 +410,43 @@ impl Link {
             log::debug!("amqp: {e}");
         }
     }
+}
+
+/// Marks a dead letter whose original headers had to be left out.
+pub const HEADERS_DROPPED_HEADER: &str = "feedd-headers-dropped";
+
+/// The dead letter's properties: the original ones plus `feedd-reason`. When that makes the
+/// content-header frame larger than `frame_max` (the broker would close the connection on
+/// it, and the original come back again and again), the original headers are left out and
+/// `feedd-headers-dropped` says so.
+fn dead_letter_properties(
+    original: &BasicProperties,
+    reason: &str,
+    frame_max: u32,
+) -> BasicProperties {
+    let reason_value = AMQPValue::LongString(LongString::from(reason));
+    let mut headers = original.headers().clone().unwrap_or_default();
+    headers.insert(REASON_HEADER.into(), reason_value.clone());
+    let full = original.clone().with_headers(headers);
+    if header_frame_size(&full).is_some_and(|n| n <= u64::from(frame_max)) {
+        return full;
+    }
+    let mut headers = FieldTable::default();
+    headers.insert(REASON_HEADER.into(), reason_value);
+    headers.insert(
+        HEADERS_DROPPED_HEADER.into(),
+        AMQPValue::LongString(LongString::from(format!(
+            "the original headers made the message larger than the broker's frame_max ({frame_max} bytes)"
+        ))),
+    );
+    original.clone().with_headers(headers)
+}
+
+/// The size of the content-header frame that carries `properties`: frame header (7) and end
+/// (1), class id, weight and body size (12), the encoded properties. `None`: not encodable.
+fn header_frame_size(properties: &BasicProperties) -> Option<u64> {
+    let encoded = lapin::protocol::basic::gen_properties(properties)(Vec::new().into()).ok()?;
+    Some(8 + 12 + encoded.position)
 }
 
 /// Declares `queue` durable unless it exists (a passive check first, so a queue the operator
@@ -495,4 +528,37 @@ async fn declare_dead_letters(
     .await?;
     d.close(&ch).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_pad(n: usize) -> BasicProperties {
+        let mut h = FieldTable::default();
+        h.insert("x-pad".into(), AMQPValue::LongString("p".repeat(n).into()));
+        h.insert("x-origin".into(), AMQPValue::LongString("test".into()));
+        BasicProperties::default().with_headers(h)
+    }
+
+    #[test]
+    fn a_dead_letter_keeps_the_original_headers_while_they_fit() {
+        let p = dead_letter_properties(&with_pad(10), "line 1: bad", 131_072);
+        let h = p.headers().clone().unwrap();
+        assert!(h.inner().contains_key("x-origin"));
+        assert!(h.inner().contains_key(REASON_HEADER));
+        assert!(!h.inner().contains_key(HEADERS_DROPPED_HEADER));
+        let size = header_frame_size(&p).unwrap();
+        assert!(size > 10 && size < 200, "{size}");
+    }
+
+    #[test]
+    fn headers_that_would_break_the_frame_limit_are_left_out() {
+        let p = dead_letter_properties(&with_pad(131_000), "line 1: bad", 131_072);
+        let h = p.headers().clone().unwrap();
+        assert!(!h.inner().contains_key("x-pad"));
+        assert!(h.inner().contains_key(REASON_HEADER));
+        assert!(h.inner().contains_key(HEADERS_DROPPED_HEADER));
+        assert!(header_frame_size(&p).unwrap() < 1000);
+    }
 }

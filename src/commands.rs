@@ -27,7 +27,7 @@ use crate::process::privileges;
 use crate::process::signals::Signals;
 use crate::process::supervisor::{self, Start};
 use crate::process::upgrade;
-use crate::server::{Handed, Outcome, Server};
+use crate::server::{Handed, Outcome, ServeError, Server};
 
 /// Exit statuses.
 pub const EXIT_OK: i32 = 0;
@@ -103,7 +103,14 @@ fn serve(
         listeners: Listener::inherited()?,
         control: Control::inherited(),
     };
-    let bound = Server::bind(config, held.signals, Arc::clone(&held.logging), handed)?;
+    let bound = match Server::bind(config, held.signals, Arc::clone(&held.logging), handed) {
+        // Asked to stop before serving: nothing was taken in, so nothing to drain.
+        Err(ServeError::Interrupted(i)) => {
+            log::info!("{i}");
+            return Ok(Outcome::Drained);
+        }
+        bound => bound?,
+    };
     if let Some(target) = target {
         if let Some(log) = &log_path {
             let mut paths: Vec<&Path> = vec![log.as_path()];
@@ -334,7 +341,9 @@ fn signal_pid(pid: i32, signal: Signal) -> anyhow::Result<()> {
     kill(Pid::from_raw(pid), signal).with_context(|| format!("cannot send {signal} to pid {pid}"))
 }
 
-/// `feedd stop`: SIGTERM, then wait until the lock is released.
+/// `feedd stop`: SIGTERM, then wait until the lock is released and every process of the
+/// service (the daemon and its serving child) has exited: the lock goes a moment before the
+/// process that held it ends.
 pub fn stop(conf: &Path) -> anyhow::Result<i32> {
     let config = load_config(conf)?;
     let path = &config.daemon.pidfile;
@@ -342,11 +351,13 @@ pub fn stop(conf: &Path) -> anyhow::Result<i32> {
         println!("not running");
         return Ok(EXIT_OK);
     };
+    let mut service = supervisor::children_of(pid);
+    service.push(pid);
     signal_pid(pid, Signal::SIGTERM)?;
     let limit = config.daemon.shutdown_timeout() + Duration::from_secs(5);
     let until = Instant::now() + limit;
     while Instant::now() < until {
-        if pidfile::holder(path)?.is_none() {
+        if pidfile::holder(path)?.is_none() && service.iter().all(|p| supervisor::exited(*p)) {
             println!("stopped (pid {pid})");
             return Ok(EXIT_OK);
         }

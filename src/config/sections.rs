@@ -54,6 +54,10 @@ pub struct MysqlConfig {
     pub table: String,
     /// 0: workers + 1.
     pub pool_size: u32,
+    /// TCP connect, and at start-up or reload the whole proof of a host (login, table check).
+    pub connect_timeout_ms: u64,
+    /// Longest wait for one answer on a serving connection (above the 10 s lock wait).
+    pub read_timeout_ms: u64,
     pub tls: TlsMode,
     /// PEM CA bundle; required by `verify_ca` and `verify_identity`.
     pub tls_ca_file: Option<PathBuf>,
@@ -121,6 +125,14 @@ impl MysqlConfig {
         } else {
             u32::try_from(workers + 1).unwrap_or(u32::MAX)
         }
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+
+    pub fn read_timeout(&self) -> Duration {
+        Duration::from_millis(self.read_timeout_ms)
     }
 }
 
@@ -353,6 +365,8 @@ impl MysqlConfig {
                 raw
             },
             pool_size: s.number("pool_size", 0, 0, 1024)?,
+            connect_timeout_ms: s.number("connect_timeout_ms", 3_000, 100, 600_000)?,
+            read_timeout_ms: s.number("read_timeout_ms", 15_000, 100, 3_600_000)?,
             tls,
             tls_ca_file,
             tls_cert_file,

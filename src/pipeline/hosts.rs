@@ -47,7 +47,7 @@ pub fn move_reason(error: &mysql::Error) -> Option<MoveReason> {
         (_, mysql::Error::MySqlError(e)) => {
             MoveReason::Unreachable(format!("error {}: {}", e.code, e.message))
         }
-        (_, other) => MoveReason::Unreachable(other.to_string()),
+        (_, other) => MoveReason::Unreachable(errors::text(other)),
     })
 }
 

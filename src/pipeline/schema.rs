@@ -4,7 +4,9 @@
 //! exact) and `status = 'Y'`, and relies on a unique `ticket` for idempotent resends. A column
 //! narrower than that would truncate, round or refuse acknowledged data, so such a table is
 //! refused at start, on reload and when it is (re)created, naming each column, its type and
-//! what is needed. `store/table.rs` reads `information_schema` and calls `judge`.
+//! what is needed. So is a table with a second unique key or a CHECK constraint a valid
+//! record can violate (it would be held and retried forever), naming the key or constraint.
+//! `store/table.rs` reads `information_schema` and calls the judges.
 
 /// One column as `information_schema.COLUMNS` describes it (types in lower case).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -123,6 +125,78 @@ pub fn judge(columns: &[Column], unique_columns: &[String]) -> Vec<String> {
         }
     }
     problems
+}
+
+/// One unique index: its name and columns, in index order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UniqueKey {
+    pub name: String,
+    pub columns: Vec<String>,
+}
+
+/// Unique keys a valid record can violate: any that holds neither `ticket` (which makes the
+/// row unique already) nor an AUTO_INCREMENT column. A second record with the same `login`,
+/// say, would be refused forever; the resend check reads rows by ticket and cannot help.
+pub fn judge_unique_keys(columns: &[Column], keys: &[UniqueKey]) -> Vec<String> {
+    let auto = |name: &String| {
+        columns
+            .iter()
+            .any(|c| c.name.eq_ignore_ascii_case(name) && c.is_auto_increment())
+    };
+    keys.iter()
+        .filter(|k| {
+            !k.columns
+                .iter()
+                .any(|c| c.eq_ignore_ascii_case("ticket") || auto(c))
+        })
+        .map(|k| {
+            format!(
+                "unique key `{}` on ({}) does not hold `ticket`: two valid records may share \
+                 it, and the second would be refused forever (only `ticket` may be unique)",
+                k.name,
+                k.columns
+                    .iter()
+                    .map(|c| format!("`{c}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
+        .collect()
+}
+
+/// One CHECK constraint: its name and clause as the server shows them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub name: String,
+    pub clause: String,
+}
+
+/// CHECK constraints a valid record can violate: those that read a column feedd fills from
+/// records (`ticket`, `login`, `volume`, `status`). Checks on other columns (MariaDB's
+/// `json_valid` of a JSON column, say) see only their defaults, the same for every row.
+pub fn judge_checks(checks: &[Check]) -> Vec<String> {
+    checks
+        .iter()
+        .filter_map(|c| {
+            let ours: Vec<&str> = c
+                .clause
+                .split(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_' || ch == '$'))
+                .filter(|w| {
+                    ["ticket", "login", "volume", "status"]
+                        .iter()
+                        .any(|n| w.eq_ignore_ascii_case(n))
+                })
+                .collect();
+            let first = ours.first()?;
+            Some(format!(
+                "CHECK constraint `{}` ({}) reads `{}`, which feedd writes from records: a \
+                 valid record may fail it and be held forever",
+                c.name,
+                c.clause,
+                first.to_ascii_lowercase()
+            ))
+        })
+        .collect()
 }
 
 /// The engine must be InnoDB: a batch is all-or-nothing only in a transactional table (a
@@ -320,6 +394,48 @@ mod tests {
             p,
             vec!["`login` is a generated column (STORED GENERATED); feedd writes it"]
         );
+    }
+
+    fn key(name: &str, columns: &[&str]) -> UniqueKey {
+        UniqueKey {
+            name: name.into(),
+            columns: columns.iter().map(|c| c.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn only_ticket_may_be_unique() {
+        let mut id = col("id", "bigint", "bigint(20)");
+        id.extra = "auto_increment".into();
+        let columns = with(feedd_table(), id);
+        let fine = [
+            key("PRIMARY", &["id"]),
+            key("t", &["TICKET"]),
+            key("tl", &["login", "ticket"]),
+        ];
+        assert_eq!(judge_unique_keys(&columns, &fine), Vec::<String>::new());
+        let p = judge_unique_keys(&columns, &[key("lv", &["login", "volume"])]);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].starts_with("unique key `lv` on (`login`, `volume`) does not hold `ticket`"),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn checks_on_record_columns_are_refused() {
+        let check = |name: &str, clause: &str| Check {
+            name: name.into(),
+            clause: clause.into(),
+        };
+        let p = judge_checks(&[
+            check("small", "`volume` < 1000"),
+            check("doc", "json_valid(`doc`)"),
+            check("st", "STATUS in ('Y','N')"),
+        ]);
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p[0].starts_with("CHECK constraint `small` (`volume` < 1000) reads `volume`"));
+        assert!(p[1].contains("reads `status`"), "{p:?}");
     }
 
     #[test]

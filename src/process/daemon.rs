@@ -9,6 +9,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use daemonize::{Daemonize, Outcome};
@@ -38,6 +39,22 @@ enum Channel {
 
 const READY: &str = "READY";
 const FAILED: &str = "ERR ";
+/// After `READY`, a serving child reports each reload that took, so the supervisor switches
+/// its own log only then (a refused reload keeps the running log).
+const RELOADED: &str = "RELOADED";
+
+/// Set once a serving child reported ready: its stdout still goes to the supervisor.
+static REPORTS_TO_SUPERVISOR: AtomicBool = AtomicBool::new(false);
+
+/// A reload took: tells the supervisor, if this process is a serving child (else nothing).
+pub fn report_reloaded() {
+    if REPORTS_TO_SUPERVISOR.load(Ordering::Relaxed) {
+        let mut out = std::io::stdout().lock();
+        // A supervisor gone: the write fails (SIGPIPE is ignored) and the child stops anyway.
+        let _ = writeln!(out, "{RELOADED}");
+        let _ = out.flush();
+    }
+}
 
 impl Readiness {
     /// Reports to nobody (a foreground run).
@@ -80,8 +97,10 @@ impl Readiness {
                     let mut out = std::io::stdout().lock();
                     let _ = writeln!(out, "{line}");
                     let _ = out.flush();
-                    // Later writes must not hit a pipe nobody reads any more.
-                    if let Ok(null) = File::options().write(true).open("/dev/null") {
+                    // The supervisor reads on (`read_reports`) after `READY` only.
+                    if line == READY {
+                        REPORTS_TO_SUPERVISOR.store(true, Ordering::Relaxed);
+                    } else if let Ok(null) = File::options().write(true).open("/dev/null") {
                         let _ = nix::unistd::dup2(null.as_raw_fd(), 1);
                     }
                 }
@@ -101,8 +120,35 @@ pub enum Report {
 
 /// Reads the first report line from `source`.
 pub fn read_report(source: impl Read) -> Report {
+    read_first(&mut BufReader::new(source))
+}
+
+/// A serving child's reports: the first (`on_report`), then after `READY` one call of
+/// `on_reload` per reload that took, until the child closes its stdout (exits).
+pub fn read_reports(
+    source: impl Read,
+    on_report: impl FnOnce(Report),
+    mut on_reload: impl FnMut(),
+) {
+    let mut source = BufReader::new(source);
+    let first = read_first(&mut source);
+    let ready = first == Report::Ready;
+    on_report(first);
+    if !ready {
+        return;
+    }
     let mut line = String::new();
-    match BufReader::new(source).read_line(&mut line) {
+    while matches!(source.read_line(&mut line), Ok(n) if n > 0) {
+        if line.trim_end() == RELOADED {
+            on_reload();
+        }
+        line.clear();
+    }
+}
+
+fn read_first(source: &mut impl BufRead) -> Report {
+    let mut line = String::new();
+    match source.read_line(&mut line) {
         Ok(n) if n > 0 => {
             let line = line.trim_end();
             if line == READY {
@@ -196,5 +242,20 @@ mod tests {
             Report::Failed("already running (pid 5)".into())
         );
         assert_eq!(read_report(&b""[..]), Report::Silent);
+    }
+
+    #[test]
+    fn reloads_are_reported_after_ready_only() {
+        let mut first = None;
+        let mut reloads = 0;
+        read_reports(
+            &b"READY\nRELOADED\nnoise\nRELOADED\n"[..],
+            |r| first = Some(r),
+            || reloads += 1,
+        );
+        assert_eq!((first, reloads), (Some(Report::Ready), 2));
+        let mut reloads = 0;
+        read_reports(&b"ERR x\nRELOADED\n"[..], |_| {}, || reloads += 1);
+        assert_eq!(reloads, 0);
     }
 }

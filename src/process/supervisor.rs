@@ -61,6 +61,10 @@ enum Event {
         pid: u32,
         report: Report,
     },
+    /// The child's reload took (its log settings with it).
+    Reloaded {
+        pid: u32,
+    },
     Exited {
         pid: u32,
         status: ExitStatus,
@@ -149,10 +153,35 @@ fn spawn_child(
     std::thread::Builder::new()
         .name(format!("wait-{pid}"))
         .spawn(move || {
-            let report = stdout.map(daemon::read_report).unwrap_or(Report::Silent);
-            let _ = tx.send(Event::Report { pid, report });
-            relay_reports(pid, &reports, &tx);
-            if let Ok(status) = child.wait() {
+            // The control channel's reports on a thread of their own: like stdout, they are
+            // read until the child exits.
+            let relay_tx = tx.clone();
+            let relay = std::thread::Builder::new()
+                .name(format!("control-{pid}"))
+                .spawn(move || relay_reports(pid, &reports, &relay_tx));
+            match stdout {
+                Some(out) => daemon::read_reports(
+                    out,
+                    |report| {
+                        let _ = tx.send(Event::Report { pid, report });
+                    },
+                    || {
+                        let _ = tx.send(Event::Reloaded { pid });
+                    },
+                ),
+                None => {
+                    let _ = tx.send(Event::Report {
+                        pid,
+                        report: Report::Silent,
+                    });
+                }
+            }
+            let status = child.wait();
+            // Its last reports before its exit.
+            if let Ok(relay) = relay {
+                let _ = relay.join();
+            }
+            if let Ok(status) = status {
                 let _ = tx.send(Event::Exited { pid, status });
             }
         })?;
@@ -416,7 +445,8 @@ impl Supervision<'_> {
                     );
                 }
                 Event::Serving { pid, serving } if pid == self.pid => self.on_serving(serving),
-                Event::Report { .. } | Event::Serving { .. } => {}
+                Event::Reloaded { pid } if pid == self.pid => self.follow_log(),
+                Event::Report { .. } | Event::Serving { .. } | Event::Reloaded { .. } => {}
             }
         }
     }
@@ -428,15 +458,6 @@ impl Supervision<'_> {
         }
         if s == SIGHUP || s == SIGUSR1 {
             self.logging.reopen();
-        }
-        if s == SIGHUP {
-            // The supervisor's own log follows the file too; the child judges the rest.
-            let base = std::env::current_dir().unwrap_or_default();
-            if let Ok(settings) = crate::config::LogSettings::load(self.conf, &base) {
-                if let Err(e) = self.logging.apply(&settings) {
-                    log::error!("supervisor: {e}");
-                }
-            }
         }
         if s == SIGTERM || s == SIGINT {
             self.stopping = true;
@@ -461,6 +482,18 @@ impl Supervision<'_> {
             self.forward_to_child(s);
         } else if !self.held.contains(&s) {
             self.held.push(s);
+        }
+    }
+
+    /// The child's reload took: the supervisor's own log follows the file too (a refused
+    /// reload keeps it). `conf` is absolute and the daemon runs where it was started.
+    fn follow_log(&self) {
+        let base = std::env::current_dir().unwrap_or_default();
+        if let Ok(settings) = crate::config::LogSettings::load(self.conf, &base) {
+            match self.logging.apply(&settings) {
+                Ok(()) => log::info!("supervisor: the serving process reloaded; log follows"),
+                Err(e) => log::error!("supervisor: {e}"),
+            }
         }
     }
 
@@ -768,6 +801,16 @@ fn wait_or_stop(rx: &Receiver<Event>, delay: Duration, logging: &Logging, pidfil
             Err(_) => return false,
         }
     }
+}
+
+/// Whether `pid` is gone or a zombie (exited, not yet reaped): `feedd stop` waits for that.
+pub fn exited(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+        // The state follows the parenthesised command.
+        stat.rfind(')')
+            .and_then(|i| stat.get(i + 2..i + 3))
+            .is_some_and(|state| state == "Z" || state == "X")
+    })
 }
 
 /// Pids of running serving children of `supervisor` (for `feedd status`).

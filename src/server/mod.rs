@@ -43,7 +43,7 @@ use crate::pipeline::store::{Store, StoreError};
 use crate::pipeline::worker::{self, Shared};
 use crate::process::control::Control;
 use crate::process::notify::Notifier;
-use crate::process::signals::{Event, SignalThread, Signals};
+use crate::process::signals::{Event, Interrupted, SignalThread, Signals};
 use reload::{Handoff, Owners, Reload, Running};
 use threads::{spawn_pinned, Exit, Role};
 
@@ -63,6 +63,8 @@ pub enum ServeError {
     Mailbox(std::io::Error),
     #[error("CURVE authentication handler: {0}")]
     Zap(zmq::Error),
+    #[error(transparent)]
+    Interrupted(#[from] Interrupted),
 }
 
 // Not `#[from]`: that would also make it the error's source, printed twice in a `{:#}` chain.
@@ -116,7 +118,7 @@ impl Server {
     /// message yet, so the caller can still drop privileges.
     pub fn bind(
         config: Config,
-        signals: Signals,
+        mut signals: Signals,
         logging: Arc<Logging>,
         handed: Handed,
     ) -> Result<Bound, ServeError> {
@@ -125,7 +127,10 @@ impl Server {
         let metrics = Metrics::new(Arc::new(move || depth.records()))?;
         let workers = config.pipeline.worker_count();
         let pool_size = config.mysql.pool_size_for(workers);
-        let store = Store::connect(&config.mysql, pool_size, &metrics)?;
+        let (mysql, m) = (config.mysql.clone(), metrics.clone());
+        let store = signals.interruptible("connecting the database", move || {
+            Store::connect(&mysql, pool_size, &m)
+        })???;
         store.publish();
         log::info!(
             "database {}/{} table `{}` ready (pool of {pool_size})",
@@ -152,7 +157,9 @@ impl Server {
             listeners: zmq.as_ref().map(|z| z.listeners.clone()),
             control: handed.control.map(Arc::new),
         };
-        let consumer = Consumer::connect(Arc::clone(&shared.config), metrics.clone())?;
+        let (c, m) = (Arc::clone(&shared.config), metrics.clone());
+        let consumer = signals
+            .interruptible("connecting the broker", move || Consumer::connect(c, m))???;
         let consumer_beat = Heartbeat::new("amqp-consumer");
         let (consumer, consumer_handle) =
             Driver::new(consumer, &queue, metrics, consumer_beat.clone())

@@ -27,7 +27,7 @@ use arc_swap::ArcSwap;
 use crossbeam_channel::Receiver as Chan;
 
 use crate::config::Config;
-use crate::input::amqp::{AmqpPart, AmqpSettings, Link};
+use crate::input::amqp::{AmqpPart, AmqpSettings, Link, Reached};
 use crate::input::driver::{Answer, Handle};
 use crate::input::zmq::listener::Listeners;
 use crate::input::zmq::ZmqSettings;
@@ -77,7 +77,7 @@ pub struct Prepared {
     plan: Plan,
     store: Option<Store>,
     metrics_server: Option<Option<MetricsServer>>,
-    link: Option<Link>,
+    link: Option<Reached>,
 }
 
 /// The preparer thread of the reload under way.
@@ -300,6 +300,7 @@ impl Reload {
             Ok(()) => {
                 metrics.config_reloads.inc();
                 log::info!("config reloaded from {}", running.file.display());
+                crate::process::daemon::report_reloaded();
             }
             Err(reason) => {
                 metrics.config_reload_failures.inc();
@@ -477,12 +478,6 @@ fn prepare(file: &Path, base: &Path, old: &Config, proof: &Proof) -> Result<Prep
         .logging
         .check(&plan.config.log())
         .map_err(|e| e.to_string())?;
-    let link = match &plan.amqp {
-        Some(Some(s)) => {
-            Some(Link::connect(s).map_err(|e| format!("new AMQP target not usable: {e}"))?)
-        }
-        _ => None,
-    };
     let metrics_server = match plan.metrics {
         None => None,
         Some(None) => Some(None),
@@ -506,6 +501,14 @@ fn prepare(file: &Path, base: &Path, old: &Config, proof: &Proof) -> Result<Prep
             log::warn!("reload: table not checked: {e}");
         }
         None
+    };
+    // Last, and only connected: the queue and dead letters are declared at the switch, so a
+    // reload refused here or by another part leaves nothing on the broker.
+    let link = match &plan.amqp {
+        Some(Some(s)) => {
+            Some(Link::reach(s).map_err(|e| format!("new AMQP target not usable: {e}"))?)
+        }
+        _ => None,
     };
     Ok(Prepared {
         plan,

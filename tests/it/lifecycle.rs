@@ -346,3 +346,51 @@ fn log_rotation_reopens_the_file() {
     );
     f.stop_daemon();
 }
+
+/// `feedd stop` returns only once the process it stopped has exited, not merely once the lock
+/// is released (a daemon releases it a moment before it ends: then its log is flushed). A
+/// stand-in daemon holds the pidfile lock and, on SIGTERM, releases it and lives 2 s more.
+#[test]
+fn stop_returns_once_the_daemon_has_exited_not_when_the_lock_goes() {
+    let db = Db::create("d_stop_exited");
+    let f = Feedd::prepare(&db, &[]);
+    let pidfile = f.pidfile();
+    std::fs::create_dir_all(pidfile.parent().unwrap()).unwrap();
+    let script = r#"
+import fcntl, os, signal, sys, time
+f = open(sys.argv[1], "w")
+fcntl.flock(f, fcntl.LOCK_EX)
+f.write(str(os.getpid())); f.flush()
+def term(*_):
+    fcntl.flock(f, fcntl.LOCK_UN)
+    time.sleep(2)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, term)
+print("locked", flush=True)
+while True:
+    time.sleep(0.1)
+"#;
+    let mut stand_in = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(&pidfile)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(stand_in.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line, "locked\n");
+    let pid = stand_in.id() as i32;
+    let t = std::time::Instant::now();
+    let (status, out, err) = f.command(&["stop", "--conf", "feed.ini"]);
+    let took = t.elapsed();
+    let still = alive(pid);
+    println!("`stop` returned after {took:?}; stand-in still running: {still}");
+    assert_eq!(status.code(), Some(0), "{out}{err}");
+    assert!(out.contains(&format!("stopped (pid {pid})")), "{out}");
+    assert!(!still, "`stop` returned while pid {pid} was running");
+    let _ = stand_in.wait();
+}

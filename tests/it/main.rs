@@ -12,6 +12,7 @@ mod config;
 mod database;
 mod database_tls;
 mod faults;
+mod hostile;
 mod ingest;
 mod installing;
 mod lifecycle;

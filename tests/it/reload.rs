@@ -4,13 +4,12 @@
 //! database host list, and SIGTERM arriving during a reload.
 
 use std::collections::{HashMap, HashSet};
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpStream};
-use std::sync::{Arc, Mutex};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use crate::harness::broker::{self, Client};
 use crate::harness::ports;
+use crate::harness::relay::Relay;
 use crate::harness::*;
 use mysql::prelude::Queryable;
 
@@ -695,54 +694,6 @@ fn sigterm_during_a_queue_switch_is_acted_on_at_once() {
     mq.delete(&other_queue);
 }
 
-/// A TCP relay to `target` whose connections the test can cut at once (a broker that
-/// vanishes between a reload's preparation and its switch).
-struct Relay {
-    port: u16,
-    streams: Arc<Mutex<Vec<TcpStream>>>,
-}
-
-impl Relay {
-    fn start(target: &str) -> Relay {
-        let listener = ports::listener();
-        let port = listener.local_addr().unwrap().port();
-        let streams: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-        let (kept, target) = (Arc::clone(&streams), target.to_string());
-        // Detached: its sockets are shut down by `cut`, and the test process ends with it.
-        std::thread::spawn(move || {
-            for client in listener.incoming().flatten() {
-                let Ok(server) = TcpStream::connect(&target) else {
-                    continue;
-                };
-                for (from, to) in [(&client, &server), (&server, &client)] {
-                    let (mut from, mut to) = (from.try_clone().unwrap(), to.try_clone().unwrap());
-                    std::thread::spawn(move || {
-                        let mut buf = [0u8; 16 * 1024];
-                        while let Ok(n) = from.read(&mut buf) {
-                            if n == 0 || to.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                        let _ = to.shutdown(Shutdown::Both);
-                    });
-                }
-                kept.lock().unwrap().extend([client, server]);
-            }
-        });
-        Relay { port, streams }
-    }
-
-    fn connections(&self) -> usize {
-        self.streams.lock().unwrap().len() / 2
-    }
-
-    fn cut(&self) {
-        for s in self.streams.lock().unwrap().drain(..) {
-            let _ = s.shutdown(Shutdown::Both);
-        }
-    }
-}
-
 /// The receiver moves first; the consumer's new broker link is then found dead, so its part
 /// fails and the receiver must go back to the running endpoint (it stayed moved before).
 #[test]
@@ -788,14 +739,9 @@ fn a_part_failing_after_the_receiver_moved_rolls_the_receiver_back() {
     second.extend([zmq_key.as_str(), relayed.as_str()]);
     let f = f.prepare_in(&db, &second);
     f.signal(Signal::SIGHUP);
-    // Prepared: the new link consumes the queue beside the running one.
-    assert!(
-        wait_until(Duration::from_secs(10), || mq
-            .counts(&queue)
-            .is_some_and(|(_, consumers)| consumers == 2)),
-        "{}",
-        f.stderr_log()
-    );
+    // Prepared (the new link connected, nothing declared until the switch), and the walk
+    // began: the receiver drains before moving.
+    f.wait_for_log("receiver: answering", Duration::from_secs(10));
     assert_eq!(
         relay.connections(),
         1,
@@ -837,4 +783,95 @@ fn a_part_failing_after_the_receiver_moved_rolls_the_receiver_back() {
         f.stderr_log()
     );
     mq.delete(&queue);
+}
+
+/// A reload that changes the queue and is refused for another reason (its new endpoint is
+/// taken) leaves nothing on the broker: the preparer only connects; the queue and the
+/// dead letters are declared at the switch, which never came.
+#[test]
+fn a_refused_reload_declares_nothing_on_the_broker() {
+    let db = Db::create("reload_no_traces");
+    let (queue, _) = broker::names("traces_a");
+    let (new_queue, new_dlx) = broker::names("traces_b");
+    let mq = Client::connect(&broker::shared_url());
+    mq.delete(&queue);
+    mq.delete(&new_queue);
+    let (addr, listen) = metrics_listen();
+    let f = Feedd::start_owned(
+        &db,
+        &broker::amqp_overrides(&broker::shared_url(), &queue, true, &[&listen]),
+    );
+    let busy = ports::listener();
+    let busy_port = busy.local_addr().unwrap().port();
+    let zmq_key = format!("zmq.endpoint = tcp://127.0.0.1:{busy_port}");
+    let next = broker::amqp_overrides(
+        &broker::shared_url(),
+        &new_queue,
+        true,
+        &[&listen, &zmq_key],
+    );
+    let refs: Vec<&str> = next.iter().map(String::as_str).collect();
+    let f = f.prepare_in(&db, &refs);
+    f.signal(Signal::SIGHUP);
+    wait_counts(&addr, (0.0, 1.0));
+    println!(
+        "after the refused reload: queue {:?}, dead letters {:?}",
+        mq.counts(&new_queue),
+        mq.counts(&new_dlx)
+    );
+    assert_eq!(mq.counts(&new_queue), None, "{}", f.stderr_log());
+    assert_eq!(mq.counts(&new_dlx), None, "{}", f.stderr_log());
+    // The running queue is still consumed.
+    mq.publish(&queue, &["1,1,1".to_string()], &[]);
+    wait_rows(&db, 1, 20, &f);
+    drop(busy);
+    mq.delete(&queue);
+    mq.delete(&new_queue);
+}
+
+/// Under `--daemon`, a refused reload that names another log file leaves the supervisor on
+/// the running one too: it follows the file only once the serving process reports that its
+/// reload took.
+#[test]
+fn a_refused_reload_leaves_the_supervisor_on_its_log() {
+    let db = Db::create("reload_sup_log");
+    let f = Feedd::prepare(&db, &[]);
+    f.start_daemon();
+    let other = f.dir.path().join("other.log");
+    let busy = ports::listener();
+    let conf = config_text(
+        &db,
+        busy.local_addr().unwrap().port(),
+        &[&format!("daemon.log_file = {}", path_str(&other))],
+    );
+    std::fs::write(f.conf_path(), conf).unwrap();
+    let (status, out, err) = f.command(&["reload", "--conf", "feed.ini"]);
+    assert_eq!(status.code(), Some(0), "{out}{err}");
+    f.wait_for_daemon_log("reload failed");
+    f.stop_daemon();
+    let log = f.log();
+    let other_text = std::fs::read_to_string(&other).unwrap_or_default();
+    println!("other.log after the refused reload and stop: {other_text:?}");
+    assert!(log.contains("supervisor: signal 15"), "{log}");
+    assert!(!other_text.contains("supervisor"), "{other_text}");
+    // A reload that takes moves both.
+    let f = f.prepare_in(&db, &[&format!("daemon.log_file = {}", path_str(&other))]);
+    let (status, out, err) = f.command(&["start", "--conf", "feed.ini"]);
+    assert_eq!(status.code(), Some(0), "{out}{err}");
+    let third = f.dir.path().join("third.log");
+    let f = f.prepare_in(&db, &[&format!("daemon.log_file = {}", path_str(&third))]);
+    let (status, out, err) = f.command(&["reload", "--conf", "feed.ini"]);
+    assert_eq!(status.code(), Some(0), "{out}{err}");
+    assert!(
+        wait_until(Duration::from_secs(10), || std::fs::read_to_string(&third)
+            .unwrap_or_default()
+            .contains("supervisor: the serving process reloaded")),
+        "{}",
+        std::fs::read_to_string(&other).unwrap_or_default()
+    );
+    let (status, out, err) = f.command(&["stop", "--conf", "feed.ini"]);
+    assert_eq!(status.code(), Some(0), "{out}{err}");
+    let third_text = std::fs::read_to_string(&third).unwrap_or_default();
+    assert!(third_text.contains("supervisor: signal 15"), "{third_text}");
+    drop(busy);
 }

@@ -116,3 +116,71 @@ fn table_missing_a_column_is_a_startup_error() {
     assert_eq!(status.code(), Some(1));
     assert!(stderr.contains("no column `status`"), "{stderr}");
 }
+
+/// A unique key without `ticket`, or a CHECK constraint on a column feedd fills from records,
+/// would hold valid records forever: refused at start, naming it. A unique AUTO_INCREMENT id
+/// and a CHECK on another column (MariaDB's JSON) are fine.
+#[test]
+fn a_second_unique_key_or_a_check_on_record_columns_refuses_start() {
+    let db = Db::create("unique_check");
+    let f = Feedd::prepare(&db, &[]);
+    let cases = [
+        (
+            format!("{FEE}, UNIQUE KEY by_login (login)"),
+            "unique key `by_login` on (`login`) does not hold `ticket`",
+        ),
+        (
+            format!("{FEE}, CONSTRAINT small CHECK (volume < 1000)"),
+            "CHECK constraint `small` (`volume` < 1000) reads `volume`",
+        ),
+    ];
+    let mut c = db.conn();
+    for (columns, expected) in cases {
+        c.query_drop("DROP TABLE IF EXISTS fee").unwrap();
+        c.query_drop(format!("CREATE TABLE fee ({columns}) ENGINE=InnoDB"))
+            .unwrap();
+        let err = f.start_must_fail();
+        println!("{err}");
+        assert!(err.contains(expected), "{expected}\n{err}");
+    }
+    c.query_drop("DROP TABLE fee").unwrap();
+    c.query_drop(format!(
+        "CREATE TABLE fee ({}, id BIGINT NOT NULL AUTO_INCREMENT UNIQUE, doc JSON) ENGINE=InnoDB",
+        FEE
+    ))
+    .unwrap();
+    let feedd = Feedd::start(&db, &[]);
+    assert_eq!(Req::connect(&feedd.endpoint()).ask("1,1,1"), "TRUE");
+}
+
+/// A unique key added under a running feedd: the insert's duplicate key on it is no resend
+/// (the rows are read by ticket and none is there) but a table an operator must fix: logged
+/// once as such, naming the key, never the "another writer" race loop; answered once fixed.
+#[test]
+fn a_unique_key_added_under_load_is_an_operator_fault() {
+    let db = Db::create("unique_added");
+    let f = Feedd::start(&db, &["pipeline.workers = 1"]);
+    db.conn()
+        .query_drop("ALTER TABLE fee ADD UNIQUE KEY by_login (login)")
+        .unwrap();
+    let dealer = Dealer::connect(&f.endpoint());
+    dealer.send(1, "1,5,1\n2,5,2");
+    f.wait_for_log("an operator must act", Duration::from_secs(20));
+    // Long enough for the race loop (8 careful passes, then backoff) to show.
+    assert!(
+        !wait_until(Duration::from_secs(3), || f
+            .stderr_log()
+            .contains("another writer")),
+        "{}",
+        f.stderr_log()
+    );
+    let log = f.stderr_log();
+    println!("{log}");
+    assert!(log.contains("unique key `by_login`"), "{log}");
+    assert_eq!(log.matches("an operator must act").count(), 1, "{log}");
+    db.conn()
+        .query_drop("ALTER TABLE fee DROP KEY by_login")
+        .unwrap();
+    assert_eq!(dealer.recv(), Some((1, "TRUE".to_string())));
+    assert_eq!(db.count(), 2);
+}

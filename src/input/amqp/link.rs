@@ -6,7 +6,7 @@
 //! smol's global executor (one `smol-1` thread, plus async-io's `async-io` timer/reactor
 //! thread, started on first use) — the way libzmq runs its I/O threads behind zmq's calls.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
@@ -14,7 +14,9 @@ use lapin::options::{
     QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
 use smol::future::FutureExt;
 use smol::stream::StreamExt;
 
@@ -27,11 +29,13 @@ pub const REASON_HEADER: &str = "feedd-reason";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
-    #[error("AMQP broker {url}: {step}: {source}")]
+    // `error`, not `source`: as a source its text (which holds its own sources' text) would
+    // be printed again by a `{:#}` chain.
+    #[error("AMQP broker {url}: {step}: {error}")]
     Broker {
         url: String,
         step: &'static str,
-        source: Box<lapin::Error>,
+        error: Box<lapin::Error>,
     },
     #[error("AMQP broker {url}: {step}: no answer within {ms} ms")]
     Timeout {
@@ -41,6 +45,8 @@ pub enum LinkError {
     },
     #[error("AMQP broker {url}: the broker refused the dead letter (publisher nack)")]
     Nacked { url: String },
+    #[error("AMQP broker {url}: dead letter returned: no queue is bound to exchange `{exchange}`")]
+    Returned { url: String, exchange: String },
 }
 
 /// The consumer's part of the config: what a connection is made with.
@@ -76,6 +82,30 @@ pub enum Event {
     Lost(String),
 }
 
+/// A connection to a broker that answered, with nothing declared yet.
+pub struct Reached(Connection);
+
+impl Reached {
+    pub fn is_connected(&self) -> bool {
+        self.0.status().connected()
+    }
+
+    /// Declares what is missing and starts consuming, as `Link::connect` does.
+    pub fn consume(self, s: &AmqpSettings, prefetch: u16) -> Result<Link, LinkError> {
+        smol::block_on(async {
+            let d = Deadline::new(&s.url.to_string());
+            Link::open(self.0, s, prefetch, &d).await
+        })
+    }
+}
+
+async fn reach(s: &AmqpSettings, d: &Deadline) -> Result<Connection, LinkError> {
+    let props = ConnectionProperties::default()
+        .with_connection_name(LongString::from(format!("feedd {}", std::process::id())));
+    d.step("connect", Connection::connect(s.url.expose(), props))
+        .await
+}
+
 /// A connected channel consuming `queue` with manual acks.
 pub struct Link {
     connection: Connection,
@@ -86,107 +116,116 @@ pub struct Link {
     consuming: bool,
 }
 
-/// Every broker step waits at most this long (a broker that accepts TCP but never answers).
-const STEP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Every facade call (a whole connect with its declares, a dead letter and its confirm, a
+/// close) returns within this: well under half the shortest watchdog period the README allows
+/// (4 s), so the consumer thread keeps turning while a broker stops answering.
+pub const CALL_TIMEOUT: Duration = Duration::from_millis(1500);
 
-fn timed<T>(
-    url: &str,
-    step: &'static str,
-    f: impl std::future::Future<Output = lapin::Result<T>>,
-) -> impl std::future::Future<Output = Result<T, LinkError>> {
-    let url = url.to_string();
-    let url2 = url.clone();
-    async move {
-        f.await.map_err(|source| LinkError::Broker {
-            url,
-            step,
-            source: Box::new(source),
-        })
+/// The time left to one facade call; each broker step it takes waits at most what is left.
+struct Deadline {
+    url: String,
+    at: Instant,
+}
+
+impl Deadline {
+    fn new(url: &str) -> Deadline {
+        Deadline {
+            url: url.to_string(),
+            at: Instant::now() + CALL_TIMEOUT,
+        }
     }
-    .or(async move {
-        smol::Timer::after(STEP_TIMEOUT).await;
-        Err(LinkError::Timeout {
-            url: url2,
-            step,
-            ms: STEP_TIMEOUT.as_millis(),
+
+    async fn step<T>(
+        &self,
+        step: &'static str,
+        f: impl std::future::Future<Output = lapin::Result<T>>,
+    ) -> Result<T, LinkError> {
+        let left = self.at.saturating_duration_since(Instant::now());
+        async {
+            f.await.map_err(|error| LinkError::Broker {
+                url: self.url.clone(),
+                step,
+                error: Box::new(error),
+            })
+        }
+        .or(async {
+            smol::Timer::after(left).await;
+            Err(LinkError::Timeout {
+                url: self.url.clone(),
+                step,
+                ms: CALL_TIMEOUT.as_millis(),
+            })
         })
-    })
+        .await
+    }
+
+    /// Closes a side channel, best effort within what is left.
+    async fn close(&self, ch: &Channel) {
+        if let Err(e) = self
+            .step("close a channel", ch.close(200, "done".into()))
+            .await
+        {
+            log::debug!("amqp: {e}");
+        }
+    }
 }
 
 impl Link {
     /// Connects, declares what is missing (the durable queue; the dead-letter exchange and
-    /// its queue), sets the prefetch and starts consuming. Blocks at most a few seconds.
-    pub fn connect(s: &AmqpSettings) -> Result<Link, LinkError> {
-        smol::block_on(Self::open(s))
+    /// its queue), sets the prefetch (`prefetch`: the settings' or a narrower window) and
+    /// starts consuming. Blocks at most `CALL_TIMEOUT`.
+    pub fn connect(s: &AmqpSettings, prefetch: u16) -> Result<Link, LinkError> {
+        smol::block_on(async {
+            let d = Deadline::new(&s.url.to_string());
+            let connection = reach(s, &d).await?;
+            Self::open(connection, s, prefetch, &d).await
+        })
     }
 
-    async fn open(s: &AmqpSettings) -> Result<Link, LinkError> {
+    /// Connects only (login, vhost), declaring nothing: what a reload's preparer proves, so a
+    /// reload refused later leaves nothing on the broker. Blocks at most `CALL_TIMEOUT`.
+    pub fn reach(s: &AmqpSettings) -> Result<Reached, LinkError> {
+        smol::block_on(async {
+            let d = Deadline::new(&s.url.to_string());
+            reach(s, &d).await.map(Reached)
+        })
+    }
+
+    async fn open(
+        connection: Connection,
+        s: &AmqpSettings,
+        prefetch: u16,
+        d: &Deadline,
+    ) -> Result<Link, LinkError> {
         let url = s.url.to_string();
-        let props = ConnectionProperties::default()
-            .with_connection_name(LongString::from(format!("feedd {}", std::process::id())));
-        let connection = timed(&url, "connect", Connection::connect(s.url.expose(), props)).await?;
-        let durable = QueueDeclareOptions {
-            durable: true,
-            ..QueueDeclareOptions::default()
-        };
-        ensure_queue(&connection, &url, &s.queue, durable).await?;
+        ensure_queue(&connection, d, &s.queue).await?;
         if let Some(dlx) = &s.dead_letter_exchange {
-            let ch = timed(&url, "open a channel", connection.create_channel()).await?;
-            let options = ExchangeDeclareOptions {
-                durable: true,
-                ..ExchangeDeclareOptions::default()
-            };
-            timed(
-                &url,
-                "declare the dead-letter exchange",
-                ch.exchange_declare(
-                    dlx.as_str().into(),
-                    ExchangeKind::Fanout,
-                    options,
-                    FieldTable::default(),
-                ),
-            )
-            .await?;
-            ensure_queue(&connection, &url, dlx, durable).await?;
-            let ch = timed(&url, "open a channel", connection.create_channel()).await?;
-            timed(
-                &url,
-                "bind the dead-letter queue",
-                ch.queue_bind(
-                    dlx.as_str().into(),
-                    dlx.as_str().into(),
-                    "".into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                ),
-            )
-            .await?;
-            let _ = ch.close(200, "declared".into()).await;
+            declare_dead_letters(&connection, d, dlx).await?;
         }
-        let channel = timed(&url, "open a channel", connection.create_channel()).await?;
-        timed(
-            &url,
+        let channel = d
+            .step("open a channel", connection.create_channel())
+            .await?;
+        d.step(
             "confirm.select",
             channel.confirm_select(ConfirmSelectOptions::default()),
         )
         .await?;
-        timed(
-            &url,
+        d.step(
             "basic.qos",
-            channel.basic_qos(s.prefetch, BasicQosOptions::default()),
+            channel.basic_qos(prefetch, BasicQosOptions::default()),
         )
         .await?;
-        let consumer = timed(
-            &url,
-            "basic.consume",
-            channel.basic_consume(
-                s.queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            ),
-        )
-        .await?;
+        let consumer = d
+            .step(
+                "basic.consume",
+                channel.basic_consume(
+                    s.queue.as_str().into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                ),
+            )
+            .await?;
         let consumer_tag = consumer.tag();
         Ok(Link {
             connection,
@@ -247,26 +286,57 @@ impl Link {
         self.connection.status().connected() && self.channel.status().connected()
     }
 
+    /// Runs one facade call on this link's channel within `CALL_TIMEOUT`.
+    fn call<T>(
+        &self,
+        f: impl AsyncFnOnce(&Deadline) -> Result<T, LinkError>,
+    ) -> Result<T, LinkError> {
+        let d = Deadline::new(&self.url);
+        smol::block_on(f(&d))
+    }
+
     pub fn ack(&self, tag: u64, multiple: bool) -> Result<(), LinkError> {
-        smol::block_on(timed(
-            &self.url,
-            "basic.ack",
-            self.channel.basic_ack(tag, BasicAckOptions { multiple }),
-        ))
+        self.call(async |d| {
+            d.step(
+                "basic.ack",
+                self.channel.basic_ack(tag, BasicAckOptions { multiple }),
+            )
+            .await
+        })
     }
 
     /// `basic.reject` without requeue: the broker drops it (no poison loop).
     pub fn reject(&self, tag: u64) -> Result<(), LinkError> {
-        smol::block_on(timed(
-            &self.url,
-            "basic.reject",
-            self.channel
-                .basic_reject(tag, BasicRejectOptions { requeue: false }),
-        ))
+        self.call(async |d| {
+            d.step(
+                "basic.reject",
+                self.channel
+                    .basic_reject(tag, BasicRejectOptions { requeue: false }),
+            )
+            .await
+        })
+    }
+
+    /// Another prefetch window for the consumer (`basic.qos`).
+    pub fn set_prefetch(&self, prefetch: u16) -> Result<(), LinkError> {
+        self.call(async |d| {
+            d.step(
+                "basic.qos",
+                self.channel.basic_qos(prefetch, BasicQosOptions::default()),
+            )
+            .await
+        })
+    }
+
+    /// Declares the dead-letter exchange, its queue and the binding again (the operator
+    /// deleted them under a running feedd, so a dead letter came back unroutable).
+    pub fn redeclare_dead_letters(&self, exchange: &str) -> Result<(), LinkError> {
+        self.call(async |d| declare_dead_letters(&self.connection, d, exchange).await)
     }
 
     /// Publishes `body` with the original properties and headers plus `feedd-reason` to
-    /// `exchange`, and returns once the broker confirmed it.
+    /// `exchange`, mandatory, and returns once the broker confirmed it; `Returned` when the
+    /// broker found no queue bound to the exchange.
     pub fn dead_letter(
         &self,
         exchange: &str,
@@ -274,32 +344,34 @@ impl Link {
         properties: &BasicProperties,
         reason: &str,
     ) -> Result<(), LinkError> {
-        let mut headers = properties.headers().clone().unwrap_or_default();
-        headers.insert(
-            REASON_HEADER.into(),
-            AMQPValue::LongString(LongString::from(reason)),
-        );
-        let properties = properties.clone().with_headers(headers);
-        smol::block_on(async {
-            let confirm = timed(
-                &self.url,
-                "publish a dead letter",
-                self.channel.basic_publish(
-                    exchange.into(),
-                    "".into(),
-                    BasicPublishOptions::default(),
-                    body,
-                    properties,
-                ),
-            )
-            .await?;
-            let confirmation = timed(&self.url, "confirm a dead letter", confirm).await?;
-            if confirmation.is_ack() {
-                Ok(())
-            } else {
-                Err(LinkError::Nacked {
+        let frame_max = self.connection.configuration().frame_max();
+        let properties = dead_letter_properties(properties, reason, frame_max);
+        let options = BasicPublishOptions {
+            mandatory: true,
+            ..BasicPublishOptions::default()
+        };
+        self.call(async |d| {
+            let confirm = d
+                .step(
+                    "publish a dead letter",
+                    self.channel.basic_publish(
+                        exchange.into(),
+                        "".into(),
+                        options,
+                        body,
+                        properties,
+                    ),
+                )
+                .await?;
+            match d.step("confirm a dead letter", confirm).await? {
+                Confirmation::Ack(None) => Ok(()),
+                Confirmation::Ack(Some(_)) => Err(LinkError::Returned {
                     url: self.url.clone(),
-                })
+                    exchange: exchange.to_string(),
+                }),
+                _ => Err(LinkError::Nacked {
+                    url: self.url.clone(),
+                }),
             }
         })
     }
@@ -310,12 +382,15 @@ impl Link {
             return;
         }
         self.consuming = false;
-        let r = smol::block_on(timed(
-            &self.url,
-            "basic.cancel",
-            self.channel
-                .basic_cancel(self.consumer_tag.clone(), BasicCancelOptions::default()),
-        ));
+        let tag = self.consumer_tag.clone();
+        let r = self.call(async |d| {
+            d.step(
+                "basic.cancel",
+                self.channel
+                    .basic_cancel(tag, BasicCancelOptions::default()),
+            )
+            .await
+        });
         if let Err(e) = r {
             log::debug!("amqp: {e}");
         }
@@ -323,15 +398,9 @@ impl Link {
 
     /// Closes the channel and the connection; unacked deliveries go back to the queue.
     pub fn close(self) {
-        let r = smol::block_on(async {
-            let _ = timed(
-                &self.url,
-                "close the channel",
-                self.channel.close(200, "bye".into()),
-            )
-            .await;
-            timed(
-                &self.url,
+        let r = self.call(async |d| {
+            d.close(&self.channel).await;
+            d.step(
                 "close the connection",
                 self.connection.close(200, "bye".into()),
             )
@@ -343,35 +412,153 @@ impl Link {
     }
 }
 
+/// Marks a dead letter whose original headers had to be left out.
+pub const HEADERS_DROPPED_HEADER: &str = "feedd-headers-dropped";
+
+/// The dead letter's properties: the original ones plus `feedd-reason`. When that makes the
+/// content-header frame larger than `frame_max` (the broker would close the connection on
+/// it, and the original come back again and again), the original headers are left out and
+/// `feedd-headers-dropped` says so.
+fn dead_letter_properties(
+    original: &BasicProperties,
+    reason: &str,
+    frame_max: u32,
+) -> BasicProperties {
+    let reason_value = AMQPValue::LongString(LongString::from(reason));
+    let mut headers = original.headers().clone().unwrap_or_default();
+    headers.insert(REASON_HEADER.into(), reason_value.clone());
+    let full = original.clone().with_headers(headers);
+    if header_frame_size(&full).is_some_and(|n| n <= u64::from(frame_max)) {
+        return full;
+    }
+    let mut headers = FieldTable::default();
+    headers.insert(REASON_HEADER.into(), reason_value);
+    headers.insert(
+        HEADERS_DROPPED_HEADER.into(),
+        AMQPValue::LongString(LongString::from(format!(
+            "the original headers made the message larger than the broker's frame_max ({frame_max} bytes)"
+        ))),
+    );
+    original.clone().with_headers(headers)
+}
+
+/// The size of the content-header frame that carries `properties`: frame header (7) and end
+/// (1), class id, weight and body size (12), the encoded properties. `None`: not encodable.
+fn header_frame_size(properties: &BasicProperties) -> Option<u64> {
+    let encoded = lapin::protocol::basic::gen_properties(properties)(Vec::new().into()).ok()?;
+    Some(8 + 12 + encoded.position)
+}
+
 /// Declares `queue` durable unless it exists (a passive check first, so a queue the operator
 /// declared with other arguments is used as it is). A failed passive declare closes its
 /// channel, hence a channel per step.
-async fn ensure_queue(
-    connection: &Connection,
-    url: &str,
-    queue: &str,
-    durable: QueueDeclareOptions,
-) -> Result<(), LinkError> {
-    let ch = timed(url, "open a channel", connection.create_channel()).await?;
+async fn ensure_queue(connection: &Connection, d: &Deadline, queue: &str) -> Result<(), LinkError> {
+    let ch = d
+        .step("open a channel", connection.create_channel())
+        .await?;
     let passive = QueueDeclareOptions {
         passive: true,
         ..QueueDeclareOptions::default()
     };
-    let exists = ch
-        .queue_declare(queue.into(), passive, FieldTable::default())
+    match d
+        .step(
+            "look for the queue",
+            ch.queue_declare(queue.into(), passive, FieldTable::default()),
+        )
         .await
-        .is_ok();
-    if exists {
-        let _ = ch.close(200, "declared".into()).await;
-        return Ok(());
+    {
+        Ok(_) => {
+            d.close(&ch).await;
+            return Ok(());
+        }
+        // A silent broker is no missing queue.
+        Err(e @ LinkError::Timeout { .. }) => return Err(e),
+        Err(_) => {}
     }
-    let ch = timed(url, "open a channel", connection.create_channel()).await?;
-    timed(
-        url,
+    let ch = d
+        .step("open a channel", connection.create_channel())
+        .await?;
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    d.step(
         "declare the queue",
         ch.queue_declare(queue.into(), durable, FieldTable::default()),
     )
     .await?;
-    let _ = ch.close(200, "declared".into()).await;
+    d.close(&ch).await;
     Ok(())
+}
+
+/// The dead-letter exchange (fanout, durable), its queue of the same name and the binding.
+async fn declare_dead_letters(
+    connection: &Connection,
+    d: &Deadline,
+    dlx: &str,
+) -> Result<(), LinkError> {
+    let ch = d
+        .step("open a channel", connection.create_channel())
+        .await?;
+    let options = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    d.step(
+        "declare the dead-letter exchange",
+        ch.exchange_declare(
+            dlx.into(),
+            ExchangeKind::Fanout,
+            options,
+            FieldTable::default(),
+        ),
+    )
+    .await?;
+    ensure_queue(connection, d, dlx).await?;
+    d.step(
+        "bind the dead-letter queue",
+        ch.queue_bind(
+            dlx.into(),
+            dlx.into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await?;
+    d.close(&ch).await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_pad(n: usize) -> BasicProperties {
+        let mut h = FieldTable::default();
+        h.insert("x-pad".into(), AMQPValue::LongString("p".repeat(n).into()));
+        h.insert("x-origin".into(), AMQPValue::LongString("test".into()));
+        BasicProperties::default().with_headers(h)
+    }
+
+    #[test]
+    fn a_dead_letter_keeps_the_original_headers_while_they_fit() {
+        let p = dead_letter_properties(&with_pad(10), "line 1: bad", 131_072);
+        let h = p.headers().clone().unwrap();
+        assert!(h.inner().contains_key("x-origin"));
+        assert!(h.inner().contains_key(REASON_HEADER));
+        assert!(!h.inner().contains_key(HEADERS_DROPPED_HEADER));
+        let size = header_frame_size(&p).unwrap();
+        assert!(size > 10 && size < 200, "{size}");
+    }
+
+    #[test]
+    fn headers_that_would_break_the_frame_limit_are_left_out() {
+        let p = dead_letter_properties(&with_pad(131_000), "line 1: bad", 131_072);
+        let h = p.headers().clone().unwrap();
+        assert!(!h.inner().contains_key("x-pad"));
+        assert!(h.inner().contains_key(REASON_HEADER));
+        assert!(h.inner().contains_key(HEADERS_DROPPED_HEADER));
+        assert!(header_frame_size(&p).unwrap() < 1000);
+    }
 }

@@ -11,7 +11,13 @@
 //!
 //! Faults: a lost connection starts a new generation (tags belong to their channel, so
 //! verdicts of the old one are dropped and the broker redelivers) and the consumer reconnects
-//! with capped backoff, logged once per episode. Stop: `basic.cancel`, then keep acking what
+//! with capped backoff, logged once per outage, on a window of one delivery until the
+//! deliveries it had in hand and one more are settled (`ledger::Window`): a delivery that
+//! breaks the connection is then alone in flight. Every broker call returns within
+//! `link::CALL_TIMEOUT`, so the thread keeps turning for the watchdog. A dead letter's original
+//! is acked on its own as soon as the broker confirmed the dead letter; one the broker returns
+//! unroutable (its queue deleted) is declared again and published once more, else the original
+//! stays unacked (the broker redelivers it on the next connection) and the log says so. Stop: `basic.cancel`, then keep acking what
 //! commits; finish: ack the rest and close (unacked deliveries return to the queue). Its part
 //! of a reload is a link the preparer already connected; the old channel is cancelled, its
 //! deliveries in flight answered, then it closes. It runs even while `[amqp] url` is empty
@@ -34,8 +40,8 @@ use crate::input::mailbox::Doorbell;
 use crate::input::record;
 use crate::message::Verdict;
 use crate::metrics::Metrics;
-use ledger::Ledger;
-pub use link::{AmqpSettings, Event, Link, LinkError};
+use ledger::{Ledger, Window, CULPRIT_STREAK, QUIET};
+pub use link::{AmqpSettings, Event, Link, LinkError, Reached};
 
 /// A delivery's reply address: its channel generation and tag, and what a dead letter needs.
 pub struct AmqpTag {
@@ -47,9 +53,10 @@ pub struct AmqpTag {
     properties: BasicProperties,
 }
 
-/// The consumer's part of a reload: new settings (`None`: AMQP off) and the link the
-/// preparer connected for them (`None` with settings: the consumer connects itself).
-pub type AmqpPart = (Option<AmqpSettings>, Option<Link>);
+/// The consumer's part of a reload: new settings (`None`: AMQP off) and the connection the
+/// preparer made for them (`None` with settings: the consumer connects itself). The queue
+/// and dead letters are declared only at the switch, the reload's last step.
+pub type AmqpPart = (Option<AmqpSettings>, Option<Reached>);
 
 pub struct Consumer {
     settings: Option<AmqpSettings>,
@@ -66,11 +73,22 @@ pub struct Consumer {
     stopped: bool,
     /// A switch is pending: the old settings are on their way out, so no reconnect to them.
     switching: bool,
-    /// Since when the connection is lost (one log line per episode), and failed attempts.
-    lost: Option<(Instant, u32)>,
+    /// Since when the connection is lost (one log line per outage), failed attempts, and
+    /// whether the reconnect was logged; cleared once the window opens again.
+    lost: Option<Outage>,
+    window: Window,
+    /// Last delivery, settlement or reconnect: a window of one quiet for `QUIET` opens.
+    stirred: Instant,
     backoff: Backoff,
     next_try: Instant,
     metrics: Metrics,
+}
+
+/// One outage of the broker connection, for its log lines.
+struct Outage {
+    since: Instant,
+    failed: u32,
+    reconnected: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,9 +104,10 @@ impl Consumer {
         metrics: Metrics,
     ) -> Result<Consumer, ConsumerError> {
         let settings = AmqpSettings::of(&config.load());
+        let window = Window::new(settings.as_ref().map_or(1, |s| s.prefetch));
         let link = match &settings {
             Some(s) => {
-                let link = Link::connect(s)?;
+                let link = Link::connect(s, window.prefetch())?;
                 log::info!(
                     "consuming {} queue `{}` (prefetch {}, dead letters to {})",
                     s.url,
@@ -113,6 +132,8 @@ impl Consumer {
             stopped: false,
             switching: false,
             lost: None,
+            window,
+            stirred: Instant::now(),
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
             next_try: Instant::now(),
             metrics,
@@ -137,6 +158,8 @@ impl Consumer {
     /// One delivery: parsed and queued, or dead-lettered at once.
     fn take(&mut self, d: link::Delivery) -> Taken<AmqpTag> {
         self.metrics.amqp_deliveries.inc();
+        self.window.arrived();
+        self.stirred = Instant::now();
         let tag = d.delivery_tag;
         self.ledger.received(tag);
         let max_bytes = self.config.load().zmq.max_message_bytes;
@@ -164,26 +187,72 @@ impl Consumer {
         }
     }
 
-    /// Dead-letters a delivery (or rejects it without requeue when there is no DLX).
+    /// Dead-letters a delivery and acks it on its own at once (or rejects it without requeue
+    /// when there is no DLX), so a broken connection later cannot dead-letter it twice.
     fn reject(&mut self, tag: u64, body: &[u8], properties: &BasicProperties, reason: &str) {
         let (Some(link), Some(settings)) = (&self.link, &self.settings) else {
             return;
         };
-        let result = match &settings.dead_letter_exchange {
-            Some(dlx) => link.dead_letter(dlx, body, properties, reason).map(|()| {
+        let Some(dlx) = &settings.dead_letter_exchange else {
+            match link.reject(tag) {
+                Ok(()) => {
+                    log::warn!(
+                        "amqp: delivery rejected and dropped (no dead_letter_exchange): {reason}"
+                    );
+                    self.ledger.forget(tag);
+                    self.metrics.amqp_dead_letters.inc();
+                    self.settled(1);
+                }
+                Err(e) => self.lose(e.to_string()),
+            }
+            return;
+        };
+        let mut sent = link.dead_letter(dlx, body, properties, reason);
+        if let Err(LinkError::Returned { .. }) = &sent {
+            log::warn!("amqp: dead letter returned unroutable by exchange `{dlx}`; declaring its queue again");
+            sent = link
+                .redeclare_dead_letters(dlx)
+                .and_then(|()| link.dead_letter(dlx, body, properties, reason));
+        }
+        match sent {
+            Ok(()) => {
                 log::debug!("amqp: delivery dead-lettered to {dlx}: {reason}");
-                self.ledger.done(tag);
-            }),
-            None => link.reject(tag).map(|()| {
-                log::warn!(
-                    "amqp: delivery rejected and dropped (no dead_letter_exchange): {reason}"
+                self.metrics.amqp_dead_letters.inc();
+                self.ledger.forget(tag);
+                if let Err(e) = link.ack(tag, false) {
+                    return self.lose(e.to_string());
+                }
+                self.metrics.amqp_acks.inc();
+                self.settled(1);
+            }
+            Err(e @ LinkError::Returned { .. }) => {
+                // Not acked: the broker redelivers it on the next connection.
+                log::error!(
+                    "amqp: {e}; the rejected delivery stays in queue `{}` ({reason})",
+                    settings.queue
                 );
                 self.ledger.forget(tag);
-            }),
-        };
-        match result {
-            Ok(()) => self.metrics.amqp_dead_letters.inc(),
+            }
             Err(e) => self.lose(e.to_string()),
+        }
+    }
+
+    /// `n` deliveries were acked or rejected: once the window may open again, the outage
+    /// (if any) is over.
+    fn settled(&mut self, n: u64) {
+        self.stirred = Instant::now();
+        if let Some(full) = self.window.settled(n) {
+            self.opened(full);
+        }
+    }
+
+    /// The window opens again: the outage is over.
+    fn opened(&mut self, full: u16) {
+        self.lost = None;
+        if let Some(link) = self.link.as_ref().filter(|_| full > 1) {
+            if let Err(e) = link.set_prefetch(full) {
+                self.lose(e.to_string());
+            }
         }
     }
 
@@ -194,24 +263,36 @@ impl Consumer {
                 return self.lose(e.to_string());
             }
             self.metrics.amqp_acks.inc_by(ack.deliveries as u64);
+            self.settled(ack.deliveries as u64);
         }
     }
 
-    /// The channel is gone: forget its tags and reconnect later.
+    /// The channel is gone: forget its tags and reconnect later, on a window of one.
     fn lose(&mut self, reason: String) {
         let Some(link) = self.link.take() else { return };
         drop(link);
         self.new_generation();
-        if self.lost.is_none() {
-            let url = self
-                .settings
-                .as_ref()
-                .map(|s| s.url.to_string())
-                .unwrap_or_default();
-            log::warn!("amqp: connection to {url} lost ({reason}); reconnecting with backoff, unacked deliveries will be redelivered");
-            self.lost = Some((Instant::now(), 0));
+        let loss = self.window.lost();
+        let (url, queue) = self
+            .settings
+            .as_ref()
+            .map(|s| (s.url.to_string(), s.queue.as_str()))
+            .unwrap_or_default();
+        if loss.new_outage || self.lost.is_none() {
+            log::warn!("amqp: connection to {url} lost ({reason}); reconnecting with backoff, one delivery at a time until those in hand are settled; unacked deliveries will be redelivered");
+            self.lost = Some(Outage {
+                since: Instant::now(),
+                failed: 0,
+                reconnected: false,
+            });
+            self.backoff.reset();
+        } else {
+            log::debug!("amqp: connection to {url} lost again ({reason})");
         }
-        self.backoff.reset();
+        if loss.streak == CULPRIT_STREAK {
+            log::error!("amqp: the delivery at the head of queue `{queue}` breaks the connection each time it is delivered ({reason}); it is redelivered until the queue's delivery limit retires it (quorum queue) or it is removed from the queue by hand");
+        }
+        // After the first loss of an outage the backoff grows: a culprit is not hammered.
         self.next_try = Instant::now() + self.backoff.next_delay();
     }
 
@@ -219,26 +300,32 @@ impl Consumer {
         let Some(settings) = &self.settings else {
             return;
         };
-        match Link::connect(settings) {
+        match Link::connect(settings, self.window.prefetch()) {
             Ok(link) => {
-                let (since, tries) = self.lost.take().unwrap_or((Instant::now(), 0));
-                log::info!(
-                    "amqp: reconnected to {} after {:.1} s ({} failed attempt(s))",
-                    settings.url,
-                    since.elapsed().as_secs_f64(),
-                    tries
-                );
+                if let Some(o) = self.lost.as_mut().filter(|o| !o.reconnected) {
+                    log::info!(
+                        "amqp: reconnected to {} after {:.1} s ({} failed attempt(s))",
+                        settings.url,
+                        o.since.elapsed().as_secs_f64(),
+                        o.failed
+                    );
+                    o.reconnected = true;
+                }
                 self.link = Some(link);
                 self.new_generation();
                 self.metrics.amqp_reconnects.inc();
-                self.backoff.reset();
+                self.stirred = Instant::now();
             }
             Err(e) => {
                 match &mut self.lost {
-                    Some((_, tries)) => *tries += 1,
+                    Some(o) => o.failed += 1,
                     None => {
                         log::warn!("amqp: {e}; retrying with backoff");
-                        self.lost = Some((Instant::now(), 1));
+                        self.lost = Some(Outage {
+                            since: Instant::now(),
+                            failed: 1,
+                            reconnected: false,
+                        });
                     }
                 }
                 log::debug!("amqp: reconnect failed: {e}");
@@ -362,8 +449,12 @@ impl Input for Consumer {
         if self.wants_link() && Instant::now() >= self.next_try {
             self.reconnect();
         }
-        // Dead letters confirmed during reading are acked here.
         self.flush_acks(false);
+        if self.link.is_some() && self.window.is_narrow() && self.stirred.elapsed() >= QUIET {
+            if let Some(full) = self.window.quiet() {
+                self.opened(full);
+            }
+        }
     }
 
     fn stop(&mut self) {
@@ -399,6 +490,18 @@ impl Input for Consumer {
                 "[amqp]: the new broker connection was lost before the switch; staying on {was}"
             ));
         }
+        let link = match (link, &settings) {
+            (Some(reached), Some(s)) => match reached.consume(s, s.prefetch) {
+                Ok(link) => Some(link),
+                Err(e) => {
+                    self.lose("cancelled for a switch that did not happen".into());
+                    return Err(format!(
+                        "[amqp]: new target not usable: {e}; staying on {was}"
+                    ));
+                }
+            },
+            _ => None,
+        };
         self.flush_acks(true);
         if let Some(old) = self.link.take() {
             old.close();
@@ -406,6 +509,7 @@ impl Input for Consumer {
         self.switching = false;
         self.settings = settings;
         self.link = link;
+        self.window = Window::new(self.settings.as_ref().map_or(1, |s| s.prefetch));
         self.new_generation();
         self.lost = None;
         match &self.settings {

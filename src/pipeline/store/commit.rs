@@ -83,7 +83,7 @@ impl Store {
             progress = match next_step(progress) {
                 Step::FastAutocommit => {
                     // The statement is its own transaction, so this is the only round trip.
-                    Progress::Fast(fast_outcome(self.insert(conn, full_chunk, &inserts)))
+                    Progress::Fast(self.fast_outcome(self.insert(conn, full_chunk, &inserts)))
                 }
                 Step::FastTransaction => {
                     Progress::Fast(self.fast_transaction(conn, full_chunk, &inserts))
@@ -117,13 +117,13 @@ impl Store {
             Err(e) => return Outcome::Failed(e.into()),
         };
         match self.insert(&mut tx, full_chunk, rows) {
-            Ok(()) => fast_outcome(tx.commit()),
-            Err(e) if is_duplicate(&e) => match tx.rollback() {
+            Ok(()) => self.fast_outcome(tx.commit()),
+            Err(e) if self.is_duplicate(&e) => match tx.rollback() {
                 Ok(()) => Outcome::DuplicateKey,
                 Err(e) => Outcome::Failed(e.into()),
             },
             // Dropping the transaction rolls it back.
-            Err(e) => fast_outcome(Err(e)),
+            Err(e) => self.fast_outcome(Err(e)),
         }
     }
 
@@ -148,7 +148,7 @@ impl Store {
         let careful = classify::plan(messages, &stored);
         match self.insert(&mut tx, full_chunk, &careful.inserts) {
             Ok(()) => {}
-            Err(e) if is_duplicate(&e) => {
+            Err(e) if self.is_duplicate(&e) => {
                 return match tx.rollback() {
                     Ok(()) => Outcome::DuplicateKey,
                     Err(e) => Outcome::Failed(e.into()),
@@ -345,8 +345,23 @@ pub(super) fn next_step<E>(progress: Progress<E>) -> Step<E> {
     }
 }
 
-/// A fast-path statement's result as an outcome.
-fn fast_outcome(result: Result<(), mysql::Error>) -> Outcome<StoreError> {
+impl Store {
+    /// A fast-path statement's result as an outcome.
+    fn fast_outcome(&self, result: Result<(), mysql::Error>) -> Outcome<StoreError> {
+        fast_outcome(result, |e| self.is_duplicate(e))
+    }
+
+    /// A duplicate key on a key holding `ticket` (a resend, or a race): anything else is
+    /// no duplicate ticket but a unique key an operator must fix (an error like any other).
+    fn is_duplicate(&self, e: &mysql::Error) -> bool {
+        is_duplicate(e, &self.ticket_keys.lock())
+    }
+}
+
+fn fast_outcome(
+    result: Result<(), mysql::Error>,
+    is_duplicate: impl Fn(&mysql::Error) -> bool,
+) -> Outcome<StoreError> {
     match result {
         Ok(()) => Outcome::Committed,
         Err(e) if is_duplicate(&e) => Outcome::DuplicateKey,
@@ -355,8 +370,13 @@ fn fast_outcome(result: Result<(), mysql::Error>) -> Outcome<StoreError> {
     }
 }
 
-fn is_duplicate(e: &mysql::Error) -> bool {
+fn is_duplicate(e: &mysql::Error, ticket_keys: &[String]) -> bool {
     errors::judge(e).class == Class::Duplicate
+        && match e {
+            mysql::Error::MySqlError(e) => errors::duplicate_key(&e.message)
+                .is_none_or(|k| ticket_keys.iter().any(|t| t.eq_ignore_ascii_case(k))),
+            _ => true,
+        }
 }
 
 /// Appends a volume as DECIMAL(20,4) text ("12.3400"), like its Display but without the
@@ -480,6 +500,8 @@ mod tests {
                 code,
             })
         };
+        let keys = ["PRIMARY".to_string()];
+        let fast_outcome = |r| fast_outcome(r, |e: &mysql::Error| is_duplicate(e, &keys));
         assert!(matches!(
             fast_outcome(Err(server(1062))),
             Outcome::DuplicateKey
@@ -493,6 +515,34 @@ mod tests {
             Outcome::Failed(StoreError::Mysql(_))
         ));
         assert!(matches!(fast_outcome(Ok(())), Outcome::Committed));
+    }
+
+    #[test]
+    fn a_duplicate_on_another_key_is_no_resend() {
+        let dup = |message: &str| {
+            mysql::Error::MySqlError(mysql::MySqlError {
+                state: "23000".into(),
+                message: message.into(),
+                code: 1062,
+            })
+        };
+        let keys = ["PRIMARY".to_string(), "t".to_string()];
+        assert!(is_duplicate(
+            &dup("Duplicate entry '7' for key 'PRIMARY'"),
+            &keys
+        ));
+        assert!(is_duplicate(
+            &dup("Duplicate entry '7' for key 'fee.t'"),
+            &keys
+        ));
+        assert!(!is_duplicate(
+            &dup("Duplicate entry '3' for key 'login'"),
+            &keys
+        ));
+        assert!(
+            is_duplicate(&dup("no key named"), &keys),
+            "unknown: as before"
+        );
     }
 
     #[test]

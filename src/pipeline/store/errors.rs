@@ -133,6 +133,25 @@ impl Class {
     }
 }
 
+/// The key a 1062 message names ("Duplicate entry '7' for key 'PRIMARY'"; MySQL 8 writes
+/// `table.key`), without the table.
+pub fn duplicate_key(message: &str) -> Option<&str> {
+    let (_, key) = message.rsplit_once("for key '")?;
+    let key = key.strip_suffix('\'')?;
+    Some(key.rsplit_once('.').map_or(key, |(_, k)| k))
+}
+
+/// A driver error as one line for people: the driver's Display wraps server and connection
+/// errors in their variant names (`MySqlError { ERROR 1049 (42000): … }`).
+pub fn text(e: &mysql::Error) -> String {
+    match e {
+        mysql::Error::MySqlError(e) => e.to_string(),
+        mysql::Error::DriverError(e) => e.to_string(),
+        mysql::Error::IoError(e) => e.to_string(),
+        e => e.to_string(),
+    }
+}
+
 /// The server error code, if `e` is a server error.
 pub fn code_of(e: &mysql::Error) -> Option<u16> {
     match e {

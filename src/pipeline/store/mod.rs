@@ -45,7 +45,7 @@ use crate::pipeline::hosts::{self, Failover, HostAddr, MoveReason};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("database {host}: {error}{hint}")]
+    #[error("database {host}: {}{hint}", errors::text(error))]
     Host {
         host: String,
         error: mysql::Error,
@@ -139,8 +139,14 @@ pub struct Store {
     hosts: Vec<HostAddr>,
     /// Driver options per host, in list order.
     opts: Vec<Opts>,
+    /// The same with every wait bounded by `connect_timeout_ms`, to prove a host.
+    proof_opts: Vec<Opts>,
     pool_size: u32,
+    connect_timeout: std::time::Duration,
     failover: Mutex<Failover>,
+    /// Names of the unique keys holding `ticket`, as the last table check read them: a
+    /// duplicate-key error naming another key is no resend but a table an operator must fix.
+    ticket_keys: Mutex<Vec<String>>,
     metrics: Metrics,
     serial: u64,
     table: String,
@@ -150,8 +156,10 @@ pub struct Store {
 
 impl Store {
     /// Finds the first host of the list that answers and can take writes (creating the table
-    /// if missing and checking it there), and builds its pool. Fails fast (a few seconds per
-    /// host) when none can; a table that does not fit fails at once.
+    /// if missing and checking it there), and builds its pool. A host that cannot be used
+    /// (unreachable within `connect_timeout_ms`, no database, no grants, a table that does
+    /// not fit) is logged with its reason and the next one tried; fails when none can, with
+    /// each host's reason (a single host's error as it is).
     pub fn connect(
         config: &MysqlConfig,
         pool_size: u32,
@@ -160,21 +168,30 @@ impl Store {
         let opts: Vec<Opts> = config
             .hosts
             .iter()
-            .map(|h| driver_opts(config, h))
+            .map(|h| driver_opts(config, h, false))
+            .collect();
+        let proof_opts = config
+            .hosts
+            .iter()
+            .map(|h| driver_opts(config, h, true))
             .collect();
         let first = opts
             .first()
             .cloned()
             .ok_or(StoreError::NoHost { tried: Vec::new() })?;
+        let connect_timeout = config.connect_timeout();
         let store = Store {
             active: ArcSwap::from_pointee(Active {
                 host: 0,
-                pool: build_pool(first, pool_size),
+                pool: build_pool(first, pool_size, connect_timeout),
             }),
             hosts: config.hosts.clone(),
             opts,
+            proof_opts,
             pool_size,
+            connect_timeout,
             failover: Mutex::new(Failover::new(config.hosts.len(), 0)),
+            ticket_keys: Mutex::new(vec!["PRIMARY".to_string()]),
             metrics: metrics.clone(),
             serial: NEXT_SERIAL.fetch_add(1, Ordering::Relaxed),
             table: config.table.clone(),
@@ -185,25 +202,49 @@ impl Store {
             ),
         };
         let mut tried = Vec::new();
-        loop {
-            let host = store.active.load().host;
+        for host in 0..store.hosts.len() {
             let Err(e) = store.prove(host) else {
                 return Ok(store);
             };
-            let reason = e.move_reason();
-            tried.push(format!("{}: {e}", store.hosts[host]));
-            match reason {
-                Some(reason) if tried.len() < store.hosts.len() => store.move_from(host, &reason),
-                _ if tried.len() == 1 => return Err(e),
-                _ => return Err(StoreError::NoHost { tried }),
+            if store.hosts.len() == 1 {
+                return Err(e);
+            }
+            tried.push(match &e {
+                StoreError::Host { .. } => e.to_string(), // names its host
+                _ => format!("{}: {e}", store.hosts[host]),
+            });
+            if host + 1 == store.hosts.len() {
+                break;
+            }
+            match e.move_reason() {
+                // Logged and counted like any move.
+                Some(reason) => store.move_from(host, &reason),
+                None => {
+                    log::warn!("db host {} not usable: {e}", store.hosts[host]);
+                    store.start_on(host + 1);
+                }
             }
         }
+        Err(StoreError::NoHost { tried })
+    }
+
+    /// Before serving: `host` is the one to prove next, with a pool of its own.
+    fn start_on(&self, host: usize) {
+        *self.failover.lock() = Failover::new(self.hosts.len(), host);
+        self.active.store(Arc::new(Active {
+            host,
+            pool: build_pool(
+                self.opts[host].clone(),
+                self.pool_size,
+                self.connect_timeout,
+            ),
+        }));
     }
 
     /// One direct connection first (its error is the driver's own, at once, rather than the
     /// pool's timeout), then the table through the pool.
     fn prove(&self, host: usize) -> Result<(), StoreError> {
-        mysql::Conn::new(self.opts[host].clone()).map_err(|error| {
+        mysql::Conn::new(self.proof_opts[host].clone()).map_err(|error| {
             // MariaDB refuses a plaintext login under require_secure_transport with a bare 1045.
             let plaintext = self.opts[host].get_ssl_opts().is_none();
             let hint = match &error {
@@ -270,7 +311,11 @@ impl Store {
         // A fresh pool: connections left from an earlier stay on that host may be dead.
         self.active.store(Arc::new(Active {
             host: m.to,
-            pool: build_pool(self.opts[m.to].clone(), self.pool_size),
+            pool: build_pool(
+                self.opts[m.to].clone(),
+                self.pool_size,
+                self.connect_timeout,
+            ),
         }));
         drop(failover);
         self.show_active();

@@ -123,8 +123,15 @@ impl<E> r2d2::HandleError<E> for QuietErrors {
     fn handle_error(&self, _error: E) {}
 }
 
-/// The driver's options for one host of the list: timeouts, session setup, TLS.
-pub(super) fn driver_opts(config: &MysqlConfig, host: &HostAddr) -> Opts {
+/// The driver's options for one host of the list: timeouts, session setup, TLS. `proof`: for
+/// the one connection that proves a host at start-up or reload, whose every wait is bounded
+/// by `connect_timeout_ms`, so a host that accepts TCP and never answers is passed quickly.
+pub(super) fn driver_opts(config: &MysqlConfig, host: &HostAddr, proof: bool) -> Opts {
+    let read = if proof {
+        config.connect_timeout()
+    } else {
+        config.read_timeout()
+    };
     let mut opts = OptsBuilder::new()
         .ip_or_hostname(Some(host.driver_host()))
         .tcp_port(host.port)
@@ -132,9 +139,9 @@ pub(super) fn driver_opts(config: &MysqlConfig, host: &HostAddr) -> Opts {
         .pass(Some(config.password.expose().to_string()))
         .db_name(Some(config.database.clone()))
         .prefer_socket(false)
-        .tcp_connect_timeout(Some(Duration::from_secs(3)))
-        .read_timeout(Some(Duration::from_secs(60)))
-        .write_timeout(Some(Duration::from_secs(60)))
+        .tcp_connect_timeout(Some(config.connect_timeout()))
+        .read_timeout(Some(read))
+        .write_timeout(Some(read))
         .init(SESSION_SETUP.to_vec());
     if let Some(ssl) = ssl_opts(config) {
         opts = opts.ssl_opts(ssl);
@@ -161,11 +168,12 @@ fn ssl_opts(config: &MysqlConfig) -> Option<SslOpts> {
     })
 }
 
-pub(super) fn build_pool(opts: Opts, pool_size: u32) -> Pool {
+/// `connect_timeout`: the longest wait for a connection from the pool.
+pub(super) fn build_pool(opts: Opts, pool_size: u32, connect_timeout: Duration) -> Pool {
     r2d2::Pool::builder()
         .max_size(pool_size.max(1))
         .min_idle(Some(0))
-        .connection_timeout(Duration::from_secs(3))
+        .connection_timeout(connect_timeout)
         // Manager::is_valid pings only connections idle ≥ IDLE_PING; see there.
         .test_on_check_out(true)
         .error_handler(Box::new(QuietErrors))

@@ -7,7 +7,7 @@
 use mysql::prelude::Queryable;
 
 use super::{Connection, Store, StoreError};
-use crate::pipeline::schema::{self, Column};
+use crate::pipeline::schema::{self, Check, Column, UniqueKey};
 
 impl Store {
     /// `CREATE TABLE IF NOT EXISTS`, then checks the table fits what feedd writes.
@@ -77,12 +77,19 @@ impl Store {
                 },
             )
             .collect();
-        let unique: Vec<String> = conn.exec(
-            "SELECT MAX(COLUMN_NAME) FROM information_schema.STATISTICS
-             WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND NON_UNIQUE = 0
-             GROUP BY INDEX_NAME HAVING COUNT(*) = 1",
-            (&self.table,),
-        )?;
+        let keys = read_unique_keys(conn, &self.table)?;
+        let checks = read_checks(conn, &self.table)?;
+        // Which key names a duplicate-key error may name for a resent ticket.
+        *self.ticket_keys.lock() = keys
+            .iter()
+            .filter(|k| k.columns.iter().any(|c| c.eq_ignore_ascii_case("ticket")))
+            .map(|k| k.name.clone())
+            .collect();
+        let unique: Vec<String> = keys
+            .iter()
+            .filter(|k| k.columns.len() == 1)
+            .map(|k| k.columns[0].clone())
+            .collect();
         let engine: Option<String> = conn.exec_first(
             "SELECT ENGINE FROM information_schema.TABLES
              WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?",
@@ -92,6 +99,8 @@ impl Store {
             vec!["it does not exist".to_string()]
         } else {
             let mut problems = schema::judge(&columns, &unique);
+            problems.extend(schema::judge_unique_keys(&columns, &keys));
+            problems.extend(schema::judge_checks(&checks));
             problems.extend(engine.as_deref().and_then(schema::judge_engine));
             problems
         };
@@ -122,4 +131,52 @@ impl Store {
             Err(e) => e.to_string(),
         }
     }
+}
+
+/// The table's unique indexes with their columns in index order.
+fn read_unique_keys(conn: &mut Connection, table: &str) -> Result<Vec<UniqueKey>, StoreError> {
+    let rows: Vec<(String, String)> = conn.exec(
+        "SELECT INDEX_NAME, COLUMN_NAME FROM information_schema.STATISTICS
+         WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND NON_UNIQUE = 0
+         ORDER BY INDEX_NAME, SEQ_IN_INDEX",
+        (table,),
+    )?;
+    let mut keys: Vec<UniqueKey> = Vec::new();
+    for (name, column) in rows {
+        match keys.last_mut().filter(|k| k.name == name) {
+            Some(k) => k.columns.push(column),
+            None => keys.push(UniqueKey {
+                name,
+                columns: vec![column],
+            }),
+        }
+    }
+    Ok(keys)
+}
+
+/// The table's CHECK constraints (MariaDB names the table in `CHECK_CONSTRAINTS`; MySQL 8
+/// only through `TABLE_CONSTRAINTS`).
+fn read_checks(conn: &mut Connection, table: &str) -> Result<Vec<Check>, StoreError> {
+    let rows: Result<Vec<(String, String)>, _> = conn.exec(
+        "SELECT CONSTRAINT_NAME, CHECK_CLAUSE FROM information_schema.CHECK_CONSTRAINTS
+         WHERE CONSTRAINT_SCHEMA = DATABASE() AND TABLE_NAME = ?",
+        (table,),
+    );
+    let rows = match rows {
+        Ok(rows) => rows,
+        Err(_) => conn.exec(
+            "SELECT tc.CONSTRAINT_NAME, cc.CHECK_CLAUSE
+             FROM information_schema.TABLE_CONSTRAINTS tc
+             JOIN information_schema.CHECK_CONSTRAINTS cc
+               ON cc.CONSTRAINT_SCHEMA = tc.CONSTRAINT_SCHEMA
+              AND cc.CONSTRAINT_NAME = tc.CONSTRAINT_NAME
+             WHERE tc.TABLE_SCHEMA = DATABASE() AND tc.TABLE_NAME = ?
+               AND tc.CONSTRAINT_TYPE = 'CHECK'",
+            (table,),
+        )?,
+    };
+    Ok(rows
+        .into_iter()
+        .map(|(name, clause)| Check { name, clause })
+        .collect())
 }

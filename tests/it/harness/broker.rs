@@ -98,6 +98,37 @@ impl Client {
         .unwrap();
     }
 
+    /// Declares `queue` a durable quorum queue that retires a message after `delivery_limit`
+    /// returns (RabbitMQ's `x-delivery-limit`).
+    pub fn declare_quorum(&self, queue: &str, delivery_limit: i64) {
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(delivery_limit),
+        );
+        smol::block_on(self.ch.queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        ))
+        .unwrap();
+    }
+
+    /// Deletes this one queue (its exchange bindings go with it), ignoring an absent one.
+    pub fn delete_queue_only(&self, queue: &str) {
+        let _ = smol::block_on(
+            self.ch
+                .queue_delete(queue.into(), QueueDeleteOptions::default()),
+        );
+    }
+
     /// Deletes the queue (and `queue`.rejected with its exchange), ignoring absent ones.
     pub fn delete(&self, queue: &str) {
         smol::block_on(async {

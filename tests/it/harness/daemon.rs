@@ -200,7 +200,7 @@ impl Feedd {
     }
 
     /// Waits for `READY=1`; panics with the log if the process exits first or takes too long.
-    fn wait_ready(&mut self) {
+    pub fn wait_ready(&mut self) {
         let child = self.child.as_mut().expect("running");
         let notify = self.notify.as_ref().expect("started with spawn_notified");
         if let Err(why) = await_ready(child, notify, READY_TIMEOUT) {

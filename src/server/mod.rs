@@ -117,7 +117,7 @@ impl Server {
     ) -> Result<Bound, ServeError> {
         let queue = Queue::new(config.pipeline.queue_capacity);
         let depth = queue.depth_reader();
-        let metrics = Metrics::new(Arc::new(move || depth.records()))?;
+        let metrics = Metrics::new(Arc::new(move || (depth.records(), depth.capacity())))?;
         let workers = config.pipeline.worker_count();
         let pool_size = config.mysql.pool_size_for(workers);
         let store = Store::connect(&config.mysql, pool_size, &metrics)?;
@@ -175,7 +175,7 @@ fn bind_zmq(
         log::info!("ZeroMQ input off ([zmq] endpoint is empty)");
         return Ok(None);
     }
-    let receiver = Receiver::bind(context, settings)?;
+    let receiver = Receiver::bind(context, settings, shared.metrics.replies_dropped.clone())?;
     log::info!("listening on {}", receiver.bound_endpoint());
     let bound = receiver.shared_bound();
     let heartbeat = Heartbeat::new("receiver");

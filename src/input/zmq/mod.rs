@@ -97,11 +97,17 @@ pub struct Receiver {
     /// The endpoint of the socket replaced last: libzmq may still be closing its listener.
     released: Option<String>,
     shared_bound: BoundEndpoint,
+    /// `feedd_replies_dropped_total`.
+    replies_dropped: prometheus::IntCounter,
 }
 
 impl Receiver {
     /// Creates and binds the socket, so a bind failure is a start-up error.
-    pub fn bind(context: &zmq::Context, settings: ZmqSettings) -> Result<Receiver, ReceiverError> {
+    pub fn bind(
+        context: &zmq::Context,
+        settings: ZmqSettings,
+        replies_dropped: prometheus::IntCounter,
+    ) -> Result<Receiver, ReceiverError> {
         let mut router = context.socket(zmq::ROUTER)?;
         configure_router(&mut router, &settings)?;
         refuse_live_ipc(&settings.endpoint)?;
@@ -120,6 +126,7 @@ impl Receiver {
             settings,
             shared_bound: Arc::new(parking_lot::Mutex::new(bound.clone())),
             bound,
+            replies_dropped,
         })
     }
 
@@ -202,11 +209,10 @@ impl Input for Receiver {
         Ok(match judge(frames, self.settings.max_message_bytes) {
             Incoming::Ignore => Taken::Ignored,
             Incoming::Refuse { envelope, reason } => {
-                send(
-                    &self.router,
-                    &envelope,
-                    format!("FALSE {reason}").as_bytes(),
-                );
+                let text = format!("FALSE {reason}");
+                if !send(&self.router, &envelope, text.as_bytes()) {
+                    self.replies_dropped.inc();
+                }
                 Taken::Refused
             }
             Incoming::Accept { envelope, records } => Taken::Accepted {
@@ -222,12 +228,9 @@ impl Input for Receiver {
 
     fn answer(&mut self, envelope: Envelope, verdict: Verdict) {
         // Of a replaced socket: the client resends.
-        if envelope.socket == self.generation {
-            send(
-                &self.router,
-                &envelope.frames,
-                &record::reply_text(&verdict),
-            );
+        let text = record::reply_text(&verdict);
+        if envelope.socket != self.generation || !send(&self.router, &envelope.frames, &text) {
+            self.replies_dropped.inc();
         }
     }
 

@@ -5,18 +5,21 @@
 use crate::input::zmq::{ReceiverError, ZmqSettings};
 
 /// Sends a reply on the ROUTER; to a gone or saturated peer it is dropped, never waited for.
-pub(super) fn send(router: &zmq::Socket, envelope: &[Vec<u8>], text: &[u8]) {
+/// Whether it was handed to the socket.
+pub(super) fn send(router: &zmq::Socket, envelope: &[Vec<u8>], text: &[u8]) -> bool {
     for frame in envelope {
         if let Err(e) = router.send(frame.as_slice(), zmq::DONTWAIT | zmq::SNDMORE) {
             // A multipart send fails on its first frame (unroutable peers are dropped
             // silently by the ROUTER), so nothing half-sent is left behind.
             log::debug!("receiver: reply dropped: {e}");
-            return;
+            return false;
         }
     }
     if let Err(e) = router.send(text, zmq::DONTWAIT) {
         log::debug!("receiver: reply dropped: {e}");
+        return false;
     }
+    true
 }
 
 /// Two TCP endpoints that one listener's address excludes the other's: the same port, and the
@@ -101,6 +104,9 @@ pub(super) fn configure_router(
     )?;
     router.set_rcvhwm(1000)?;
     router.set_sndhwm(1000)?;
+    // A reply to a gone peer or one at its high-water mark fails (EHOSTUNREACH, EAGAIN) instead
+    // of vanishing silently, so `feedd_replies_dropped_total` counts it; it is dropped either way.
+    router.set_router_mandatory(true)?;
     match &settings.curve_secret_key {
         Some(key) => {
             router.set_zap_domain("feedd")?;

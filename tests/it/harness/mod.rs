@@ -1,7 +1,8 @@
 //! The harness of the integration tests, one file per role: `ports` (ports no other test
 //! process uses), `database` (a database per test, private servers), `daemon` (the feedd binary
 //! under test), `notify` (the service manager's notify socket, for readiness), `clients`
-//! (ZeroMQ and HTTP clients, test data), `broker` (RabbitMQ), `cluster` (Galera) and `tls` (a
+//! (ZeroMQ and HTTP clients, test data), `broker` (RabbitMQ), `cluster` (Galera), `prometheus` (a
+//! real Prometheus scraping feedd) and `tls` (a
 //! throwaway PKI and a TLS-only server).
 
 pub mod broker;
@@ -11,6 +12,7 @@ pub mod daemon;
 pub mod database;
 pub mod notify;
 pub mod ports;
+pub mod prometheus;
 pub mod tls;
 
 use std::time::{Duration, Instant};

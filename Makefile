@@ -25,7 +25,7 @@ test: test-setup lint rules ## test packages, lint, the alert rules' tests, unit
 deb:          ## the Debian package, target/debian/feedd_*.deb (needs `cargo install cargo-deb`)
 	cargo deb --locked
 
-bench:        ## the ingest and AMQP benchmarks with their baselines, then Galera and TLS costs
+bench:        ## the ingest and AMQP benchmarks with their baselines (SVG charts beside the CSV/JSON in target/bench/), then Galera and TLS costs
 	cargo bench --bench ingest
 	cargo bench --bench amqp
 	cargo bench --bench cluster

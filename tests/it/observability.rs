@@ -6,6 +6,8 @@ use std::io::{Read, Write};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use mysql::prelude::Queryable;
+
 use crate::harness::ports;
 use crate::harness::*;
 
@@ -195,6 +197,58 @@ fn committed_counts_rows_and_acknowledged_counts_answers() {
     assert_eq!(metric(&text, "feedd_records_committed_total"), 3.0);
     assert_eq!(metric(&text, "feedd_records_acknowledged_total"), 9.0);
     assert_eq!(db.count(), 3);
+}
+
+/// Connections to 127.0.0.1:`port` the server side still holds (ESTABLISHED or CLOSE_WAIT in
+/// /proc/net/tcp, local port `port`).
+fn server_side_connections(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local_port = fields[1].rsplit(':').next().unwrap_or("");
+            u16::from_str_radix(local_port, 16) == Ok(port) && matches!(fields[3], "01" | "08")
+        })
+        .count()
+}
+
+/// A reply whose client went away between its message and the COMMIT cannot be handed over:
+/// it is counted in `feedd_replies_dropped_total` (and the record is committed all the same).
+#[test]
+fn a_reply_to_a_client_gone_before_the_commit_is_counted_as_dropped() {
+    let db = Db::create("replies_dropped");
+    let (addr, listen) = metrics_listen();
+    let feedd = Feedd::start(&db, &[&listen]);
+    // The table is locked, so the message waits in its batch until the test unlocks it.
+    let mut lock = db.conn();
+    lock.query_drop("LOCK TABLES fee WRITE").unwrap();
+    let gone = Dealer::connect(&feedd.endpoint());
+    gone.send(1, "1,1,1");
+    assert!(wait_until(Duration::from_secs(10), || scrape(
+        &addr,
+        "feedd_messages_received_total"
+    ) == 1.0));
+    drop(gone);
+    // feedd's side of the connection closed: libzmq has let go of the peer.
+    assert!(
+        wait_until(Duration::from_secs(10), || server_side_connections(
+            feedd.port
+        ) == 0),
+        "feedd still holds the connection"
+    );
+    assert_eq!(scrape(&addr, "feedd_replies_dropped_total"), 0.0);
+    lock.query_drop("UNLOCK TABLES").unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || scrape(
+            &addr,
+            "feedd_replies_dropped_total"
+        ) == 1.0),
+        "the reply to the gone client is not counted"
+    );
+    assert_eq!(db.count(), 1, "committed all the same");
+    assert_eq!(scrape(&addr, "feedd_records_acknowledged_total"), 1.0);
 }
 
 /// The `feedd_…` metric names an expression text uses.

@@ -83,7 +83,7 @@ pub fn latency(path: &Path, caption: &str, curves: &[Curve], floors: &[Level]) -
         .configure_mesh()
         .x_desc("percentile")
         .y_desc("ack latency, ms (received to reply)")
-        .x_labels(8)
+        .x_labels(4)
         .x_label_formatter(&|x| format!("p{}", percentile_of_nines(*x)))
         .y_label_formatter(&|y| format!("{y:.2}"))
         .draw()?;
@@ -170,7 +170,8 @@ where
 {
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
+        // Between the ceilings (high) and the curves (low) on one, right of p0 on the other.
+        .position(SeriesLabelPosition::MiddleRight)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()

@@ -392,6 +392,7 @@ fn target(name: &str, measured: String, held: bool) {
 fn main() {
     let quick =
         std::env::args().any(|a| a == "--quick") || std::env::var_os("FEEDD_BENCH_QUICK").is_some();
+    let load_at_start = load_average();
     let plan = Plan {
         quick,
         runs: if quick { 1 } else { 3 },
@@ -637,7 +638,8 @@ fn main() {
     };
     write_results(&cells, best, seed, &floor, quick);
     let sweep = in_flight_sweep(&plan, db_pid);
-    draw(&sweep, best, &floor, &distributions, quick);
+    let caption = provenance(quick, &load_at_start);
+    draw(&sweep, best, &floor, &distributions, &caption);
 }
 
 /// One offered load's latency curve: (fraction of peak, records/s offered, (nines, ms) points).
@@ -677,8 +679,15 @@ fn in_flight_sweep(plan: &Plan, db_pid: Option<i32>) -> Vec<Cell> {
     cells
 }
 
+/// The 1-, 5- and 15-minute load averages, as /proc/loadavg has them.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
 /// When, where and under what load the numbers were taken: the charts' caption.
-fn provenance(quick: bool) -> String {
+fn provenance(quick: bool, load_at_start: &str) -> String {
     let date = std::process::Command::new("date")
         .args(["-u", "+%Y-%m-%d %H:%M UTC"])
         .output()
@@ -694,11 +703,9 @@ fn provenance(quick: bool) -> String {
         })
         .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let load = std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default();
     format!(
-        "{date}; {cores} cores, {cpu}; load average {load} at the end; {}",
+        "{date}; {cores} cores, {cpu}; load average {load_at_start} at the start, {} at the end; {}",
+        load_average(),
         if quick {
             "--quick run (1 run per point, short)"
         } else {
@@ -708,9 +715,8 @@ fn provenance(quick: bool) -> String {
 }
 
 /// The SVG charts beside the CSV/JSON: throughput by messages in flight, latency by percentile.
-fn draw(sweep: &[Cell], best: f64, floor: &Floor, distributions: &[Distribution], quick: bool) {
+fn draw(sweep: &[Cell], best: f64, floor: &Floor, distributions: &[Distribution], caption: &str) {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
-    let caption = provenance(quick);
     let mut curves: Vec<charts::Curve> = Vec::new();
     for per_msg in [1, 10, 100] {
         curves.push(charts::Curve {
@@ -758,11 +764,11 @@ fn draw(sweep: &[Cell], best: f64, floor: &Floor, distributions: &[Distribution]
     for (path, drawn) in [
         (
             &throughput,
-            charts::throughput(&throughput, &caption, &curves, &ceilings),
+            charts::throughput(&throughput, caption, &curves, &ceilings),
         ),
         (
             &latency_svg,
-            charts::latency(&latency_svg, &caption, &latency, &floors),
+            charts::latency(&latency_svg, caption, &latency, &floors),
         ),
     ] {
         match drawn {

@@ -1,9 +1,8 @@
 //! The harness of the integration tests, one file per role: `ports` (ports no other test
 //! process uses), `database` (a database per test, private servers), `daemon` (the feedd binary
 //! under test), `notify` (the service manager's notify socket, for readiness), `clients`
-//! (ZeroMQ and HTTP clients, test data), `broker` (RabbitMQ), `cluster` (Galera), `prometheus` (a
-//! real Prometheus scraping feedd) and `tls` (a
-//! throwaway PKI and a TLS-only server).
+//! (ZeroMQ and HTTP clients, test data), `broker` (RabbitMQ), `cluster` (Galera), `prometheus`
+//! (a real Prometheus scraping feedd) and `tls` (a throwaway PKI and a TLS-only server).
 
 pub mod broker;
 pub mod clients;

@@ -26,6 +26,8 @@
 #[allow(dead_code, unused_imports)]
 mod harness;
 
+mod charts;
+
 #[path = "../src/bin/feedd-load/load.rs"]
 #[allow(dead_code)]
 mod load;
@@ -555,6 +557,7 @@ fn target(name: &str, measured: String, held: bool) {
 fn main() {
     let quick =
         std::env::args().any(|a| a == "--quick") || std::env::var_os("FEEDD_BENCH_QUICK").is_some();
+    let load_at_start = load_average();
     let plan = Plan {
         quick,
         runs: if quick { 1 } else { 3 },
@@ -700,16 +703,18 @@ fn main() {
     let mut floors_empty = Vec::new();
     let mut floors_one = Vec::new();
     let mut at = Vec::new();
+    let mut distributions = Vec::new();
     for fraction in [0.25, 0.5, 0.9] {
         let rate = peak * fraction;
         let records = if quick { 1_000 } else { (rate * 3.0) as u64 };
         let mut p50s = Vec::new();
         let mut p99s = Vec::new();
+        let mut last = None;
         for _ in 0..plan.runs {
             let (empty, one) = commit_floor(if quick { 50 } else { 500 });
             floors_empty.push(empty);
             floors_one.push(one);
-            let (_, r) = run_feedd(
+            let (report, r) = run_feedd(
                 peak_cell.workers,
                 peak_cell.batch_size,
                 1,
@@ -720,6 +725,10 @@ fn main() {
             );
             p50s.push(r.p50_ms);
             p99s.push(r.p99_ms);
+            last = Some(report);
+        }
+        if let Some(report) = last {
+            distributions.push((fraction, rate, distribution(&report)));
         }
         let (p50, p99) = (median(p50s.clone()), median(p99s));
         println!(
@@ -881,6 +890,145 @@ fn main() {
     let all: Vec<Cell> = shallow.into_iter().chain(cells).collect();
     write_results(&all, best, seed, &floor, quick);
     write_singles(&singles);
+    let sweep = in_flight_sweep(&plan, db_pid);
+    let caption = provenance(quick, &load_at_start);
+    draw(&sweep, best, &floor, &distributions, &caption);
+}
+
+/// One offered load's latency curve: (fraction of peak, records/s offered, (nines, ms) points).
+type Distribution = (f64, f64, Vec<(f64, f64)>);
+
+/// The ack latency of one run at each tenth of a nine, p0 to p99.9: (nines, ms).
+fn distribution(report: &LoadReport) -> Vec<(f64, f64)> {
+    (0..=30)
+        .map(|i| {
+            let nines = f64::from(i) / 10.0;
+            (nines, report.latency_ms(charts::quantile_of_nines(nines)))
+        })
+        .collect()
+}
+
+/// Records/s as the messages in flight grow (4 clients × window), per message size, with 2
+/// workers and batch_size 1000 (a configuration of both the quick and the full run).
+fn in_flight_sweep(plan: &Plan, db_pid: Option<i32>) -> Vec<Cell> {
+    println!("\nin-flight sweep (2 workers, batch_size 1000, 4 clients):");
+    let mut cells = Vec::new();
+    for (per_msg, windows) in [
+        (1, &[1, 4, 16, 64, 128][..]),
+        (10, &[1, 4, 16, 64][..]),
+        (100, &[1, 2, 4, 16][..]),
+    ] {
+        for &window in windows {
+            let c = cell(plan, 2, 1000, per_msg, window, db_pid);
+            println!(
+                "  {per_msg:>3} rec/msg, {:>3} in flight: {:.0} records/s, ack p99 {:.2} ms",
+                c.in_flight,
+                c.rate(),
+                c.p99_ms()
+            );
+            cells.push(c);
+        }
+    }
+    cells
+}
+
+/// The 1-, 5- and 15-minute load averages, as /proc/loadavg has them.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// When, where and under what load the numbers were taken: the charts' caption.
+fn provenance(quick: bool, load_at_start: &str) -> String {
+    let date = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    format!(
+        "{date}; {cores} cores, {cpu}; load average {load_at_start} at the start, {} at the end; {}",
+        load_average(),
+        if quick {
+            "--quick run (1 run per point, short)"
+        } else {
+            "full run (median of 3)"
+        }
+    )
+}
+
+/// The SVG charts beside the CSV/JSON: throughput by messages in flight, latency by percentile.
+fn draw(sweep: &[Cell], best: f64, floor: &Floor, distributions: &[Distribution], caption: &str) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    let mut curves: Vec<charts::Curve> = Vec::new();
+    for per_msg in [1, 10, 100] {
+        curves.push(charts::Curve {
+            label: format!("{per_msg} record(s)/message"),
+            points: sweep
+                .iter()
+                .filter(|c| c.per_msg == per_msg)
+                .map(|c| (c.in_flight as f64, c.rate()))
+                .collect(),
+        });
+    }
+    let interleaved = median(sweep.iter().map(Cell::ceiling).collect());
+    let ceilings = [
+        charts::Level {
+            label: format!("database ceiling, best of clients (a*): {best:.0} rows/s"),
+            y: best,
+        },
+        charts::Level {
+            label: format!("database ceiling, 2 connections, interleaved: {interleaved:.0} rows/s"),
+            y: interleaved,
+        },
+    ];
+    let latency: Vec<charts::Curve> = distributions
+        .iter()
+        .map(|(fraction, rate, points)| charts::Curve {
+            label: format!("at {:.0} % of peak ({rate:.0} records/s)", fraction * 100.0),
+            points: points.clone(),
+        })
+        .collect();
+    let floors = [
+        charts::Level {
+            label: format!("empty COMMIT p50: {:.3} ms", floor.empty_commit_ms),
+            y: floor.empty_commit_ms,
+        },
+        charts::Level {
+            label: format!(
+                "one-row autocommit INSERT p50: {:.3} ms",
+                floor.one_row_insert_ms
+            ),
+            y: floor.one_row_insert_ms,
+        },
+    ];
+    let throughput = dir.join("ingest-throughput.svg");
+    let latency_svg = dir.join("ingest-latency.svg");
+    for (path, drawn) in [
+        (
+            &throughput,
+            charts::throughput(&throughput, caption, &curves, &ceilings),
+        ),
+        (
+            &latency_svg,
+            charts::latency(&latency_svg, caption, &latency, &floors),
+        ),
+    ] {
+        match drawn {
+            Ok(()) => println!("chart: {}", path.display()),
+            Err(e) => println!("chart {}: not drawn: {e}", path.display()),
+        }
+    }
 }
 
 fn print_cell(c: &Cell, best: f64, seed: f64) {

@@ -34,8 +34,9 @@ impl From<prometheus::Error> for MetricsError {
     }
 }
 
-/// Reads the queue's depth in records; handed in by whoever owns the queue.
-pub type QueueDepth = Arc<dyn Fn() -> usize + Send + Sync>;
+/// Reads the queue's depth and its capacity (`[pipeline] queue_capacity`, reloadable), both in
+/// records; handed in by whoever owns the queue.
+pub type QueueDepth = Arc<dyn Fn() -> (usize, usize) + Send + Sync>;
 
 /// Every metric feedd exports. Cloned handles share the same atomics.
 #[derive(Clone)]
@@ -63,6 +64,7 @@ pub struct Metrics {
     pub amqp_dead_letters: IntCounter,
     pub amqp_reconnects: IntCounter,
     queue_depth_gauge: IntGauge,
+    queue_capacity_gauge: IntGauge,
     /// The queue's own depth, read when the gauge is rendered (the queue owns it).
     queue_depth: QueueDepth,
     pub batch_commit_seconds: Histogram,
@@ -93,6 +95,7 @@ const HELP: &[(&str, &str)] = &[
     ("feedd_batch_commit_seconds", "Time to commit one batch (all attempts)"),
     ("feedd_pool_wait_seconds", "Time to check a connection out of the pool"),
     ("feedd_queue_depth", "Records waiting between the receiver and the workers"),
+    ("feedd_queue_capacity", "Records the queue holds before inputs pause ([pipeline] queue_capacity)"),
     ("feedd_db_host_active", "1 for the [mysql] host taking writes, 0 for the others of the list"),
 ];
 
@@ -179,6 +182,7 @@ impl Metrics {
             db_host_active: r.gauge_vec("feedd_db_host_active", "host")?,
             db_hosts_owner: Arc::default(),
             queue_depth_gauge: r.gauge("feedd_queue_depth")?,
+            queue_capacity_gauge: r.gauge("feedd_queue_capacity")?,
             queue_depth,
             batch_records: r.histogram(
                 "feedd_batch_records",
@@ -193,9 +197,10 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> Vec<u8> {
-        let depth = (self.queue_depth)();
-        self.queue_depth_gauge
-            .set(i64::try_from(depth).unwrap_or(i64::MAX));
+        let (depth, capacity) = (self.queue_depth)();
+        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        self.queue_depth_gauge.set(gauge(depth));
+        self.queue_capacity_gauge.set(gauge(capacity));
         let mut out = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
             log::warn!("metrics: encoding failed: {e}");

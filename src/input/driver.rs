@@ -532,7 +532,7 @@ mod tests {
 
     fn rig() -> Rig {
         let fake = Fake::default();
-        let depth: crate::metrics::QueueDepth = Arc::new(|| 0);
+        let depth: crate::metrics::QueueDepth = Arc::new(|| (0, 0));
         let metrics = Metrics::new(depth).unwrap();
         let queue = Queue::new(100);
         let (driver, handle) =

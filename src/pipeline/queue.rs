@@ -152,6 +152,10 @@ impl DepthReader {
     pub fn records(&self) -> usize {
         self.0.depth.load(Ordering::Relaxed)
     }
+
+    pub fn capacity(&self) -> usize {
+        self.0.capacity.load(Ordering::Relaxed)
+    }
 }
 
 /// An input's push handle. Dropping every intake closes the queue.

@@ -286,7 +286,7 @@ mod tests {
 
     #[test]
     fn verdicts_go_back_grouped_per_input_and_are_counted() {
-        let depth: crate::metrics::QueueDepth = Arc::new(|| 0);
+        let depth: crate::metrics::QueueDepth = Arc::new(|| (0, 0));
         let m = Metrics::new(depth).unwrap();
         let (zmq, amqp) = (Arc::new(Kept::default()), Arc::new(Kept::default()));
         let answered = vec![

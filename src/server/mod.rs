@@ -124,7 +124,7 @@ impl Server {
     ) -> Result<Bound, ServeError> {
         let queue = Queue::new(config.pipeline.queue_capacity);
         let depth = queue.depth_reader();
-        let metrics = Metrics::new(Arc::new(move || depth.records()))?;
+        let metrics = Metrics::new(Arc::new(move || (depth.records(), depth.capacity())))?;
         let workers = config.pipeline.worker_count();
         let pool_size = config.mysql.pool_size_for(workers);
         let (mysql, m) = (config.mysql.clone(), metrics.clone());

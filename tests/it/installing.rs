@@ -153,6 +153,10 @@ fn installed_processes() -> Vec<i32> {
 }
 
 /// `cargo deb`: builds the release binaries and the package; returns the .deb's path.
+/// What the package ships for Prometheus and Grafana.
+const RULES: &str = "/usr/share/feedd/prometheus/feedd-rules.yml";
+const DASHBOARD: &str = "/usr/share/feedd/grafana/feedd.json";
+
 fn build_package() -> PathBuf {
     let started = std::time::Instant::now();
     let out = Command::new("cargo")
@@ -228,6 +232,8 @@ fn the_debian_package_installs_serves_and_purges() {
         ("/etc/logrotate.d/feedd", 0o644, "root", "root"),
         ("/usr/lib/sysusers.d/feedd.conf", 0o644, "root", "root"),
         ("/var/log/feedd", 0o750, "feedd", "feedd"),
+        (RULES, 0o644, "root", "root"),
+        (DASHBOARD, 0o644, "root", "root"),
     ] {
         assert_eq!(
             stat(path),
@@ -235,6 +241,13 @@ fn the_debian_package_installs_serves_and_purges() {
             "{path}"
         );
     }
+    // The shipped rules are the ones promtool passes; the dashboard is JSON.
+    if have("promtool") {
+        let (ok, text) = run("promtool", &["check", "rules", RULES]);
+        assert!(ok, "promtool check rules {RULES}: {text}");
+    }
+    let dashboard = std::fs::read_to_string(DASHBOARD).unwrap();
+    assert!(serde_json::from_str::<serde_json::Value>(&dashboard).is_ok());
     let user = nix::unistd::User::from_name("feedd")
         .unwrap()
         .expect("a feedd user");
@@ -337,6 +350,8 @@ fn the_debian_package_installs_serves_and_purges() {
         "/usr/bin/feedd",
         "/usr/bin/feedd-load",
         "/lib/systemd/system/feedd.service",
+        RULES,
+        DASHBOARD,
     ] {
         assert!(!Path::new(gone).exists(), "{gone} left after remove");
     }

@@ -1,8 +1,9 @@
 //! The harness of the integration tests, one file per role: `ports` (ports no other test
 //! process uses), `database` (a database per test, private servers), `daemon` (the feedd binary
 //! under test), `notify` (the service manager's notify socket, for readiness), `clients`
-//! (ZeroMQ and HTTP clients, test data), `broker` (RabbitMQ), `relay` (a TCP relay that cuts or goes silent), `cluster` (Galera) and `tls` (a
-//! throwaway PKI and a TLS-only server).
+//! (ZeroMQ and HTTP clients, test data), `broker` (RabbitMQ), `relay` (a TCP relay that cuts or
+//! goes silent), `cluster` (Galera), `prometheus` (a real Prometheus scraping feedd) and `tls`
+//! (a throwaway PKI and a TLS-only server).
 
 pub mod broker;
 pub mod clients;
@@ -11,6 +12,7 @@ pub mod daemon;
 pub mod database;
 pub mod notify;
 pub mod ports;
+pub mod prometheus;
 pub mod relay;
 pub mod tls;
 

@@ -259,8 +259,12 @@ fn a_delivery_that_breaks_the_connection_spends_only_its_own_delivery_budget() {
     );
     assert!(!rows.contains_key(&51), "the culprit never arrived");
     // Whether it is named first depends on how fast the broker spends its budget (naming is
-    // the classic queue's test).
-    assert_eq!(scrape(&addr, "feedd_amqp_dead_letters_total"), 3.0, "{log}");
+    // the classic queue's test). One more if a loss came between a dead letter and its ack.
+    let counted = scrape(&addr, "feedd_amqp_dead_letters_total");
+    assert!(
+        (3.0..=4.0).contains(&counted),
+        "{counted} dead letters\n{log}"
+    );
     mq.delete(&queue);
 }
 
@@ -291,8 +295,19 @@ fn a_delivery_that_breaks_the_connection_is_named_on_a_classic_queue() {
     assert_eq!(db.count(), 50, "the deliveries before the culprit\n{log}");
     // Acked as soon as confirmed: the losses that follow do not dead-letter them again.
     let (_, dlq) = broker::names("poison_classic");
-    assert_eq!(scrape(&addr, "feedd_amqp_dead_letters_total"), 3.0, "{log}");
-    assert_eq!(mq.drain(&dlq).len(), 3, "each dead letter once\n{log}");
+    // At least once, never the copy per reconnect of before: a dead letter whose confirm (or
+    // whose original's ack) is lost with the connection — the culprit's frame can arrive while
+    // feedd awaits that confirm — is published once more after the reconnect.
+    let counted = scrape(&addr, "feedd_amqp_dead_letters_total");
+    assert!(
+        (3.0..=4.0).contains(&counted),
+        "{counted} dead letters\n{log}"
+    );
+    let copies = mq.drain(&dlq).len();
+    assert!(
+        (3..=4).contains(&copies),
+        "{copies} copies of 3 dead letters\n{log}"
+    );
     assert!(
         t.elapsed() >= Duration::from_millis(1500),
         "backoff 0.1 + 0.2 + 0.4 + 0.8 s at least: {:?}",

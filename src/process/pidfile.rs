@@ -168,8 +168,11 @@ fn lock_holder(file: &File) -> Option<i32> {
         libc::minor(dev),
         meta.ino()
     );
-    let locks = std::fs::read_to_string("/proc/locks").ok()?;
-    holder_in(&locks, &wanted)
+    // One read() is one consistent walk of the kernel's lock list; a small buffer would take
+    // several, between which other processes' locks come and go.
+    let mut buf = vec![0u8; 1 << 20];
+    let n = std::io::Read::read(&mut File::open("/proc/locks").ok()?, &mut buf).ok()?;
+    holder_in(&String::from_utf8_lossy(&buf[..n]), &wanted)
 }
 
 /// The pid of the granted exclusive FLOCK on `inode` (`MAJ:MIN:INODE`) in `/proc/locks` text.
@@ -208,7 +211,17 @@ pub fn holder(path: &Path) -> Result<Option<Holder>, PidfileError> {
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    let Some(pid) = lock_holder(&file) else {
+    // /proc/locks is read in pieces while other processes take and drop locks, so one read
+    // can skip a line: look again a few times before calling the holder unknown.
+    let mut found = None;
+    for _ in 0..5 {
+        found = lock_holder(&file);
+        if found.is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let Some(pid) = found else {
         // Released between our probe and the read of /proc/locks (a daemon exiting): stale.
         if Flock::lock(file, FlockArg::LockSharedNonblock).is_ok() {
             return Ok(None);

@@ -1,6 +1,7 @@
 //! The pipeline between inputs and the database.
 //!
 //! - `worker`: pinned threads that batch queued messages and commit them.
+//! - `linger`: whether a begun batch waits for more messages (pure).
 //! - `store`: the MySQL side (pool, table check, one transaction per batch, error classes).
 //! - `hosts`: failover along the ordered host list (the next host, the round; pure).
 //! - `schema`: does a table fit what feedd writes (pure).
@@ -8,6 +9,7 @@
 
 pub mod classify;
 pub mod hosts;
+pub mod linger;
 pub mod queue;
 pub mod schema;
 pub mod store;

@@ -12,7 +12,7 @@ use std::fmt;
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Connection, ErrorKind, ExchangeKind};
+use lapin::{Channel, Connection, ErrorKind, ExchangeKind};
 
 use super::link::{AmqpSettings, Deadline, LinkError};
 use crate::config::{ExchangeType, QueueType};
@@ -51,6 +51,18 @@ fn exchange_kind(t: ExchangeType) -> ExchangeKind {
         ExchangeType::Fanout => ExchangeKind::Fanout,
         ExchangeType::Topic => ExchangeKind::Topic,
         ExchangeType::Headers => ExchangeKind::Headers,
+    }
+}
+
+/// A channel for one step that the broker may refuse (a refusal closes it).
+async fn channel(connection: &Connection, d: &Deadline) -> Result<Channel, LinkError> {
+    d.step("open a channel", connection.create_channel()).await
+}
+
+fn durable_exchange() -> ExchangeDeclareOptions {
+    ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
     }
 }
 
@@ -121,9 +133,7 @@ pub(super) async fn declare(
     }
     let found = ensure_queue(connection, d, &s.queue, s.queue_type, true).await?;
     if let Some(x) = &s.exchange {
-        let ch = d
-            .step("open a channel", connection.create_channel())
-            .await?;
+        let ch = channel(connection, d).await?;
         d.step(
             "bind the queue to the exchange",
             ch.queue_bind(
@@ -151,20 +161,14 @@ async fn declare_exchange(
     s: &AmqpSettings,
     exchange: &str,
 ) -> Result<(), LinkError> {
-    let ch = d
-        .step("open a channel", connection.create_channel())
-        .await?;
-    let options = ExchangeDeclareOptions {
-        durable: true,
-        ..ExchangeDeclareOptions::default()
-    };
+    let ch = channel(connection, d).await?;
     let declared = d
         .step(
             "declare the exchange",
             ch.exchange_declare(
                 exchange.into(),
                 exchange_kind(s.exchange_type),
-                options,
+                durable_exchange(),
                 FieldTable::default(),
             ),
         )
@@ -194,9 +198,7 @@ pub(super) async fn check_exchange(
     s: &AmqpSettings,
 ) -> Result<(), LinkError> {
     let Some(x) = &s.exchange else { return Ok(()) };
-    let ch = d
-        .step("open a channel", connection.create_channel())
-        .await?;
+    let ch = channel(connection, d).await?;
     let passive = ExchangeDeclareOptions {
         passive: true,
         ..ExchangeDeclareOptions::default()
@@ -231,9 +233,7 @@ async fn ensure_queue(
     queue_type: QueueType,
     learn: bool,
 ) -> Result<QueueFound, LinkError> {
-    let ch = d
-        .step("open a channel", connection.create_channel())
-        .await?;
+    let ch = channel(connection, d).await?;
     let passive = QueueDeclareOptions {
         passive: true,
         ..QueueDeclareOptions::default()
@@ -256,9 +256,7 @@ async fn ensure_queue(
         Err(e @ LinkError::Timeout { .. }) => return Err(e),
         Err(_) => {}
     }
-    let ch = d
-        .step("open a channel", connection.create_channel())
-        .await?;
+    let ch = channel(connection, d).await?;
     d.step(
         "declare the queue",
         ch.queue_declare(queue.into(), durable_queue(), queue_arguments(queue_type)),
@@ -275,9 +273,7 @@ async fn existing_type(
     queue: &str,
     queue_type: QueueType,
 ) -> Result<QueueFound, LinkError> {
-    let ch = d
-        .step("open a channel", connection.create_channel())
-        .await?;
+    let ch = channel(connection, d).await?;
     // Classic is asked for by name here: the broker accepts it for a queue declared without.
     let mut args = FieldTable::default();
     args.insert(
@@ -314,19 +310,13 @@ pub(super) async fn declare_dead_letters(
     dlx: &str,
     queue_type: QueueType,
 ) -> Result<(), LinkError> {
-    let ch = d
-        .step("open a channel", connection.create_channel())
-        .await?;
-    let options = ExchangeDeclareOptions {
-        durable: true,
-        ..ExchangeDeclareOptions::default()
-    };
+    let ch = channel(connection, d).await?;
     d.step(
         "declare the dead-letter exchange",
         ch.exchange_declare(
             dlx.into(),
             ExchangeKind::Fanout,
-            options,
+            durable_exchange(),
             FieldTable::default(),
         ),
     )

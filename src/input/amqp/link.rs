@@ -133,6 +133,10 @@ pub struct Link {
     pub queue_found: QueueFound,
 }
 
+/// The prefetch applies to each consumer, never to the channel (`global`): quorum queues
+/// refuse a global QoS with 540 NOT_IMPLEMENTED, which closes the connection.
+const PER_CONSUMER: BasicQosOptions = BasicQosOptions { global: false };
+
 /// Every facade call (a whole connect with its declares, a dead letter and its confirm, a
 /// close) returns within this: well under half the shortest watchdog period the README allows
 /// (4 s), so the consumer thread keeps turning while a broker stops answering.
@@ -206,7 +210,12 @@ impl Link {
         smol::block_on(async {
             let d = Deadline::new(&s.url.to_string());
             let connection = reach(s, &d).await?;
-            topology::check_exchange(&connection, &d, s).await?;
+            if let Err(e) = topology::check_exchange(&connection, &d, s).await {
+                let _ = d
+                    .step("close", connection.close(200, "refused".into()))
+                    .await;
+                return Err(e);
+            }
             Ok(Reached(connection))
         })
     }
@@ -227,11 +236,8 @@ impl Link {
             channel.confirm_select(ConfirmSelectOptions::default()),
         )
         .await?;
-        d.step(
-            "basic.qos",
-            channel.basic_qos(prefetch, BasicQosOptions::default()),
-        )
-        .await?;
+        d.step("basic.qos", channel.basic_qos(prefetch, PER_CONSUMER))
+            .await?;
         let consumer = d
             .step(
                 "basic.consume",
@@ -338,11 +344,8 @@ impl Link {
     /// Another prefetch window for the consumer (`basic.qos`).
     pub fn set_prefetch(&self, prefetch: u16) -> Result<(), LinkError> {
         self.call(async |d| {
-            d.step(
-                "basic.qos",
-                self.channel.basic_qos(prefetch, BasicQosOptions::default()),
-            )
-            .await
+            d.step("basic.qos", self.channel.basic_qos(prefetch, PER_CONSUMER))
+                .await
         })
     }
 

@@ -172,6 +172,19 @@ fn an_existing_exchange_of_another_type_is_refused_at_start_and_on_reload() {
         0.0,
         "the running channel was never cancelled"
     );
+    // The exchange gone, the same file applies: declared direct and bound with the queue's name.
+    mq.delete_exchange(&x);
+    feedd.signal(Signal::SIGHUP);
+    assert!(wait_until(Duration::from_secs(20), || scrape(
+        &addr,
+        "feedd_config_reloads_total"
+    ) == 1.0));
+    feedd.wait_for_log(
+        &format!("bound to direct exchange `{x}` with key `{queue}`"),
+        Duration::from_secs(5),
+    );
+    mq.publish_to(&x, &queue, &bodies(201, 10, 10), &[]);
+    wait_rows(&db, 300, 20, &feedd);
     mq.delete(&queue);
     mq.delete_exchange(&x);
 }

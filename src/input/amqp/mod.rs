@@ -3,6 +3,7 @@
 //!
 //! - `link`: the blocking facade over lapin (connect, next event, ack, reject, dead letter).
 //! - `ledger`: which delivery tags to ack and how (pure, unit-tested).
+//! - `topology`: what a connect declares (exchange, binding, queue and its type, dead letters).
 //! - here: the adapter. Deliveries are taken only while the queue has room (the broker's
 //!   prefetch does the rest); each body is parsed like a ZeroMQ body, malformed and oversized
 //!   ones are dead-lettered at once, the rest queued. Committed deliveries are acked

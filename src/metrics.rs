@@ -60,6 +60,7 @@ pub struct Metrics {
     /// prepared and dropped, nor one replaced by a reload.
     pub db_hosts_owner: Arc<std::sync::atomic::AtomicU64>,
     pub amqp_deliveries: IntCounter,
+    pub amqp_redeliveries: IntCounter,
     pub amqp_acks: IntCounter,
     pub amqp_dead_letters: IntCounter,
     pub amqp_reconnects: IntCounter,
@@ -87,6 +88,7 @@ const HELP: &[(&str, &str)] = &[
     ("feedd_curve_refusals_total", "CURVE handshakes refused by the allowlist"),
     ("feedd_db_failovers_total", "Moves to the next [mysql] host (refused, lost, read-only, not primary)"),
     ("feedd_amqp_deliveries_total", "AMQP deliveries taken from the broker (redeliveries included)"),
+    ("feedd_amqp_redeliveries_total", "AMQP deliveries the broker flagged redelivered (a lost channel, consumer_timeout, another consumer's); on a quorum queue each spent one of its x-delivery-limit"),
     ("feedd_amqp_acks_total", "AMQP deliveries acknowledged (after COMMIT, or after their dead letter was confirmed)"),
     ("feedd_amqp_dead_letters_total", "AMQP deliveries rejected: published to the dead-letter exchange, or dropped when none is set"),
     ("feedd_amqp_reconnects_total", "AMQP connections re-established after a loss"),
@@ -176,6 +178,7 @@ impl Metrics {
             curve_refusals: r.counter("feedd_curve_refusals_total")?,
             db_failovers: r.counter("feedd_db_failovers_total")?,
             amqp_deliveries: r.counter("feedd_amqp_deliveries_total")?,
+            amqp_redeliveries: r.counter("feedd_amqp_redeliveries_total")?,
             amqp_acks: r.counter("feedd_amqp_acks_total")?,
             amqp_dead_letters: r.counter("feedd_amqp_dead_letters_total")?,
             amqp_reconnects: r.counter("feedd_amqp_reconnects_total")?,

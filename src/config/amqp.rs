@@ -78,6 +78,72 @@ pub struct AmqpConfig {
     pub prefetch: usize,
     /// `None`: rejected deliveries are dropped (logged).
     pub dead_letter_exchange: Option<String>,
+    /// The type feedd declares a missing queue with (an existing queue is used as it is).
+    pub queue_type: QueueType,
+    /// `None`: no exchange (publishers use the default exchange with the queue's name).
+    pub exchange: Option<String>,
+    pub exchange_type: ExchangeType,
+    /// The binding key; `None` (empty in the file): the queue's name.
+    pub routing_key: Option<String>,
+}
+
+/// `[amqp] queue_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueType {
+    Classic,
+    /// Replicated (Raft); refuses global QoS, `exclusive`, `x-max-priority`.
+    Quorum,
+}
+
+impl QueueType {
+    pub const ALL: [QueueType; 2] = [QueueType::Classic, QueueType::Quorum];
+
+    /// The name, as in the file and in the broker's `x-queue-type`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+        }
+    }
+}
+
+/// `[amqp] exchange_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExchangeType {
+    Direct,
+    Fanout,
+    Topic,
+    Headers,
+}
+
+impl ExchangeType {
+    pub const ALL: [ExchangeType; 4] = [
+        ExchangeType::Direct,
+        ExchangeType::Fanout,
+        ExchangeType::Topic,
+        ExchangeType::Headers,
+    ];
+
+    /// The name, as in the file and in the broker's `exchange.declare`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExchangeType::Direct => "direct",
+            ExchangeType::Fanout => "fanout",
+            ExchangeType::Topic => "topic",
+            ExchangeType::Headers => "headers",
+        }
+    }
+}
+
+/// One of `all` by its name (case-insensitive), or the reason naming the allowed values.
+fn one_of<T: Copy>(raw: &str, all: &[T], name: impl Fn(T) -> &'static str) -> Result<T, String> {
+    all.iter()
+        .copied()
+        .find(|v| name(*v).eq_ignore_ascii_case(raw.trim()))
+        .ok_or_else(|| {
+            let names: Vec<&str> = all.iter().map(|v| name(*v)).collect();
+            format!("`{raw}` is not one of {}", names.join(", "))
+        })
 }
 
 impl AmqpConfig {
@@ -94,13 +160,42 @@ impl AmqpConfig {
             check_name(&dead_letter_exchange)
                 .map_err(|reason| s.error("dead_letter_exchange", reason))?;
         }
+        let queue_type = one_of(&s.string("queue_type", "classic")?, &QueueType::ALL, |t| {
+            t.as_str()
+        })
+        .map_err(|reason| s.error("queue_type", reason))?;
+        let exchange = s.string("exchange", "")?;
+        if !exchange.is_empty() {
+            check_name(&exchange).map_err(|reason| s.error("exchange", reason))?;
+        }
+        let exchange_type = one_of(
+            &s.string("exchange_type", "direct")?,
+            &ExchangeType::ALL,
+            ExchangeType::as_str,
+        )
+        .map_err(|reason| s.error("exchange_type", reason))?;
+        // Any short string binds (a topic pattern, or ignored by fanout and headers).
+        let routing_key = s.string("routing_key", "")?;
+        if routing_key.len() > 255 {
+            return Err(s.error("routing_key", "must be at most 255 bytes"));
+        }
         Ok(AmqpConfig {
             url,
             queue,
             prefetch,
             dead_letter_exchange: (!dead_letter_exchange.is_empty())
                 .then_some(dead_letter_exchange),
+            queue_type,
+            exchange: (!exchange.is_empty()).then_some(exchange),
+            exchange_type,
+            routing_key: (!routing_key.is_empty()).then_some(routing_key),
         })
+    }
+
+    /// The key the queue is bound with: `routing_key`, or the queue's name when empty (what a
+    /// seed-style producer publishing with the queue's name as routing key expects).
+    pub fn binding_key(&self) -> &str {
+        self.routing_key.as_deref().unwrap_or(&self.queue)
     }
 
     /// The prefetch in force: `prefetch`, or 2 × `batch_size` for 0 (a smaller window would
@@ -180,9 +275,49 @@ mod tests {
         assert!(parse("[amqp]\nprefetch = 70000")
             .unwrap_err()
             .contains("[amqp] prefetch"));
+        let e = parse("[amqp]\nexchange = fees\nexchange_type = fan").unwrap_err();
+        assert!(
+            e.contains("[amqp] exchange_type: `fan` is not one of direct, fanout, topic, headers"),
+            "{e}"
+        );
+        let e = parse("[amqp]\nqueue_type = mirrored").unwrap_err();
+        assert!(
+            e.contains("[amqp] queue_type: `mirrored` is not one of classic, quorum"),
+            "{e}"
+        );
+        let e = parse("[amqp]\nexchange = amq.direct").unwrap_err();
+        assert!(e.contains("[amqp] exchange: `amq.direct`"), "{e}");
+        let e = parse(&format!("[amqp]\nrouting_key = {}", "k".repeat(256))).unwrap_err();
+        assert!(e.contains("[amqp] routing_key: must be at most 255"), "{e}");
         assert!(parse("[amqp]\nnope = 1")
             .unwrap_err()
             .contains("[amqp] nope: unknown key"));
+    }
+
+    #[test]
+    fn topology_defaults_and_values() {
+        let c = parse("").unwrap().amqp;
+        assert_eq!(c.queue_type, super::QueueType::Classic);
+        assert_eq!(c.exchange, None);
+        assert_eq!(c.exchange_type, super::ExchangeType::Direct);
+        assert_eq!(
+            c.binding_key(),
+            "fee",
+            "empty routing_key: the queue's name"
+        );
+        let c = parse(
+            "[amqp]\nqueue = q1\nqueue_type = Quorum\nexchange = fees\nexchange_type = topic\nrouting_key = fee.*",
+        )
+        .unwrap()
+        .amqp;
+        assert_eq!(c.queue_type, super::QueueType::Quorum);
+        assert_eq!(c.exchange.as_deref(), Some("fees"));
+        assert_eq!(c.exchange_type, super::ExchangeType::Topic);
+        assert_eq!(c.binding_key(), "fee.*");
+        for t in super::ExchangeType::ALL {
+            let c = parse(&format!("[amqp]\nexchange_type = {}", t.as_str())).unwrap();
+            assert_eq!(c.amqp.exchange_type, t);
+        }
     }
 
     #[test]

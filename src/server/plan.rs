@@ -173,6 +173,32 @@ mod tests {
     }
 
     #[test]
+    fn topology_keys_switch_the_consumer_without_a_restart() {
+        let on = format!("{BASE}[amqp]\nurl = amqp://localhost/%2f\n");
+        for key in [
+            "exchange = fees",
+            "exchange = fees\nexchange_type = topic",
+            "routing_key = fee.eu",
+            "queue_type = quorum",
+        ] {
+            let p = plan(&config(&on), config(&format!("{on}{key}\n")), false);
+            assert!(p.restart_only.is_empty(), "{key}");
+            assert_eq!(
+                p.amqp,
+                Some(AmqpSettings::of(&p.config)),
+                "{key}: the consumer gets the new settings"
+            );
+        }
+        // An empty routing_key binds with the queue's name: writing that name changes nothing.
+        let p = plan(
+            &config(&format!("{on}exchange = fees\n")),
+            config(&format!("{on}exchange = fees\nrouting_key = fee\n")),
+            false,
+        );
+        assert_eq!(p.amqp, None);
+    }
+
+    #[test]
     fn changed_parts_are_named() {
         let running = config(BASE);
         let new = config(

@@ -1,9 +1,11 @@
 //! The clients users copy (clients/): each runs as a real PHP or Python program against the
 //! real feedd, and its rows are checked; the REQ clients also against a feedd that is killed
-//! (SIGKILL) and restarted mid-run, and still end with every record stored once.
+//! (SIGKILL) and restarted mid-run, and still end with every record stored once; the PHP AMQP
+//! producer publishes through the exchange feedd binds its queue to.
 //!
-//! They need php-cli + php-zmq and Python with pyzmq (`.ci/setup` installs them). Without them
-//! a test says so and passes, except under CI (`CI` set), where that is a failure.
+//! They need php-cli + php-zmq (+ php-amqp for the AMQP producer) and Python with pyzmq
+//! (`.ci/setup` installs them). Without them a test says so and passes, except under CI (`CI`
+//! set), where that is a failure.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -214,4 +216,82 @@ fn python_req_client_survives_a_killed_feedd() {
         ],
         "c_pyreq_kill",
     );
+}
+
+/// `php` with the AMQP extension the seed's producers used, or None.
+fn php_amqp() -> Option<Command> {
+    if succeeds(
+        "php",
+        &["-r", "exit(class_exists('AMQPConnection') ? 0 : 1);"],
+    ) {
+        Some(Command::new("php"))
+    } else {
+        missing("php-cli with php-amqp")
+    }
+}
+
+/// The seed's producer kind (php-amqp, publisher confirms, persistent) publishing to the
+/// exchange feedd binds its queue to: every record stored once, also when it all is sent
+/// again; a routing key bound to nothing is reported, not counted as sent.
+#[test]
+fn php_amqp_producer_publishes_through_the_exchange() {
+    use crate::harness::broker::{self, Client};
+    let db = Db::create("c_php_amqp");
+    let (queue, _) = broker::names("php_amqp");
+    let x = format!("{queue}.in");
+    let mq = Client::connect(&broker::shared_url());
+    mq.delete(&queue);
+    mq.delete_exchange(&x);
+    let (addr, listen) = metrics_listen();
+    let exchange = format!("amqp.exchange = {x}");
+    let f = Feedd::start_owned(
+        &db,
+        &broker::amqp_overrides(&broker::shared_url(), &queue, false, &[&exchange, &listen]),
+    );
+    let (path, records) = records_file(f.dir.path(), 1, 2000);
+    let script = clients_dir().join("php/feedd_amqp_publish.php");
+    let run = |key: &str| -> Option<Output> {
+        let mut cmd = php_amqp()?;
+        // The URL from the environment ("-"): the password stays off the command line.
+        cmd.arg(&script)
+            .arg("--per-message=10")
+            .arg(format!("--routing-key={key}"))
+            .arg("-")
+            .arg(&x)
+            .arg(&path)
+            .env("FEEDD_AMQP_URL", broker::shared_url())
+            .stdin(Stdio::null());
+        Some(cmd.output().unwrap())
+    };
+    // [amqp] routing_key empty: bound with the queue's name, as the seed's consumer did.
+    let Some(out) = run(&queue) else { return };
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("200 messages confirmed, 0 refused"),
+        "{}",
+        text(&out)
+    );
+    wait_rows(&db, 2000, 30, &f);
+    // Everything again (a producer that lost its confirms resends): stored once.
+    let Some(out) = run(&queue) else { return };
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        wait_until(Duration::from_secs(20), || scrape(
+            &addr,
+            "feedd_amqp_acks_total"
+        ) == 400.0),
+        "every delivery acked"
+    );
+    assert_stored_once(&db, &records, 2000);
+    // Bound to nothing: returned by the broker, and the producer fails.
+    let Some(out) = run("not-bound") else { return };
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("312 NO_ROUTE"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(scrape(&addr, "feedd_amqp_dead_letters_total"), 0.0);
+    mq.delete(&queue);
+    mq.delete_exchange(&x);
 }

@@ -22,4 +22,5 @@ mod reload;
 mod security;
 mod supervisor;
 mod table;
+mod topology;
 mod zero_downtime;

@@ -10,17 +10,15 @@ use std::time::{Duration, Instant};
 
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    BasicRejectOptions, ConfirmSelectOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
-};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use smol::future::FutureExt;
 use smol::stream::StreamExt;
 
-use crate::config::{AmqpUrl, Config};
+use super::topology::{self, QueueFound};
+use crate::config::{AmqpUrl, Config, ExchangeType, QueueType};
 
 pub use lapin::message::Delivery;
 
@@ -47,6 +45,13 @@ pub enum LinkError {
     Nacked { url: String },
     #[error("AMQP broker {url}: dead letter returned: no queue is bound to exchange `{exchange}`")]
     Returned { url: String, exchange: String },
+    #[error("AMQP broker {url}: exchange `{exchange}` exists as a {existing} exchange, but [amqp] exchange_type = {configured} (set exchange_type = {existing}, or delete the exchange)")]
+    ExchangeType {
+        url: String,
+        exchange: String,
+        configured: &'static str,
+        existing: String,
+    },
 }
 
 /// The consumer's part of the config: what a connection is made with.
@@ -56,6 +61,12 @@ pub struct AmqpSettings {
     pub queue: String,
     pub prefetch: u16,
     pub dead_letter_exchange: Option<String>,
+    pub queue_type: QueueType,
+    /// `None`: consume the queue only (publishers use the default exchange).
+    pub exchange: Option<String>,
+    pub exchange_type: ExchangeType,
+    /// The binding key in force (the queue's name when `[amqp] routing_key` is empty).
+    pub routing_key: String,
 }
 
 impl AmqpSettings {
@@ -67,6 +78,10 @@ impl AmqpSettings {
             queue: a.queue.clone(),
             prefetch: a.prefetch_for(config.pipeline.batch_size),
             dead_letter_exchange: a.dead_letter_exchange.clone(),
+            queue_type: a.queue_type,
+            exchange: a.exchange.clone(),
+            exchange_type: a.exchange_type,
+            routing_key: a.binding_key().to_string(),
         })
     }
 }
@@ -114,7 +129,13 @@ pub struct Link {
     consumer_tag: ShortString,
     url: String,
     consuming: bool,
+    /// What the queue was found to be at this connect, for the log.
+    pub queue_found: QueueFound,
 }
+
+/// The prefetch applies to each consumer, never to the channel (`global`): quorum queues
+/// refuse a global QoS with 540 NOT_IMPLEMENTED, which closes the connection.
+const PER_CONSUMER: BasicQosOptions = BasicQosOptions { global: false };
 
 /// Every facade call (a whole connect with its declares, a dead letter and its confirm, a
 /// close) returns within this: well under half the shortest watchdog period the README allows
@@ -122,7 +143,7 @@ pub struct Link {
 pub const CALL_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// The time left to one facade call; each broker step it takes waits at most what is left.
-struct Deadline {
+pub(super) struct Deadline {
     url: String,
     at: Instant,
 }
@@ -135,7 +156,7 @@ impl Deadline {
         }
     }
 
-    async fn step<T>(
+    pub(super) async fn step<T>(
         &self,
         step: &'static str,
         f: impl std::future::Future<Output = lapin::Result<T>>,
@@ -160,7 +181,7 @@ impl Deadline {
     }
 
     /// Closes a side channel, best effort within what is left.
-    async fn close(&self, ch: &Channel) {
+    pub(super) async fn close(&self, ch: &Channel) {
         if let Err(e) = self
             .step("close a channel", ch.close(200, "done".into()))
             .await
@@ -183,11 +204,19 @@ impl Link {
     }
 
     /// Connects only (login, vhost), declaring nothing: what a reload's preparer proves, so a
-    /// reload refused later leaves nothing on the broker. Blocks at most `CALL_TIMEOUT`.
+    /// reload refused later leaves nothing on the broker; an existing `exchange` of another
+    /// type refuses it here. Blocks at most `CALL_TIMEOUT`.
     pub fn reach(s: &AmqpSettings) -> Result<Reached, LinkError> {
         smol::block_on(async {
             let d = Deadline::new(&s.url.to_string());
-            reach(s, &d).await.map(Reached)
+            let connection = reach(s, &d).await?;
+            if let Err(e) = topology::check_exchange(&connection, &d, s).await {
+                let _ = d
+                    .step("close", connection.close(200, "refused".into()))
+                    .await;
+                return Err(e);
+            }
+            Ok(Reached(connection))
         })
     }
 
@@ -198,10 +227,7 @@ impl Link {
         d: &Deadline,
     ) -> Result<Link, LinkError> {
         let url = s.url.to_string();
-        ensure_queue(&connection, d, &s.queue).await?;
-        if let Some(dlx) = &s.dead_letter_exchange {
-            declare_dead_letters(&connection, d, dlx).await?;
-        }
+        let queue_found = topology::declare(&connection, d, s).await?;
         let channel = d
             .step("open a channel", connection.create_channel())
             .await?;
@@ -210,11 +236,8 @@ impl Link {
             channel.confirm_select(ConfirmSelectOptions::default()),
         )
         .await?;
-        d.step(
-            "basic.qos",
-            channel.basic_qos(prefetch, BasicQosOptions::default()),
-        )
-        .await?;
+        d.step("basic.qos", channel.basic_qos(prefetch, PER_CONSUMER))
+            .await?;
         let consumer = d
             .step(
                 "basic.consume",
@@ -234,6 +257,7 @@ impl Link {
             consumer_tag,
             url,
             consuming: true,
+            queue_found,
         })
     }
 
@@ -320,18 +344,21 @@ impl Link {
     /// Another prefetch window for the consumer (`basic.qos`).
     pub fn set_prefetch(&self, prefetch: u16) -> Result<(), LinkError> {
         self.call(async |d| {
-            d.step(
-                "basic.qos",
-                self.channel.basic_qos(prefetch, BasicQosOptions::default()),
-            )
-            .await
+            d.step("basic.qos", self.channel.basic_qos(prefetch, PER_CONSUMER))
+                .await
         })
     }
 
     /// Declares the dead-letter exchange, its queue and the binding again (the operator
     /// deleted them under a running feedd, so a dead letter came back unroutable).
-    pub fn redeclare_dead_letters(&self, exchange: &str) -> Result<(), LinkError> {
-        self.call(async |d| declare_dead_letters(&self.connection, d, exchange).await)
+    pub fn redeclare_dead_letters(
+        &self,
+        exchange: &str,
+        queue_type: QueueType,
+    ) -> Result<(), LinkError> {
+        self.call(async |d| {
+            topology::declare_dead_letters(&self.connection, d, exchange, queue_type).await
+        })
     }
 
     /// Publishes `body` with the original properties and headers plus `feedd-reason` to
@@ -447,87 +474,6 @@ fn dead_letter_properties(
 fn header_frame_size(properties: &BasicProperties) -> Option<u64> {
     let encoded = lapin::protocol::basic::gen_properties(properties)(Vec::new().into()).ok()?;
     Some(8 + 12 + encoded.position)
-}
-
-/// Declares `queue` durable unless it exists (a passive check first, so a queue the operator
-/// declared with other arguments is used as it is). A failed passive declare closes its
-/// channel, hence a channel per step.
-async fn ensure_queue(connection: &Connection, d: &Deadline, queue: &str) -> Result<(), LinkError> {
-    let ch = d
-        .step("open a channel", connection.create_channel())
-        .await?;
-    let passive = QueueDeclareOptions {
-        passive: true,
-        ..QueueDeclareOptions::default()
-    };
-    match d
-        .step(
-            "look for the queue",
-            ch.queue_declare(queue.into(), passive, FieldTable::default()),
-        )
-        .await
-    {
-        Ok(_) => {
-            d.close(&ch).await;
-            return Ok(());
-        }
-        // A silent broker is no missing queue.
-        Err(e @ LinkError::Timeout { .. }) => return Err(e),
-        Err(_) => {}
-    }
-    let ch = d
-        .step("open a channel", connection.create_channel())
-        .await?;
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..QueueDeclareOptions::default()
-    };
-    d.step(
-        "declare the queue",
-        ch.queue_declare(queue.into(), durable, FieldTable::default()),
-    )
-    .await?;
-    d.close(&ch).await;
-    Ok(())
-}
-
-/// The dead-letter exchange (fanout, durable), its queue of the same name and the binding.
-async fn declare_dead_letters(
-    connection: &Connection,
-    d: &Deadline,
-    dlx: &str,
-) -> Result<(), LinkError> {
-    let ch = d
-        .step("open a channel", connection.create_channel())
-        .await?;
-    let options = ExchangeDeclareOptions {
-        durable: true,
-        ..ExchangeDeclareOptions::default()
-    };
-    d.step(
-        "declare the dead-letter exchange",
-        ch.exchange_declare(
-            dlx.into(),
-            ExchangeKind::Fanout,
-            options,
-            FieldTable::default(),
-        ),
-    )
-    .await?;
-    ensure_queue(connection, d, dlx).await?;
-    d.step(
-        "bind the dead-letter queue",
-        ch.queue_bind(
-            dlx.into(),
-            dlx.into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        ),
-    )
-    .await?;
-    d.close(&ch).await;
-    Ok(())
 }
 
 #[cfg(test)]

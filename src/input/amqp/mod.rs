@@ -3,6 +3,7 @@
 //!
 //! - `link`: the blocking facade over lapin (connect, next event, ack, reject, dead letter).
 //! - `ledger`: which delivery tags to ack and how (pure, unit-tested).
+//! - `topology`: what a connect declares (exchange, binding, queue and its type, dead letters).
 //! - here: the adapter. Deliveries are taken only while the queue has room (the broker's
 //!   prefetch does the rest); each body is parsed like a ZeroMQ body, malformed and oversized
 //!   ones are dead-lettered at once, the rest queued. Committed deliveries are acked
@@ -25,6 +26,7 @@
 
 pub mod ledger;
 pub mod link;
+pub mod topology;
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
@@ -117,6 +119,7 @@ impl Consumer {
                         .as_deref()
                         .unwrap_or("nowhere: dropped")
                 );
+                log_topology(s, &link);
                 Some(link)
             }
             None => None,
@@ -158,6 +161,10 @@ impl Consumer {
     /// One delivery: parsed and queued, or dead-lettered at once.
     fn take(&mut self, d: link::Delivery) -> Taken<AmqpTag> {
         self.metrics.amqp_deliveries.inc();
+        if d.redelivered {
+            // Committed once all the same (idempotent); on a quorum queue it spent budget.
+            self.metrics.amqp_redeliveries.inc();
+        }
         self.window.arrived();
         self.stirred = Instant::now();
         let tag = d.delivery_tag;
@@ -211,7 +218,7 @@ impl Consumer {
         if let Err(LinkError::Returned { .. }) = &sent {
             log::warn!("amqp: dead letter returned unroutable by exchange `{dlx}`; declaring its queue again");
             sent = link
-                .redeclare_dead_letters(dlx)
+                .redeclare_dead_letters(dlx, settings.queue_type)
                 .and_then(|()| link.dead_letter(dlx, body, properties, reason));
         }
         match sent {
@@ -512,14 +519,19 @@ impl Input for Consumer {
         self.window = Window::new(self.settings.as_ref().map_or(1, |s| s.prefetch));
         self.new_generation();
         self.lost = None;
-        match &self.settings {
-            Some(s) => log::info!(
-                "amqp: now consuming {} queue `{}` (prefetch {}; was {was})",
-                s.url,
-                s.queue,
-                s.prefetch
-            ),
-            None => log::info!("amqp: input off (was {was})"),
+        match (&self.settings, &self.link) {
+            (Some(s), link) => {
+                log::info!(
+                    "amqp: now consuming {} queue `{}` (prefetch {}; was {was})",
+                    s.url,
+                    s.queue,
+                    s.prefetch
+                );
+                if let Some(link) = link {
+                    log_topology(s, link);
+                }
+            }
+            (None, _) => log::info!("amqp: input off (was {was})"),
         }
         Ok(())
     }
@@ -529,6 +541,27 @@ impl Input for Consumer {
         if let Some(link) = self.link.take() {
             link.close();
         }
+    }
+}
+
+/// What the queue was found to be, and the binding: logged at start and at a reload's switch.
+fn log_topology(s: &AmqpSettings, link: &Link) {
+    let bound = match &s.exchange {
+        Some(x) => format!(
+            "; bound to {} exchange `{x}` with key `{}`",
+            s.exchange_type.as_str(),
+            s.routing_key
+        ),
+        None => String::new(),
+    };
+    log::info!("amqp: queue `{}`: {}{bound}", s.queue, link.queue_found);
+    if link.queue_found.differs_from(s.queue_type) {
+        log::warn!(
+            "amqp: [amqp] queue_type = {} is not applied to the existing queue `{}` ({}): it is consumed as it is; to change its type, drain and delete it and feedd declares it anew",
+            s.queue_type.as_str(),
+            s.queue,
+            link.queue_found
+        );
     }
 }
 

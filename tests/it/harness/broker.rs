@@ -148,6 +148,19 @@ impl Client {
     /// Publishes every body (persistent) to `queue` through the default exchange, with
     /// `headers` on each; returns once the broker confirmed all of them.
     pub fn publish(&self, queue: &str, bodies: &[String], headers: &[(&str, &str)]) {
+        self.publish_to("", queue, bodies, headers);
+    }
+
+    /// Publishes every body (persistent) to `exchange` with `routing_key`, as a producer of
+    /// the seed's kind does; returns once the broker confirmed all of them (a message the
+    /// exchange routes nowhere is confirmed too, and dropped).
+    pub fn publish_to(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        bodies: &[String],
+        headers: &[(&str, &str)],
+    ) {
         let mut table = FieldTable::default();
         for (k, v) in headers {
             table.insert((*k).into(), AMQPValue::LongString((*v).into()));
@@ -161,8 +174,8 @@ impl Client {
                 let c = self
                     .ch
                     .basic_publish(
-                        "".into(),
-                        queue.into(),
+                        exchange.into(),
+                        routing_key.into(),
                         BasicPublishOptions::default(),
                         b.as_bytes(),
                         props.clone(),
@@ -221,6 +234,73 @@ impl Client {
                 false
             }),
         )
+    }
+
+    /// Declares `exchange` durable of `kind` (as an operator or the seed's consumer did).
+    pub fn declare_exchange(&self, exchange: &str, kind: lapin::ExchangeKind) {
+        smol::block_on(self.ch.exchange_declare(
+            exchange.into(),
+            kind,
+            lapin::options::ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        ))
+        .unwrap();
+    }
+
+    /// Deletes `exchange`, ignoring an absent one.
+    pub fn delete_exchange(&self, exchange: &str) {
+        let _ = smol::block_on(self.ch.exchange_delete(exchange.into(), Default::default()));
+    }
+
+    /// Whether `queue` exists and is a quorum queue: the broker accepts a declare with
+    /// `x-queue-type = quorum` only from a quorum queue (a channel of its own: a refusal
+    /// closes it). None if it does not exist.
+    pub fn is_quorum(&self, queue: &str) -> Option<bool> {
+        self.counts(queue)?;
+        let ch = smol::block_on(self.conn.create_channel()).ok()?;
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        let quorum = smol::block_on(ch.queue_declare(queue.into(), durable, args)).is_ok();
+        let _ = smol::block_on(ch.close(200, "".into()));
+        Some(quorum)
+    }
+
+    /// Takes up to `n` messages of `queue` without acking them, then closes their channel so
+    /// the broker returns them (redelivered; a quorum queue counts one more delivery).
+    /// Returns each one's `x-delivery-count` header (None: absent, a first delivery).
+    pub fn take_and_return(&self, queue: &str, n: usize) -> Vec<Option<i64>> {
+        let ch = smol::block_on(self.conn.create_channel()).unwrap();
+        let mut counts = Vec::new();
+        while counts.len() < n {
+            let got = smol::block_on(ch.basic_get(queue.into(), BasicGetOptions { no_ack: false }))
+                .unwrap();
+            let Some(m) = got else { break };
+            let count = m
+                .delivery
+                .properties
+                .headers()
+                .as_ref()
+                .and_then(|h| h.inner().get("x-delivery-count").cloned())
+                .map(|v| match v {
+                    AMQPValue::LongLongInt(c) => c,
+                    AMQPValue::LongInt(c) => i64::from(c),
+                    AMQPValue::ShortInt(c) => i64::from(c),
+                    other => panic!("x-delivery-count {other:?}"),
+                });
+            counts.push(count);
+        }
+        smol::block_on(ch.close(200, "return them".into())).unwrap();
+        counts
     }
 
     /// Ready messages and consumers of `queue` (passive declare); None if it does not exist.

@@ -337,8 +337,10 @@ fn sigterm_during_an_endpoint_move_abandons_it_at_once() {
     let took = asked.elapsed();
     other.query_drop("ROLLBACK").unwrap();
     assert!(status.success(), "{}", f.stderr_log());
+    // One drain (3 s: the locked message never commits), not the move's drain and then the
+    // shutdown's (6 s); the slack is for a loaded CI machine (3.5 s failed once at load 8).
     assert!(
-        took < Duration::from_millis(3500),
+        took < Duration::from_millis(5000),
         "SIGTERM waited {took:?} (the drain is 3 s)"
     );
     assert!(

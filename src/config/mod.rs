@@ -20,7 +20,7 @@ pub use sections::{
 use sections::Section;
 
 mod amqp;
-pub use amqp::{AmqpConfig, AmqpUrl};
+pub use amqp::{AmqpConfig, AmqpUrl, BrokerList, BrokerListError};
 
 /// The sections a config file may have.
 const SECTIONS: [&str; 6] = ["daemon", "zmq", "mysql", "amqp", "pipeline", "metrics"];

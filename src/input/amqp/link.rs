@@ -20,7 +20,7 @@ use lapin::{
 use smol::future::FutureExt;
 use smol::stream::StreamExt;
 
-use crate::config::{AmqpUrl, Config};
+use crate::config::{AmqpUrl, BrokerList, Config};
 
 pub use lapin::message::Delivery;
 
@@ -47,12 +47,15 @@ pub enum LinkError {
     Nacked { url: String },
     #[error("AMQP broker {url}: dead letter returned: no queue is bound to exchange `{exchange}`")]
     Returned { url: String, exchange: String },
+    #[error("[amqp] url lists no broker")]
+    NoBroker,
 }
 
 /// The consumer's part of the config: what a connection is made with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AmqpSettings {
-    pub url: AmqpUrl,
+    /// The brokers, in failover order (`brokers::` decides which one).
+    pub brokers: BrokerList,
     pub queue: String,
     pub prefetch: u16,
     pub dead_letter_exchange: Option<String>,
@@ -63,7 +66,7 @@ impl AmqpSettings {
     pub fn of(config: &Config) -> Option<AmqpSettings> {
         let a = &config.amqp;
         Some(AmqpSettings {
-            url: a.url.clone()?,
+            brokers: a.url.clone()?,
             queue: a.queue.clone(),
             prefetch: a.prefetch_for(config.pipeline.batch_size),
             dead_letter_exchange: a.dead_letter_exchange.clone(),
@@ -82,27 +85,50 @@ pub enum Event {
     Lost(String),
 }
 
-/// A connection to a broker that answered, with nothing declared yet.
-pub struct Reached(Connection);
+impl AmqpSettings {
+    /// Broker `at` of the list (wrapping, so a stale index still names one).
+    pub fn broker(&self, at: usize) -> &AmqpUrl {
+        let urls = self.brokers.urls();
+        &urls[at % urls.len()]
+    }
+}
+
+/// A connection to a broker that answered (broker `at` of the list), nothing declared yet.
+pub struct Reached {
+    connection: Connection,
+    pub at: usize,
+}
 
 impl Reached {
     pub fn is_connected(&self) -> bool {
-        self.0.status().connected()
+        self.connection.status().connected()
     }
 
     /// Declares what is missing and starts consuming, as `Link::connect` does.
     pub fn consume(self, s: &AmqpSettings, prefetch: u16) -> Result<Link, LinkError> {
         smol::block_on(async {
-            let d = Deadline::new(&s.url.to_string());
-            Link::open(self.0, s, prefetch, &d).await
+            let d = Deadline::new(&s.broker(self.at).to_string());
+            Link::open(self.connection, s, prefetch, &d).await
         })
+    }
+
+    /// Closes the connection unused (a reload kept the consumer on its broker).
+    pub fn close(self) {
+        let r = smol::block_on(async {
+            let d = Deadline::new("");
+            d.step("close", self.connection.close(200, "unused".into()))
+                .await
+        });
+        if let Err(e) = r {
+            log::debug!("amqp: {e}");
+        }
     }
 }
 
-async fn reach(s: &AmqpSettings, d: &Deadline) -> Result<Connection, LinkError> {
+async fn reach(url: &AmqpUrl, d: &Deadline) -> Result<Connection, LinkError> {
     let props = ConnectionProperties::default()
         .with_connection_name(LongString::from(format!("feedd {}", std::process::id())));
-    d.step("connect", Connection::connect(s.url.expose(), props))
+    d.step("connect", Connection::connect(url.expose(), props))
         .await
 }
 
@@ -171,24 +197,34 @@ impl Deadline {
 }
 
 impl Link {
-    /// Connects, declares what is missing (the durable queue; the dead-letter exchange and
-    /// its queue), sets the prefetch (`prefetch`: the settings' or a narrower window) and
-    /// starts consuming. Blocks at most `CALL_TIMEOUT`.
-    pub fn connect(s: &AmqpSettings, prefetch: u16) -> Result<Link, LinkError> {
+    /// Connects to broker `at` of the list, declares what is missing (the durable queue; the
+    /// dead-letter exchange and its queue), sets the prefetch (`prefetch`: the settings' or a
+    /// narrower window) and starts consuming. Blocks at most `CALL_TIMEOUT`.
+    pub fn connect(s: &AmqpSettings, at: usize, prefetch: u16) -> Result<Link, LinkError> {
+        let url = s.broker(at);
         smol::block_on(async {
-            let d = Deadline::new(&s.url.to_string());
-            let connection = reach(s, &d).await?;
+            let d = Deadline::new(&url.to_string());
+            let connection = reach(url, &d).await?;
             Self::open(connection, s, prefetch, &d).await
         })
     }
 
-    /// Connects only (login, vhost), declaring nothing: what a reload's preparer proves, so a
-    /// reload refused later leaves nothing on the broker. Blocks at most `CALL_TIMEOUT`.
+    /// Connects only (login, vhost), declaring nothing, to the first broker of the list that
+    /// answers: what a reload's preparer proves, so a reload refused later leaves nothing on
+    /// the broker. Blocks at most `CALL_TIMEOUT` per broker; the error is the last broker's.
     pub fn reach(s: &AmqpSettings) -> Result<Reached, LinkError> {
-        smol::block_on(async {
-            let d = Deadline::new(&s.url.to_string());
-            reach(s, &d).await.map(Reached)
-        })
+        let mut failed = None;
+        for (at, url) in s.brokers.urls().iter().enumerate() {
+            let d = Deadline::new(&url.to_string());
+            match smol::block_on(reach(url, &d)) {
+                Ok(connection) => return Ok(Reached { connection, at }),
+                Err(e) => {
+                    log::debug!("amqp: {e}");
+                    failed = Some(e);
+                }
+            }
+        }
+        Err(failed.unwrap_or(LinkError::NoBroker))
     }
 
     async fn open(
@@ -197,7 +233,7 @@ impl Link {
         prefetch: u16,
         d: &Deadline,
     ) -> Result<Link, LinkError> {
-        let url = s.url.to_string();
+        let url = d.url.clone();
         ensure_queue(&connection, d, &s.queue).await?;
         if let Some(dlx) = &s.dead_letter_exchange {
             declare_dead_letters(&connection, d, dlx).await?;

@@ -124,8 +124,14 @@ fn assert_stored_once(db: &Db, n: u64) {
     assert_eq!(rows.len() as u64, n, "each record once");
 }
 
-/// Seconds from `since` until the acks counter passes `before` (the failover time).
-fn next_ack(addr: &str, before: f64, since: Instant) -> f64 {
+/// Seconds from `since` until feedd uses `broker` and acked a delivery there (the failover
+/// time; an ack written to the dead connection before feedd noticed counts for nothing).
+fn next_ack_on(addr: &str, broker: &str, since: Instant) -> f64 {
+    assert!(
+        wait_until(Duration::from_secs(60), || active(addr, broker) == 1.0),
+        "feedd did not move to {broker}"
+    );
+    let before = scrape(addr, "feedd_amqp_acks_total");
     assert!(
         wait_until(Duration::from_secs(60), || scrape(
             addr,
@@ -165,10 +171,9 @@ fn a_quorum_queue_on_three_nodes_loses_nothing_to_node_kills_and_list_reloads() 
     wait_rows(&db, 5_000, 60, &feedd);
 
     // 1. The node feedd consumes from (and the queue's leader) dies under load.
-    let before = scrape(&addr, "feedd_amqp_acks_total");
     let killed = Instant::now();
     cluster.kill9(0);
-    let failover = next_ack(&addr, before, killed);
+    let failover = next_ack_on(&addr, &cluster.shown(1), killed);
     eprintln!("failover: node kill -9 → next ack {failover:.2} s");
     assert_eq!(
         active(&addr, &cluster.shown(1)),
@@ -176,6 +181,16 @@ fn a_quorum_queue_on_three_nodes_loses_nothing_to_node_kills_and_list_reloads() 
         "moved to the next node"
     );
     assert_eq!(scrape(&addr, "feedd_amqp_failovers_total"), 1.0);
+    let moved = format!(
+        "amqp: broker {} → {}: connection lost",
+        cluster.shown(0),
+        cluster.shown(1)
+    );
+    assert_eq!(
+        feedd.stderr_log().matches(&moved).count(),
+        1,
+        "one line per move"
+    );
     cluster.restart(0);
     let seen = db.count();
     assert!(wait_until(Duration::from_secs(30), || db.count() > seen + 2_000));
@@ -244,4 +259,10 @@ fn a_quorum_queue_on_three_nodes_loses_nothing_to_node_kills_and_list_reloads() 
     );
     feedd.signal(Signal::SIGTERM);
     assert!(feedd.wait(Duration::from_secs(20)).success());
+    let log = feedd.stderr_log();
+    let amqp: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("] amqp: ") && !l.contains("DEBUG"))
+        .collect();
+    eprintln!("feedd's AMQP log lines:\n{}", amqp.join("\n"));
 }

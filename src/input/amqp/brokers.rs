@@ -69,15 +69,14 @@ pub fn stays_on(old: &AmqpSettings, at: usize, new: &AmqpSettings) -> Option<usi
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::BrokerList;
+    use crate::config::Config;
+    use std::path::Path;
 
+    /// Through the config, so the settings' other fields keep their defaults.
     fn settings(list: &str) -> AmqpSettings {
-        AmqpSettings {
-            brokers: BrokerList::parse(list).unwrap(),
-            queue: "fee".into(),
-            prefetch: 10,
-            dead_letter_exchange: None,
-        }
+        let text = format!("[amqp]\nurl = {list}\n");
+        let config = Config::parse(&text, Path::new("/etc/feed.ini"), Path::new("/")).unwrap();
+        AmqpSettings::of(&config).unwrap()
     }
 
     #[test]

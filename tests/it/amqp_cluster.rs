@@ -1,7 +1,8 @@
 //! The `[amqp] url` broker list (SPEC §3, §9 RabbitMQ cluster) end to end: start-up on the first
 //! broker that answers, failover on a lost connection, passwords never shown; and a real 3-node
 //! RabbitMQ cluster (harness/rabbit_cluster.rs) with a quorum queue under load: the node feedd
-//! consumes from killed -9 and restarted, another node killed, reloads that change the list.
+//! consumes from killed -9 and restarted, another node killed, reloads that change the list,
+//! feedd's node gone silent (noticed by the heartbeat).
 
 use std::time::{Duration, Instant};
 
@@ -143,7 +144,7 @@ fn next_ack_on(addr: &str, broker: &str, since: Instant) -> f64 {
 }
 
 #[test]
-fn a_quorum_queue_on_three_nodes_loses_nothing_to_node_kills_and_list_reloads() {
+fn a_quorum_queue_on_three_nodes_loses_nothing_to_node_kills_list_reloads_and_a_silent_node() {
     let mut cluster = RabbitCluster::start(3);
     let db = Db::create("amqp_cluster");
     let queue = "fee_cluster";
@@ -223,6 +224,8 @@ fn a_quorum_queue_on_three_nodes_loses_nothing_to_node_kills_and_list_reloads() 
     assert_eq!(active(&addr, &cluster.shown(0)), 1.0);
     assert!(!http_get(&addr, "/metrics").contains(&cluster.shown(1)));
 
+    cluster.restart(2);
+
     // 4. A reload that keeps feedd's node (now second) leaves it there.
     overrides.retain(|o| !o.starts_with("amqp.url"));
     overrides.push(format!(
@@ -237,6 +240,27 @@ fn a_quorum_queue_on_three_nodes_loses_nothing_to_node_kills_and_list_reloads() 
     );
     assert_eq!(active(&addr, &cluster.shown(0)), 1.0);
     assert_eq!(active(&addr, &cluster.shown(1)), 0.0);
+
+    // 5. feedd's node goes silent (frozen, its sockets open): only the heartbeat notices it,
+    // then feedd moves on to the next of the list, wrapping around.
+    // The cluster itself notices a silent node only after its net_ticktime (60 s): the node is
+    // thawed once feedd has moved, so the queue's leader (if it was there) answers again.
+    let frozen = Instant::now();
+    cluster.pause(0, true);
+    assert!(
+        wait_until(Duration::from_secs(30), || active(&addr, &cluster.shown(1))
+            == 1.0),
+        "feedd did not leave the silent node:\n{}",
+        feedd.stderr_log()
+    );
+    let silent = frozen.elapsed().as_secs_f64();
+    eprintln!(
+        "failover: node silent (SIGSTOP, heartbeat=2) → feedd on the next node {silent:.2} s"
+    );
+    cluster.pause(0, false);
+    assert_eq!(scrape(&addr, "feedd_amqp_failovers_total"), 2.0);
+    let seen = db.count();
+    assert!(wait_until(Duration::from_secs(60), || db.count() > seen + 2_000));
 
     let total = publisher.finish();
     eprintln!("{total} publisher-confirmed records");

@@ -377,6 +377,18 @@ impl PrivateRabbit {
         );
     }
 
+    /// SIGSTOP (`freeze`) or SIGCONT to the whole node: a host gone silent, its sockets open.
+    pub fn pause(&self, frozen: bool) {
+        if let Some(c) = &self.child {
+            let signal = if frozen {
+                Signal::SIGSTOP
+            } else {
+                Signal::SIGCONT
+            };
+            let _ = killpg(Pid::from_raw(c.id() as i32), signal);
+        }
+    }
+
     /// SIGKILL to the whole node (script and Erlang VM), as a crash.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {

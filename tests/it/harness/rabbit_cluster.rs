@@ -129,6 +129,11 @@ impl RabbitCluster {
         self.nodes[i].kill9();
     }
 
+    /// Freezes node `i` (SIGSTOP: a silent host, its TCP connections open) or thaws it.
+    pub fn pause(&mut self, i: usize, frozen: bool) {
+        self.nodes[i].pause(frozen);
+    }
+
     /// Starts node `i` again on its data dir; returns once the cluster lists it running.
     pub fn restart(&mut self, i: usize) {
         self.nodes[i].restart();

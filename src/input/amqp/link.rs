@@ -112,10 +112,11 @@ impl Reached {
         })
     }
 
-    /// Closes the connection unused (a reload kept the consumer on its broker).
-    pub fn close(self) {
+    /// Closes the connection unused (a reload kept the consumer on its broker); `s` the
+    /// settings it was reached for.
+    pub fn close(self, s: &AmqpSettings) {
         let r = smol::block_on(async {
-            let d = Deadline::new("");
+            let d = Deadline::new(&s.broker(self.at).to_string());
             d.step("close", self.connection.close(200, "unused".into()))
                 .await
         });

@@ -616,8 +616,8 @@ impl Input for Consumer {
 
     fn commit(&mut self, (settings, link): AmqpPart) -> Result<(), String> {
         if let Some(at) = self.stays(&settings) {
-            if let Some(reached) = link {
-                reached.close();
+            if let (Some(reached), Some(s)) = (link, &settings) {
+                reached.close(s);
             }
             self.keep_broker(settings, at);
             return Ok(());

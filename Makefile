@@ -30,8 +30,8 @@ bench:        ## the ingest and AMQP benchmarks with their baselines (SVG charts
 	cargo bench --bench amqp
 	cargo bench --bench cluster
 
-chaos:        ## 10 minutes of random faults under load; prints the invariant counts
-	cargo bench --bench chaos -- --secs 600
+chaos:        ## 10 minutes of random faults under load, RabbitMQ a 3-node cluster (node kills); prints the invariant counts
+	cargo bench --bench chaos -- --secs 600 --cluster
 
 rules:        ## the Prometheus rules: promtool's syntax check and their unit tests (series in, alerts out)
 	promtool check rules conf/prometheus/feedd-rules.yml

@@ -1,9 +1,11 @@
 //! The chaos run: `cargo bench --bench chaos -- --secs 600`.
 //!
-//! A supervised feedd daemon on a private mariadbd and a private RabbitMQ node, a ZeroMQ client
+//! A supervised feedd daemon on a private mariadbd and a private RabbitMQ node (with `--cluster`:
+//! three clustered nodes, a quorum queue, `[amqp] url` listing all three), a ZeroMQ client
 //! that streams messages and resends whatever is not answered, an AMQP publisher (publisher
 //! confirms; republishes what was not confirmed), and an injector that, at random every 1–4 s,
-//! kills the database or the broker (restarting it 1–3 s later), kills the serving child,
+//! kills the database or the broker (a random node of the cluster; restarting it 1–3 s later),
+//! kills the serving child,
 //! upgrades (`feedd upgrade`; one during a database outage rolls back), reloads with a changed
 //! config, or sends SIGUSR1. Afterwards the client resends until
 //! everything it sent is answered and feedd drains the queue, and the run prints messages
@@ -25,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use harness::broker::{Client, PrivateRabbit};
 use harness::database::PrivateMariadb;
+use harness::rabbit_cluster::RabbitCluster;
 use harness::{Db, Dealer, Feedd};
 use mysql::prelude::Queryable;
 
@@ -55,15 +58,72 @@ fn body(id: u64) -> String {
 /// AMQP messages take tickets from here on (ZeroMQ ones stay below).
 const AMQP_BASE: u64 = 1 << 32;
 
+/// The broker side: one private node, or three clustered (`--cluster`).
+enum Broker {
+    One(PrivateRabbit),
+    Cluster(RabbitCluster),
+}
+
+impl Broker {
+    /// Started, with the queue `fee` declared (a quorum queue on a cluster, and the dead-letter
+    /// queue too: a classic one on a killed node would fail every reconnect's declare).
+    fn start(cluster: bool) -> Broker {
+        if !cluster {
+            let one = PrivateRabbit::start();
+            Client::connect(&one.url()).declare("fee");
+            return Broker::One(one);
+        }
+        let c = RabbitCluster::start(3);
+        let (_, mq) = c.client(0);
+        mq.declare_quorum("fee", 1_000);
+        mq.declare_quorum("feedd.rejected", 1_000);
+        Broker::Cluster(c)
+    }
+
+    /// Every node's URL, in `[amqp] url` order.
+    fn urls(&self) -> Vec<String> {
+        match self {
+            Broker::One(one) => vec![one.url()],
+            Broker::Cluster(c) => (0..c.len()).map(|i| c.url(i)).collect(),
+        }
+    }
+
+    /// Kills -9 one node (node `pick` modulo the count) and restarts it after `pause`.
+    fn kill_one(&mut self, pick: u64, pause: Duration) {
+        match self {
+            Broker::One(one) => {
+                one.kill9();
+                std::thread::sleep(pause);
+                one.restart();
+            }
+            Broker::Cluster(c) => {
+                let i = pick as usize % c.len();
+                c.kill9(i);
+                std::thread::sleep(pause);
+                c.restart(i);
+            }
+        }
+    }
+
+    fn client(&self) -> Client {
+        match self {
+            Broker::One(one) => Client::connect(&one.url()),
+            Broker::Cluster(c) => c.client(0).1,
+        }
+    }
+}
+
 /// Publishes `body(AMQP_BASE + id)` for ids 0.. until `stop`, 20 at a time with confirms; a
-/// batch not wholly confirmed (broker gone) is published again on a new connection.
+/// batch not wholly confirmed (node gone, or nacked while the queue had no leader) is published
+/// again on a new connection, to the next node of `urls`.
 /// Returns how many ids were confirmed (all ids below it) and how many publishes were repeated.
-fn publisher(url: String, stop: Arc<AtomicBool>) -> (u64, u64) {
-    let (mut confirmed, mut repeated) = (0u64, 0u64);
+fn publisher(urls: Vec<String>, stop: Arc<AtomicBool>) -> (u64, u64) {
+    let (mut confirmed, mut repeated, mut at) = (0u64, 0u64, 0usize);
     let mut client: Option<Client> = None;
     while !stop.load(Ordering::Relaxed) {
         let Some(c) = client.as_ref() else {
-            client = Client::try_connect(&url);
+            client = Client::try_connect(&urls[at % urls.len()]);
+            at += 1;
             if client.is_none() {
                 std::thread::sleep(Duration::from_millis(300));
             }
@@ -102,16 +162,27 @@ fn main() {
         .position(|a| a == "--secs")
         .and_then(|i| args.get(i + 1)?.parse().ok())
         .unwrap_or(60);
+    let cluster = args.iter().any(|a| a == "--cluster");
     let seed = Instant::now().elapsed().as_nanos() as u64 ^ u64::from(std::process::id()) | 1;
-    println!("chaos run: {secs} s of faults, seed {seed}");
+    println!(
+        "chaos run: {secs} s of faults, seed {seed}, broker: {}",
+        if cluster {
+            "3-node cluster, quorum queue"
+        } else {
+            "one node"
+        }
+    );
 
     let server = Arc::new(parking_lot::Mutex::new(PrivateMariadb::start()));
     let port = server.lock().port;
     let db = Db::create_on("chaos", port);
-    let broker = Arc::new(parking_lot::Mutex::new(PrivateRabbit::start()));
-    let amqp_url = broker.lock().url();
-    Client::connect(&amqp_url).declare("fee");
-    let url_line = format!("amqp.url = {amqp_url}");
+    let broker = Arc::new(parking_lot::Mutex::new(Broker::start(cluster)));
+    let amqp_urls = broker.lock().urls();
+    // A short heartbeat: a node that dies silently is left in seconds (lapin reads the URL).
+    let url_line = format!(
+        "amqp.url = {}?heartbeat=5",
+        amqp_urls.join("?heartbeat=5, ")
+    );
     let feedd = Feedd::prepare(
         &db,
         &[
@@ -125,8 +196,8 @@ fn main() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let publishing = {
-        let (url, stop) = (amqp_url.clone(), Arc::clone(&stop));
-        std::thread::spawn(move || publisher(url, stop))
+        let (urls, stop) = (amqp_urls.clone(), Arc::clone(&stop));
+        std::thread::spawn(move || publisher(urls, stop))
     };
     let injector = {
         let (stop, server, broker) = (Arc::clone(&stop), Arc::clone(&server), Arc::clone(&broker));
@@ -152,9 +223,8 @@ fn main() {
                         f.upgrades_refused += u64::from(!upgraded);
                     }
                     4 => {
-                        broker.lock().kill9();
-                        std::thread::sleep(Duration::from_millis(1000 + rng.next(2000)));
-                        broker.lock().restart();
+                        let (pick, pause) = (rng.next(3), 1000 + rng.next(2000));
+                        broker.lock().kill_one(pick, Duration::from_millis(pause));
                         f.broker_kills += 1;
                     }
                     0 => {
@@ -241,7 +311,7 @@ fn main() {
     let faults = injector.join().unwrap_or_default();
     let (published, republished) = publishing.join().unwrap_or_default();
     // feedd drains the queue: nothing ready, and every confirmed publish committed.
-    let mq = Client::connect(&amqp_url);
+    let mq = broker.lock().client();
     let drained = harness::wait_until(Duration::from_secs(120), || mq.ready("fee") == 0);
     let amqp_missing_at = |conn: &mut mysql::Conn| -> u64 {
         let first = AMQP_BASE * PER_MSG + 1;
@@ -313,6 +383,12 @@ fn main() {
         .filter(|l| l.contains("panicked"))
         .count();
     println!("panics in the log:            {log_errors}");
+    let log = feedd.log();
+    let moves = log
+        .lines()
+        .filter(|l| l.contains("amqp: broker ") && l.contains(" → "))
+        .count();
+    println!("AMQP broker moves:            {moves}");
     feedd.stop_daemon();
     if missing > 0
         || amqp_missing > 0

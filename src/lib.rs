@@ -10,6 +10,7 @@
 pub mod backoff;
 pub mod commands;
 pub mod config;
+pub mod failover;
 pub mod heartbeat;
 pub mod input;
 pub mod logging;

@@ -64,6 +64,9 @@ pub struct Metrics {
     pub amqp_acks: IntCounter,
     pub amqp_dead_letters: IntCounter,
     pub amqp_reconnects: IntCounter,
+    /// Moves along the `[amqp] url` list, and which broker is in use (1) or not (0).
+    pub amqp_failovers: IntCounter,
+    pub amqp_broker_active: IntGaugeVec,
     queue_depth_gauge: IntGauge,
     queue_capacity_gauge: IntGauge,
     /// The queue's own depth, read when the gauge is rendered (the queue owns it).
@@ -92,6 +95,8 @@ const HELP: &[(&str, &str)] = &[
     ("feedd_amqp_acks_total", "AMQP deliveries acknowledged (after COMMIT, or after their dead letter was confirmed)"),
     ("feedd_amqp_dead_letters_total", "AMQP deliveries rejected: published to the dead-letter exchange, or dropped when none is set"),
     ("feedd_amqp_reconnects_total", "AMQP connections re-established after a loss"),
+    ("feedd_amqp_failovers_total", "Moves to the next [amqp] url broker (connection lost or connect refused)"),
+    ("feedd_amqp_broker_active", "1 for the [amqp] url broker in use, 0 for the others of the list"),
     ("feedd_batch_records", "Records per committed batch"),
     ("feedd_ack_latency_seconds", "Message received to reply handed to the socket"),
     ("feedd_batch_commit_seconds", "Time to commit one batch (all attempts)"),
@@ -182,6 +187,8 @@ impl Metrics {
             amqp_acks: r.counter("feedd_amqp_acks_total")?,
             amqp_dead_letters: r.counter("feedd_amqp_dead_letters_total")?,
             amqp_reconnects: r.counter("feedd_amqp_reconnects_total")?,
+            amqp_failovers: r.counter("feedd_amqp_failovers_total")?,
+            amqp_broker_active: r.gauge_vec("feedd_amqp_broker_active", "broker")?,
             db_host_active: r.gauge_vec("feedd_db_host_active", "host")?,
             db_hosts_owner: Arc::default(),
             queue_depth_gauge: r.gauge("feedd_queue_depth")?,

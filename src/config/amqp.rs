@@ -1,7 +1,9 @@
-//! The `[amqp]` section: the broker feedd consumes from (SPEC §3, §4b).
+//! The `[amqp]` section: the brokers feedd consumes from (SPEC §3, §4b, §9).
 //!
-//! The URL may hold a password, so it is kept as a `Secret` and shown everywhere (logs,
-//! errors) in its redacted form `amqp://user@host:port/vhost`.
+//! `url` is one URL or an ordered, comma-separated list of a cluster's nodes (the failover
+//! order, like `[mysql] host`). Each URL may hold a password, so it is kept as a `Secret` and
+//! shown everywhere (logs, errors, metrics) in its redacted form `amqp://user@host:port/vhost`;
+//! a bad entry is named by its position, never by its text.
 
 use std::fmt;
 use std::str::FromStr;
@@ -22,7 +24,9 @@ pub struct AmqpUrl {
 
 impl AmqpUrl {
     pub fn parse(raw: &str) -> Result<AmqpUrl, String> {
+        // The parser's message may quote the whole input, password included.
         let uri = AMQPUri::from_str(raw).map_err(|e| {
+            let e = e.replace(raw, "…");
             format!("not an AMQP URL ({e}); expected amqp://USER:PASS@HOST:5672/VHOST or amqps://…")
         })?;
         let scheme = match uri.scheme {
@@ -69,10 +73,95 @@ impl fmt::Debug for AmqpUrl {
     }
 }
 
+/// The brokers of `[amqp] url`, in failover order; never empty, no entry twice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerList(Vec<AmqpUrl>);
+
+/// A bad `[amqp] url`; the config layer prefixes the file and `[amqp] url`. Entries are named
+/// by position (their text may hold a password).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BrokerListError {
+    #[error("entry {position} is empty (a stray comma?)")]
+    EmptyEntry { position: usize },
+    #[error("{}{reason}", entry_prefix(*.position, *.of))]
+    BadEntry {
+        position: usize,
+        of: usize,
+        reason: String,
+    },
+    #[error("entry {position} ({shown}) repeats entry {first}")]
+    Duplicate {
+        position: usize,
+        first: usize,
+        shown: String,
+    },
+}
+
+/// A one-URL `url` keeps the error it always had; a list names the entry.
+fn entry_prefix(position: usize, of: usize) -> String {
+    if of == 1 {
+        String::new()
+    } else {
+        format!("entry {position}: ")
+    }
+}
+
+impl BrokerList {
+    /// Parses `amqp://…@mq1/%2f, amqp://…@mq2/%2f`: comma-separated, order kept. A comma inside
+    /// a URL (in a password) must be written `%2C`.
+    pub fn parse(raw: &str) -> Result<BrokerList, BrokerListError> {
+        let entries: Vec<&str> = raw.split(',').map(str::trim).collect();
+        let of = entries.len();
+        let mut urls: Vec<AmqpUrl> = Vec::with_capacity(of);
+        for (i, entry) in entries.into_iter().enumerate() {
+            let position = i + 1;
+            if entry.is_empty() {
+                return Err(BrokerListError::EmptyEntry { position });
+            }
+            let url = AmqpUrl::parse(entry).map_err(|reason| BrokerListError::BadEntry {
+                position,
+                of,
+                reason,
+            })?;
+            // Same user, host, port and vhost: the same broker, whatever the password.
+            if let Some(first) = urls.iter().position(|u| u.shown == url.shown) {
+                return Err(BrokerListError::Duplicate {
+                    position,
+                    first: first + 1,
+                    shown: url.shown,
+                });
+            }
+            urls.push(url);
+        }
+        Ok(BrokerList(urls))
+    }
+
+    pub fn urls(&self) -> &[AmqpUrl] {
+        &self.0
+    }
+
+    /// Whether any entry carries a password.
+    pub fn has_password(&self) -> bool {
+        self.0.iter().any(AmqpUrl::has_password)
+    }
+}
+
+impl fmt::Display for BrokerList {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, url) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{url}")?;
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct AmqpConfig {
     /// `None`: the AMQP input is off.
-    pub url: Option<AmqpUrl>,
+    pub url: Option<BrokerList>,
     pub queue: String,
     /// 0: 2 × batch_size (see `prefetch_for`).
     pub prefetch: usize,
@@ -150,7 +239,7 @@ impl AmqpConfig {
     pub(super) fn parse(s: &mut Section<'_>) -> Result<AmqpConfig, ConfigError> {
         let url = match s.optional("url")? {
             None => None,
-            Some(raw) => Some(AmqpUrl::parse(&raw).map_err(|reason| s.error("url", reason))?),
+            Some(raw) => Some(BrokerList::parse(&raw).map_err(|e| s.error("url", e.to_string()))?),
         };
         let queue = s.string("queue", "fee")?;
         check_name(&queue).map_err(|reason| s.error("queue", reason))?;
@@ -261,6 +350,7 @@ mod tests {
         .unwrap();
         let url = c.amqp.url.as_ref().unwrap();
         assert_eq!(url.to_string(), "amqp://feed@mq:5673/prod");
+        assert_eq!(url.urls().len(), 1);
         assert!(!format!("{c:?}").contains("hunter2"));
         assert_eq!(c.amqp.prefetch_for(1000), 10);
         assert_eq!(c.amqp.dead_letter_exchange, None);
@@ -317,6 +407,70 @@ mod tests {
         for t in super::ExchangeType::ALL {
             let c = parse(&format!("[amqp]\nexchange_type = {}", t.as_str())).unwrap();
             assert_eq!(c.amqp.exchange_type, t);
+        }
+    }
+
+    #[test]
+    fn a_list_keeps_its_order_and_hides_every_password() {
+        let c = parse(
+            "[amqp]\nurl = amqp://a:pw1@mq1:5672/%2f, amqp://b:pw2@mq2/%2f ,amqps://c:pw3@mq3:5671/prod?heartbeat=5",
+        )
+        .unwrap();
+        let list = c.amqp.url.as_ref().unwrap();
+        let shown: Vec<String> = list.urls().iter().map(|u| u.to_string()).collect();
+        assert_eq!(
+            shown,
+            [
+                "amqp://a@mq1:5672//",
+                "amqp://b@mq2:5672//",
+                "amqps://c@mq3:5671/prod"
+            ]
+        );
+        assert_eq!(
+            list.urls()[2].expose(),
+            "amqps://c:pw3@mq3:5671/prod?heartbeat=5"
+        );
+        assert!(list.has_password());
+        let all = format!("{c:?} {list}");
+        for pw in ["pw1", "pw2", "pw3"] {
+            assert!(!all.contains(pw), "{all}");
+        }
+    }
+
+    #[test]
+    fn a_bad_entry_is_named_by_position_never_by_its_text() {
+        let cases = [
+            (
+                "amqp://a:pw1@mq1/%2f, http://b:pw2@mq2/%2f, amqp://c:pw3@mq3/%2f",
+                "[amqp] url: entry 2: not an AMQP URL",
+            ),
+            (
+                "amqp://a:pw1@mq1/%2f, amqp://b:pw2@mq2:99999/%2f",
+                "[amqp] url: entry 2: not an AMQP URL",
+            ),
+            (
+                "amqp://a:pw1@mq1/%2f,, amqp://c:pw3@mq3/%2f",
+                "[amqp] url: entry 2 is empty",
+            ),
+            (
+                "amqp://a:pw1@mq1/%2f, amqp://a:pw2@mq1:5672/%2f",
+                "[amqp] url: entry 2 (amqp://a@mq1:5672//) repeats entry 1",
+            ),
+            (
+                "amqp://a:pw1@mq1/%2f, amqp:b:pw2@mq2",
+                "entry 2: not an AMQP URL (Invalid URL: '…')",
+            ),
+            (
+                "amqp://a:pw1@[mq1/%2f, amqp://b:pw2@mq2/%2f",
+                "[amqp] url: entry 1: not an AMQP URL",
+            ),
+        ];
+        for (list, want) in cases {
+            let bad = parse(&format!("[amqp]\nurl = {list}")).unwrap_err();
+            assert!(bad.contains(want), "{bad}");
+            for pw in ["pw1", "pw2", "pw3"] {
+                assert!(!bad.contains(pw), "{bad}");
+            }
         }
     }
 

@@ -20,7 +20,7 @@ pub use sections::{
 use sections::Section;
 
 mod amqp;
-pub use amqp::{AmqpConfig, AmqpUrl, ExchangeType, QueueType};
+pub use amqp::{AmqpConfig, AmqpUrl, BrokerList, BrokerListError, ExchangeType, QueueType};
 
 /// The sections a config file may have.
 const SECTIONS: [&str; 6] = ["daemon", "zmq", "mysql", "amqp", "pipeline", "metrics"];

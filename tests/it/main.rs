@@ -6,6 +6,7 @@
 mod harness;
 
 mod amqp;
+mod amqp_cluster;
 mod clients;
 mod cluster;
 mod config;

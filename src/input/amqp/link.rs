@@ -18,7 +18,7 @@ use smol::future::FutureExt;
 use smol::stream::StreamExt;
 
 use super::topology::{self, QueueFound};
-use crate::config::{AmqpUrl, Config, ExchangeType, QueueType};
+use crate::config::{AmqpUrl, BrokerList, Config, ExchangeType, QueueType};
 
 pub use lapin::message::Delivery;
 
@@ -52,12 +52,15 @@ pub enum LinkError {
         configured: &'static str,
         existing: String,
     },
+    #[error("[amqp] url lists no broker")]
+    NoBroker,
 }
 
 /// The consumer's part of the config: what a connection is made with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AmqpSettings {
-    pub url: AmqpUrl,
+    /// The brokers, in failover order (`brokers::` decides which one).
+    pub brokers: BrokerList,
     pub queue: String,
     pub prefetch: u16,
     pub dead_letter_exchange: Option<String>,
@@ -74,7 +77,7 @@ impl AmqpSettings {
     pub fn of(config: &Config) -> Option<AmqpSettings> {
         let a = &config.amqp;
         Some(AmqpSettings {
-            url: a.url.clone()?,
+            brokers: a.url.clone()?,
             queue: a.queue.clone(),
             prefetch: a.prefetch_for(config.pipeline.batch_size),
             dead_letter_exchange: a.dead_letter_exchange.clone(),
@@ -97,27 +100,51 @@ pub enum Event {
     Lost(String),
 }
 
-/// A connection to a broker that answered, with nothing declared yet.
-pub struct Reached(Connection);
+impl AmqpSettings {
+    /// Broker `at` of the list (wrapping, so a stale index still names one).
+    pub fn broker(&self, at: usize) -> &AmqpUrl {
+        let urls = self.brokers.urls();
+        &urls[at % urls.len()]
+    }
+}
+
+/// A connection to a broker that answered (broker `at` of the list), nothing declared yet.
+pub struct Reached {
+    connection: Connection,
+    pub at: usize,
+}
 
 impl Reached {
     pub fn is_connected(&self) -> bool {
-        self.0.status().connected()
+        self.connection.status().connected()
     }
 
     /// Declares what is missing and starts consuming, as `Link::connect` does.
     pub fn consume(self, s: &AmqpSettings, prefetch: u16) -> Result<Link, LinkError> {
         smol::block_on(async {
-            let d = Deadline::new(&s.url.to_string());
-            Link::open(self.0, s, prefetch, &d).await
+            let d = Deadline::new(&s.broker(self.at).to_string());
+            Link::open(self.connection, s, prefetch, &d).await
         })
+    }
+
+    /// Closes the connection unused (a reload kept the consumer on its broker); `s` the
+    /// settings it was reached for.
+    pub fn close(self, s: &AmqpSettings) {
+        let r = smol::block_on(async {
+            let d = Deadline::new(&s.broker(self.at).to_string());
+            d.step("close", self.connection.close(200, "unused".into()))
+                .await
+        });
+        if let Err(e) = r {
+            log::debug!("amqp: {e}");
+        }
     }
 }
 
-async fn reach(s: &AmqpSettings, d: &Deadline) -> Result<Connection, LinkError> {
+async fn reach(url: &AmqpUrl, d: &Deadline) -> Result<Connection, LinkError> {
     let props = ConnectionProperties::default()
         .with_connection_name(LongString::from(format!("feedd {}", std::process::id())));
-    d.step("connect", Connection::connect(s.url.expose(), props))
+    d.step("connect", Connection::connect(url.expose(), props))
         .await
 }
 
@@ -144,7 +171,7 @@ pub const CALL_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// The time left to one facade call; each broker step it takes waits at most what is left.
 pub(super) struct Deadline {
-    url: String,
+    pub(super) url: String,
     at: Instant,
 }
 
@@ -192,32 +219,47 @@ impl Deadline {
 }
 
 impl Link {
-    /// Connects, declares what is missing (the durable queue; the dead-letter exchange and
-    /// its queue), sets the prefetch (`prefetch`: the settings' or a narrower window) and
-    /// starts consuming. Blocks at most `CALL_TIMEOUT`.
-    pub fn connect(s: &AmqpSettings, prefetch: u16) -> Result<Link, LinkError> {
+    /// Connects to broker `at` of the list, declares what is missing (the durable queue; the
+    /// dead-letter exchange and its queue), sets the prefetch (`prefetch`: the settings' or a
+    /// narrower window) and starts consuming. Blocks at most `CALL_TIMEOUT`.
+    pub fn connect(s: &AmqpSettings, at: usize, prefetch: u16) -> Result<Link, LinkError> {
+        let url = s.broker(at);
         smol::block_on(async {
-            let d = Deadline::new(&s.url.to_string());
-            let connection = reach(s, &d).await?;
+            let d = Deadline::new(&url.to_string());
+            let connection = reach(url, &d).await?;
             Self::open(connection, s, prefetch, &d).await
         })
     }
 
-    /// Connects only (login, vhost), declaring nothing: what a reload's preparer proves, so a
-    /// reload refused later leaves nothing on the broker; an existing `exchange` of another
-    /// type refuses it here. Blocks at most `CALL_TIMEOUT`.
+    /// Connects only (login, vhost), declaring nothing, to the first broker of the list that
+    /// answers: what a reload's preparer proves, so a reload refused later leaves nothing on
+    /// the broker; an existing `exchange` of another type refuses it here (the same on every
+    /// node of a cluster, so not a reason to try the next). Blocks at most `CALL_TIMEOUT` per
+    /// broker; the error is the last broker's.
     pub fn reach(s: &AmqpSettings) -> Result<Reached, LinkError> {
-        smol::block_on(async {
-            let d = Deadline::new(&s.url.to_string());
-            let connection = reach(s, &d).await?;
-            if let Err(e) = topology::check_exchange(&connection, &d, s).await {
-                let _ = d
-                    .step("close", connection.close(200, "refused".into()))
-                    .await;
-                return Err(e);
+        let mut failed = None;
+        for (at, url) in s.brokers.urls().iter().enumerate() {
+            let d = Deadline::new(&url.to_string());
+            match smol::block_on(reach(url, &d)) {
+                Ok(connection) => {
+                    smol::block_on(async {
+                        let checked = topology::check_exchange(&connection, &d, s).await;
+                        if checked.is_err() {
+                            let _ = d
+                                .step("close", connection.close(200, "refused".into()))
+                                .await;
+                        }
+                        checked
+                    })?;
+                    return Ok(Reached { connection, at });
+                }
+                Err(e) => {
+                    log::debug!("amqp: {e}");
+                    failed = Some(e);
+                }
             }
-            Ok(Reached(connection))
-        })
+        }
+        Err(failed.unwrap_or(LinkError::NoBroker))
     }
 
     async fn open(
@@ -226,7 +268,7 @@ impl Link {
         prefetch: u16,
         d: &Deadline,
     ) -> Result<Link, LinkError> {
-        let url = s.url.to_string();
+        let url = d.url.clone();
         let queue_found = topology::declare(&connection, d, s).await?;
         let channel = d
             .step("open a channel", connection.create_channel())

@@ -10,6 +10,11 @@
 //!   (`multiple` where the tags allow), conflicts dead-lettered with their reason and acked
 //!   once the broker confirmed the dead letter.
 //!
+//! Brokers: `[amqp] url` may list a cluster's nodes (`brokers`): feedd starts on the first that
+//! answers; a lost connection or a refused connect moves to the next in order at once (one log
+//! line per move), the backoff spacing only full rounds; a reload moves it only when its broker
+//! left the list.
+//!
 //! Faults: a lost connection starts a new generation (tags belong to their channel, so
 //! verdicts of the old one are dropped and the broker redelivers) and the consumer reconnects
 //! with capped backoff, logged once per outage, on a window of one delivery until the
@@ -24,6 +29,7 @@
 //! deliveries in flight answered, then it closes. It runs even while `[amqp] url` is empty
 //! (idle), so a reload can turn AMQP on.
 
+pub mod brokers;
 pub mod ledger;
 pub mod link;
 pub mod topology;
@@ -42,6 +48,7 @@ use crate::input::mailbox::Doorbell;
 use crate::input::record;
 use crate::message::Verdict;
 use crate::metrics::Metrics;
+use brokers::{Brokers, Next};
 use ledger::{Ledger, Window, CULPRIT_STREAK, QUIET};
 pub use link::{AmqpSettings, Event, Link, LinkError, Reached};
 
@@ -83,6 +90,8 @@ pub struct Consumer {
     stirred: Instant,
     backoff: Backoff,
     next_try: Instant,
+    /// Which broker of the list is in use (or tried next).
+    brokers: Brokers,
     metrics: Metrics,
 }
 
@@ -97,6 +106,31 @@ struct Outage {
 pub enum ConsumerError {
     #[error(transparent)]
     Link(#[from] LinkError),
+    #[error("no broker of [amqp] url answered: {}", list(.0))]
+    NoBroker(Vec<LinkError>),
+}
+
+fn list(errors: &[LinkError]) -> String {
+    let texts: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    texts.join("; ")
+}
+
+/// Start-up: the first broker of the list that answers (one error as it is, several listed).
+fn first_answering(s: &AmqpSettings, prefetch: u16) -> Result<(Link, usize), ConsumerError> {
+    let mut errors = Vec::new();
+    for at in 0..s.brokers.urls().len() {
+        match Link::connect(s, at, prefetch) {
+            Ok(link) => return Ok((link, at)),
+            Err(e) => {
+                log::warn!("amqp: {e}; trying the next broker of the list");
+                errors.push(e);
+            }
+        }
+    }
+    match errors.len() {
+        1 => Err(errors.remove(0).into()),
+        _ => Err(ConsumerError::NoBroker(errors)),
+    }
 }
 
 impl Consumer {
@@ -107,12 +141,15 @@ impl Consumer {
     ) -> Result<Consumer, ConsumerError> {
         let settings = AmqpSettings::of(&config.load());
         let window = Window::new(settings.as_ref().map_or(1, |s| s.prefetch));
+        let mut at = 0;
+        let len = settings.as_ref().map_or(1, |s| s.brokers.urls().len());
         let link = match &settings {
             Some(s) => {
-                let link = Link::connect(s, window.prefetch())?;
+                let link;
+                (link, at) = first_answering(s, window.prefetch())?;
                 log::info!(
                     "consuming {} queue `{}` (prefetch {}, dead letters to {})",
-                    s.url,
+                    s.broker(at),
                     s.queue,
                     s.prefetch,
                     s.dead_letter_exchange
@@ -139,9 +176,11 @@ impl Consumer {
             stirred: Instant::now(),
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
             next_try: Instant::now(),
+            brokers: Brokers::new(len, at),
             metrics,
         };
         consumer.ledger = Ledger::new(consumer.hold_limit());
+        consumer.show_brokers();
         Ok(consumer)
     }
 
@@ -256,6 +295,7 @@ impl Consumer {
     /// The window opens again: the outage is over.
     fn opened(&mut self, full: u16) {
         self.lost = None;
+        self.brokers.worked();
         if let Some(link) = self.link.as_ref().filter(|_| full > 1) {
             if let Err(e) = link.set_prefetch(full) {
                 self.lose(e.to_string());
@@ -274,19 +314,66 @@ impl Consumer {
         }
     }
 
+    /// A reload to `settings` that leaves this consumer on its broker: that broker's index in
+    /// the new list (see `brokers::stays_on`); never while it has no channel.
+    fn stays(&self, settings: &Option<AmqpSettings>) -> Option<usize> {
+        match (&self.settings, settings, &self.link) {
+            (Some(old), Some(new), Some(_)) => brokers::stays_on(old, self.brokers.current(), new),
+            _ => None,
+        }
+    }
+
+    /// A reload changed only the broker list and the broker in use (now entry `at`) is still
+    /// on it: the channel consumes on, the new list is the failover order from now on.
+    fn keep_broker(&mut self, settings: Option<AmqpSettings>, at: usize) {
+        let was = self.settings.as_ref().map(|s| s.brokers.to_string());
+        self.settings = settings;
+        let Some(s) = &self.settings else { return };
+        self.brokers = Brokers::new(s.brokers.urls().len(), at);
+        log::info!(
+            "amqp: broker list now {} (was {}); staying on {}",
+            s.brokers,
+            was.unwrap_or_default(),
+            s.broker(at)
+        );
+        self.show_brokers();
+    }
+
     /// The channel is gone: forget its tags and reconnect later, on a window of one.
     fn lose(&mut self, reason: String) {
+        self.lose_on(reason, true);
+    }
+
+    /// As `lose`; `broker_failed` false when feedd itself dropped the channel (a switch that
+    /// did not happen): the same broker is tried again, after the backoff.
+    fn lose_on(&mut self, reason: String, broker_failed: bool) {
         let Some(link) = self.link.take() else { return };
         drop(link);
         self.new_generation();
         let loss = self.window.lost();
+        let next = if broker_failed {
+            self.brokers.failed()
+        } else {
+            Next {
+                moved: None,
+                backoff: true,
+            }
+        };
+        self.moved(next, &format!("connection lost ({reason})"), true);
         let (url, queue) = self
             .settings
             .as_ref()
-            .map(|s| (s.url.to_string(), s.queue.as_str()))
+            .map(|s| {
+                (
+                    s.broker(self.brokers.current()).to_string(),
+                    s.queue.as_str(),
+                )
+            })
             .unwrap_or_default();
         if loss.new_outage || self.lost.is_none() {
-            log::warn!("amqp: connection to {url} lost ({reason}); reconnecting with backoff, one delivery at a time until those in hand are settled; unacked deliveries will be redelivered");
+            if next.moved.is_none() {
+                log::warn!("amqp: connection to {url} lost ({reason}); reconnecting with backoff, one delivery at a time until those in hand are settled; unacked deliveries will be redelivered");
+            }
             self.lost = Some(Outage {
                 since: Instant::now(),
                 failed: 0,
@@ -300,19 +387,59 @@ impl Consumer {
             log::error!("amqp: the delivery at the head of queue `{queue}` breaks the connection each time it is delivered ({reason}); it is redelivered until the queue's delivery limit retires it (quorum queue) or it is removed from the queue by hand");
         }
         // After the first loss of an outage the backoff grows: a culprit is not hammered.
-        self.next_try = Instant::now() + self.backoff.next_delay();
+        self.retry(next);
+    }
+
+    /// When to try again after `next`: the next broker at once, the backoff after a round.
+    fn retry(&mut self, next: Next) {
+        self.next_try = Instant::now();
+        if next.backoff {
+            self.next_try += self.backoff.next_delay();
+        }
+    }
+
+    /// Logs and counts a move along the broker list (nothing for a list of one).
+    fn moved(&mut self, next: Next, why: &str, loud: bool) {
+        let (Some((from, to)), Some(s)) = (next.moved, &self.settings) else {
+            return;
+        };
+        let (from, to) = (s.broker(from), s.broker(to));
+        if loud {
+            log::warn!("amqp: broker {from} → {to}: {why}");
+        } else {
+            log::debug!("amqp: broker {from} → {to}: {why}");
+        }
+        if next.backoff {
+            log::debug!("amqp: every broker of [amqp] url failed since the last delivery settled; going round again after the backoff");
+        }
+        self.metrics.amqp_failovers.inc();
+        self.show_brokers();
+    }
+
+    /// `feedd_amqp_broker_active`: 1 for the broker in use, 0 for the others of the list.
+    fn show_brokers(&self) {
+        self.metrics.amqp_broker_active.reset();
+        let Some(s) = &self.settings else { return };
+        let current = self.brokers.current();
+        for (i, url) in s.brokers.urls().iter().enumerate() {
+            self.metrics
+                .amqp_broker_active
+                .with_label_values(&[&url.to_string()])
+                .set(i64::from(i == current));
+        }
     }
 
     fn reconnect(&mut self) {
         let Some(settings) = &self.settings else {
             return;
         };
-        match Link::connect(settings, self.window.prefetch()) {
+        let at = self.brokers.current();
+        match Link::connect(settings, at, self.window.prefetch()) {
             Ok(link) => {
                 if let Some(o) = self.lost.as_mut().filter(|o| !o.reconnected) {
                     log::info!(
                         "amqp: reconnected to {} after {:.1} s ({} failed attempt(s))",
-                        settings.url,
+                        settings.broker(at),
                         o.since.elapsed().as_secs_f64(),
                         o.failed
                     );
@@ -336,7 +463,14 @@ impl Consumer {
                     }
                 }
                 log::debug!("amqp: reconnect failed: {e}");
-                self.next_try = Instant::now() + self.backoff.next_delay();
+                // Loud for the outage's first round, then quiet until it ends.
+                let first_round = self
+                    .lost
+                    .as_ref()
+                    .is_some_and(|o| o.failed as usize <= settings.brokers.urls().len());
+                let next = self.brokers.failed();
+                self.moved(next, &format!("connect failed ({e})"), first_round);
+                self.retry(next);
             }
         }
     }
@@ -476,6 +610,9 @@ impl Input for Consumer {
         if part.0 == self.settings && part.1.is_none() {
             return Ok(None);
         }
+        if self.stays(&part.0).is_some() {
+            return Ok(Some(part)); // the channel keeps consuming through the switch
+        }
         // The old channel takes no more deliveries; those in flight are still answered.
         if let Some(old) = &mut self.link {
             old.cancel();
@@ -485,23 +622,31 @@ impl Input for Consumer {
     }
 
     fn commit(&mut self, (settings, link): AmqpPart) -> Result<(), String> {
-        let was = self.settings.as_ref().map(|s| s.url.to_string());
+        if let Some(at) = self.stays(&settings) {
+            if let (Some(reached), Some(s)) = (link, &settings) {
+                reached.close(s);
+            }
+            self.keep_broker(settings, at);
+            return Ok(());
+        }
+        let was = self.settings.as_ref().map(|s| s.brokers.to_string());
         let was = was.as_deref().unwrap_or("off");
         if link.as_ref().is_some_and(|l| !l.is_connected()) {
             // The old channel was cancelled: what it committed is acked, then a new one on the
             // old settings consumes again.
             self.flush_acks(true);
             self.switching = false;
-            self.lose("cancelled for a switch that did not happen".into());
+            self.lose_on("cancelled for a switch that did not happen".into(), false);
             return Err(format!(
                 "[amqp]: the new broker connection was lost before the switch; staying on {was}"
             ));
         }
+        let at = link.as_ref().map_or(0, |r| r.at);
         let link = match (link, &settings) {
             (Some(reached), Some(s)) => match reached.consume(s, s.prefetch) {
                 Ok(link) => Some(link),
                 Err(e) => {
-                    self.lose("cancelled for a switch that did not happen".into());
+                    self.lose_on("cancelled for a switch that did not happen".into(), false);
                     return Err(format!(
                         "[amqp]: new target not usable: {e}; staying on {was}"
                     ));
@@ -519,11 +664,16 @@ impl Input for Consumer {
         self.window = Window::new(self.settings.as_ref().map_or(1, |s| s.prefetch));
         self.new_generation();
         self.lost = None;
+        self.brokers = Brokers::new(
+            self.settings.as_ref().map_or(1, |s| s.brokers.urls().len()),
+            at,
+        );
+        self.show_brokers();
         match (&self.settings, &self.link) {
             (Some(s), link) => {
                 log::info!(
                     "amqp: now consuming {} queue `{}` (prefetch {}; was {was})",
-                    s.url,
+                    s.broker(at),
                     s.queue,
                     s.prefetch
                 );

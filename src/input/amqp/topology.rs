@@ -177,7 +177,7 @@ async fn declare_exchange(
         let existing = refusal(&e).and_then(|r| inequivalent(r, "type"));
         return Err(match existing {
             Some((_, Some(existing))) => LinkError::ExchangeType {
-                url: s.url.to_string(),
+                url: d.url.clone(),
                 exchange: exchange.to_string(),
                 configured: s.exchange_type.as_str(),
                 existing,

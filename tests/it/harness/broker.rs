@@ -197,8 +197,6 @@ impl Client {
 
     /// Publishes every body (persistent) to `queue`; true only if the broker confirmed all
     /// within 10 s (false when the broker is gone: the caller publishes them again).
-    // Only bench/chaos.rs publishes to a broker it kills meanwhile; no test does.
-    #[allow(dead_code)]
     #[must_use]
     pub fn try_publish(&self, queue: &str, bodies: &[String]) -> bool {
         use smol::future::FutureExt;
@@ -366,29 +364,52 @@ pub struct PrivateRabbit {
     dist_port: u16,
     node: String,
     child: Option<Child>,
+    /// More environment for the node (a cluster's cookie HOME and epmd port).
+    env: Vec<(String, String)>,
 }
 
 impl PrivateRabbit {
     pub fn start() -> PrivateRabbit {
+        let mut r = PrivateRabbit::new(Vec::new());
+        r.restart();
+        r
+    }
+
+    /// A node not started yet, its ports and dirs chosen.
+    pub fn new(env: Vec<(String, String)>) -> PrivateRabbit {
         let dir = tempfile::tempdir().unwrap();
         let port = ports::port();
-        let mut r = PrivateRabbit {
+        PrivateRabbit {
             node: format!("feedd_t_{}_{port}@localhost", std::process::id()),
             dist_port: ports::port(),
             dir,
             port,
             child: None,
-        };
-        r.restart();
-        r
+            env,
+        }
     }
 
     pub fn url(&self) -> String {
         url_on(self.port)
     }
 
+    /// The Erlang node name (`name@localhost`).
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
     /// Starts the node on the same data dir and ports (after `kill9`).
     pub fn restart(&mut self) {
+        self.spawn();
+        self.wait_amqp();
+    }
+
+    /// Starts the node without waiting for it.
+    pub fn spawn(&mut self) {
         use std::os::unix::process::CommandExt;
         assert!(self.child.is_none(), "already running");
         let d = self.dir.path();
@@ -414,6 +435,7 @@ impl PrivateRabbit {
             .env("RABBITMQ_ENABLED_PLUGINS_FILE", d.join("plugins"))
             .env("RABBITMQ_CONFIG_FILE", d.join("none"))
             .env_remove("RABBITMQ_ALLOW_INPUT")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .process_group(0)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -421,6 +443,11 @@ impl PrivateRabbit {
             .spawn()
             .unwrap();
         self.child = Some(child);
+    }
+
+    /// Waits until the node speaks AMQP (60 s at most).
+    pub fn wait_amqp(&self) {
+        let d = self.dir.path();
         let url = self.url();
         assert!(
             wait_until(Duration::from_secs(60), || Client::try_connect(&url)
@@ -428,6 +455,18 @@ impl PrivateRabbit {
             "private RabbitMQ did not start: {}",
             std::fs::read_to_string(d.join("server.log")).unwrap_or_default()
         );
+    }
+
+    /// SIGSTOP (`freeze`) or SIGCONT to the whole node: a host gone silent, its sockets open.
+    pub fn pause(&self, frozen: bool) {
+        if let Some(c) = &self.child {
+            let signal = if frozen {
+                Signal::SIGSTOP
+            } else {
+                Signal::SIGCONT
+            };
+            let _ = killpg(Pid::from_raw(c.id() as i32), signal);
+        }
     }
 
     /// SIGKILL to the whole node (script and Erlang VM), as a crash.

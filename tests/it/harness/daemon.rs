@@ -167,6 +167,12 @@ impl Feedd {
         self
     }
 
+    /// Rewrites the config of a running feedd (for a reload) with other overrides.
+    pub fn rewrite(&self, db: &Db, overrides: &[String]) {
+        let refs: Vec<&str> = overrides.iter().map(String::as_str).collect();
+        std::fs::write(self.conf_path(), config_text(db, self.port, &refs)).unwrap();
+    }
+
     /// Starts the foreground process and waits for its `READY=1`.
     pub fn spawn_foreground(self) -> Feedd {
         let mut f = self.spawn_notified(&[]);

@@ -2,7 +2,8 @@
 //! process uses), `database` (a database per test, private servers), `daemon` (the feedd binary
 //! under test), `notify` (the service manager's notify socket, for readiness), `clients`
 //! (ZeroMQ and HTTP clients, test data), `broker` (RabbitMQ), `relay` (a TCP relay that cuts or
-//! goes silent), `cluster` (Galera), `prometheus` (a real Prometheus scraping feedd) and `tls`
+//! goes silent), `cluster` (Galera), `rabbit_cluster` (RabbitMQ nodes clustered), `prometheus`
+//! (a real Prometheus scraping feedd) and `tls`
 //! (a throwaway PKI and a TLS-only server).
 
 pub mod broker;
@@ -13,6 +14,7 @@ pub mod database;
 pub mod notify;
 pub mod ports;
 pub mod prometheus;
+pub mod rabbit_cluster;
 pub mod relay;
 pub mod tls;
 

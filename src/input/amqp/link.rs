@@ -6,6 +6,10 @@
 //! smol's global executor (one `smol-1` thread, plus async-io's `async-io` timer/reactor
 //! thread, started on first use) — the way libzmq runs its I/O threads behind zmq's calls.
 
+use std::os::fd::{AsFd, BorrowedFd};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use lapin::options::{
@@ -18,9 +22,13 @@ use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
 };
 use smol::future::FutureExt;
-use smol::stream::StreamExt;
+use smol::stream::Stream;
 
 use crate::config::{AmqpUrl, Config};
+use crate::input::mailbox::Doorbell;
+use crate::message::Wake;
+use nix::poll::{ppoll, PollFd, PollFlags};
+use nix::sys::time::TimeSpec;
 
 pub use lapin::message::Delivery;
 
@@ -47,6 +55,8 @@ pub enum LinkError {
     Nacked { url: String },
     #[error("AMQP broker {url}: dead letter returned: no queue is bound to exchange `{exchange}`")]
     Returned { url: String, exchange: String },
+    #[error("AMQP broker {url}: cannot make the consumer's eventfd: {error}")]
+    Bell { url: String, error: std::io::Error },
 }
 
 /// The consumer's part of the config: what a connection is made with.
@@ -114,6 +124,38 @@ pub struct Link {
     consumer_tag: ShortString,
     url: String,
     consuming: bool,
+    /// Rung by lapin's thread when the consumer stream has news (the waker of `poll_stream`).
+    stream_bell: Arc<StreamBell>,
+    /// The last wait ended with a delivery: the next one lingers first.
+    flowing: bool,
+}
+
+/// How long a wait lets deliveries gather while they flow: a few at tens of thousands a
+/// second, and a small part of a batch's commit.
+const LINGER: Duration = Duration::from_micros(200);
+
+/// Waits up to `wait` for any of `fds` to be readable; which are. An error (EINTR) reads as
+/// all readable: the owner looks and waits again.
+fn wait_fds<const N: usize>(fds: &[BorrowedFd<'_>; N], wait: Duration) -> [bool; N] {
+    let mut polled = fds.map(|fd| PollFd::new(fd, PollFlags::POLLIN));
+    // ppoll: `poll`'s milliseconds would round a linger down to no wait at all.
+    match ppoll(&mut polled, Some(TimeSpec::from_duration(wait)), None) {
+        Ok(_) => polled.map(|p| p.revents().is_some_and(|r| !r.is_empty())),
+        Err(_) => [true; N],
+    }
+}
+
+/// The consumer stream's waker: an eventfd the consumer thread polls beside its mailbox.
+struct StreamBell(Doorbell);
+
+impl std::task::Wake for StreamBell {
+    fn wake(self: Arc<Self>) {
+        self.0.wake();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.wake();
+    }
 }
 
 /// Every facade call (a whole connect with its declares, a dead letter and its confirm, a
@@ -227,6 +269,10 @@ impl Link {
             )
             .await?;
         let consumer_tag = consumer.tag();
+        let stream_bell = Doorbell::new().map_err(|error| LinkError::Bell {
+            url: url.clone(),
+            error,
+        })?;
         Ok(Link {
             connection,
             channel,
@@ -234,39 +280,43 @@ impl Link {
             consumer_tag,
             url,
             consuming: true,
+            stream_bell: Arc::new(StreamBell(stream_bell)),
+            flowing: false,
         })
     }
 
     /// Waits up to `wait` for the bell, or (when `want`) a delivery. The bell goes first.
-    pub fn next_event(
-        &mut self,
-        want: bool,
-        bell: &smol::Async<std::os::fd::OwnedFd>,
-        wait: Duration,
-    ) -> Event {
+    /// A plain `poll(2)` on the bell and the stream's own eventfd: no executor, reactor or
+    /// timer is touched per delivery (each `block_on` woke async-io's thread on its way out).
+    /// While deliveries flow, the wait first lingers `LINGER` on the bell alone, so that one
+    /// wake-up (this thread's, and a worker's for the jobs it queues) carries several.
+    pub fn next_event(&mut self, want: bool, bell: &Doorbell, wait: Duration) -> Event {
         let want = want && self.consuming;
-        let consumer = &mut self.consumer;
-        smol::block_on(
-            async {
-                // An error here (never seen on an eventfd) reads as the bell: the owner looks.
-                let _ = bell.readable().await;
-                Event::Mail
+        if want {
+            if let Some(event) = self.poll_stream() {
+                return event;
             }
-            .or(async {
-                if !want {
-                    return std::future::pending().await;
+            if std::mem::take(&mut self.flowing) {
+                if wait_fds(&[bell.as_fd()], LINGER.min(wait))[0] {
+                    return Event::Mail;
                 }
-                match consumer.next().await {
-                    Some(Ok(d)) => Event::Delivery(Box::new(d)),
-                    Some(Err(e)) => Event::Lost(e.to_string()),
-                    None => Event::Lost("the broker ended the consumer".into()),
+                if let Some(event) = self.poll_stream() {
+                    self.flowing = true;
+                    return event;
                 }
-            })
-            .or(async {
-                smol::Timer::after(wait).await;
-                Event::Idle
-            }),
-        )
+            }
+        }
+        let rung = wait_fds(&[bell.as_fd(), self.stream_bell.0.as_fd()], wait);
+        if rung[0] {
+            return Event::Mail;
+        }
+        if want && rung[1] {
+            if let Some(event) = self.poll_stream() {
+                self.flowing = true;
+                return event;
+            }
+        }
+        Event::Idle
     }
 
     /// A delivery already received, without waiting.
@@ -274,11 +324,24 @@ impl Link {
         if !self.consuming {
             return None;
         }
-        match smol::block_on(smol::future::poll_once(self.consumer.next())) {
-            Some(Some(Ok(d))) => Some(Ok(d)),
-            Some(Some(Err(e))) => Some(Err(e.to_string())),
-            Some(None) => Some(Err("the broker ended the consumer".into())),
-            None => None,
+        match self.poll_stream()? {
+            Event::Delivery(d) => Some(Ok(*d)),
+            Event::Lost(reason) => Some(Err(reason)),
+            Event::Mail | Event::Idle => None,
+        }
+    }
+
+    /// Polls the consumer stream once; when it has nothing, lapin rings `stream_bell` on the
+    /// next delivery (or error). The bell is cleared first, so no ring is lost.
+    fn poll_stream(&mut self) -> Option<Event> {
+        self.stream_bell.0.clear();
+        let waker = Waker::from(Arc::clone(&self.stream_bell));
+        let mut cx = Context::from_waker(&waker);
+        match Pin::new(&mut self.consumer).poll_next(&mut cx) {
+            Poll::Pending => None,
+            Poll::Ready(Some(Ok(d))) => Some(Event::Delivery(Box::new(d))),
+            Poll::Ready(Some(Err(e))) => Some(Event::Lost(e.to_string())),
+            Poll::Ready(None) => Some(Event::Lost("the broker ended the consumer".into())),
         }
     }
 

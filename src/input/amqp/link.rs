@@ -1,7 +1,10 @@
 //! A blocking facade over lapin: one connection, one channel, one consumer.
 //!
 //! Every method blocks its caller (the consumer thread, or the reload preparer for `connect`)
-//! with `smol::block_on`; nothing async leaks out of this file. lapin itself runs its socket
+//! with `smol::block_on`, except the wait for deliveries: the consumer stream is polled by
+//! hand with a waker that rings an eventfd, and the thread sleeps in `poll(2)` on it and its
+//! mailbox (a `block_on` per delivery cost more than the delivery; see `next_event`). Nothing
+//! async leaks out of this file. lapin itself runs its socket
 //! in a thread of its own (`lapin-io-loop`, one per connection) and its internal callbacks on
 //! smol's global executor (one `smol-1` thread, plus async-io's `async-io` timer/reactor
 //! thread, started on first use) — the way libzmq runs its I/O threads behind zmq's calls.
@@ -306,17 +309,25 @@ impl Link {
                 }
             }
         }
-        let rung = wait_fds(&[bell.as_fd(), self.stream_bell.0.as_fd()], wait);
-        if rung[0] {
-            return Event::Mail;
+        if !want {
+            // Not the stream's eventfd: rung and not cleared (nothing is read), it would turn
+            // the wait into a spin while the queue is full.
+            return match wait_fds(&[bell.as_fd()], wait) {
+                [true] => Event::Mail,
+                [false] => Event::Idle,
+            };
         }
-        if want && rung[1] {
-            if let Some(event) = self.poll_stream() {
-                self.flowing = true;
-                return event;
-            }
+        match wait_fds(&[bell.as_fd(), self.stream_bell.0.as_fd()], wait) {
+            [true, _] => Event::Mail,
+            [false, true] => match self.poll_stream() {
+                Some(event) => {
+                    self.flowing = true;
+                    event
+                }
+                None => Event::Idle,
+            },
+            [false, false] => Event::Idle,
         }
-        Event::Idle
     }
 
     /// A delivery already received, without waiting.
@@ -602,6 +613,20 @@ mod tests {
         h.insert("x-pad".into(), AMQPValue::LongString("p".repeat(n).into()));
         h.insert("x-origin".into(), AMQPValue::LongString("test".into()));
         BasicProperties::default().with_headers(h)
+    }
+
+    #[test]
+    fn a_linger_waits_its_sub_millisecond_time_and_a_rung_bell_ends_a_wait_at_once() {
+        let (quiet, rung) = (Doorbell::new().unwrap(), Doorbell::new().unwrap());
+        let started = Instant::now();
+        assert_eq!(wait_fds(&[quiet.as_fd()], LINGER), [false]);
+        // poll(2)'s milliseconds would have rounded the linger down to no wait at all.
+        assert!(started.elapsed() >= LINGER, "{:?}", started.elapsed());
+        rung.wake();
+        let started = Instant::now();
+        let seen = wait_fds(&[quiet.as_fd(), rung.as_fd()], Duration::from_secs(5));
+        assert_eq!(seen, [false, true]);
+        assert!(started.elapsed() < Duration::from_secs(1));
     }
 
     #[test]

@@ -256,6 +256,8 @@ struct Cell {
     rate: f64,
     /// Records/s from its READY=1 to the last ack.
     drain: f64,
+    /// Mean records per committed batch.
+    per_batch: f64,
     threads: usize,
     peak_kib: u64,
     /// CPU µs per delivery from READY to the last ack: feedd's, the broker's.
@@ -302,6 +304,8 @@ fn feedd_cell(target: &Target, records: u64, per_msg: usize) -> Cell {
         records as f64 / ready.elapsed().as_secs_f64(),
     );
     let cpu1 = (cpu_secs(target.beam), cpu_secs(feedd.pid()));
+    let batch = |m: &str| harness::clients::scrape(&addr, &format!("feedd_batch_records_{m}"));
+    let per_batch = batch("sum") / batch("count").max(1.0);
     let peak_kib = std::fs::read_to_string(format!("/proc/{}/status", feedd.pid()))
         .unwrap_or_default()
         .lines()
@@ -316,6 +320,7 @@ fn feedd_cell(target: &Target, records: u64, per_msg: usize) -> Cell {
     Cell {
         rate,
         drain,
+        per_batch,
         threads,
         peak_kib,
         feedd_us: per_delivery(cpu1.1 - cpu0.1),
@@ -370,7 +375,7 @@ fn main() {
         .fold(0.0, f64::max);
     println!("  (a) database ceiling (best of 1 and 2 clients, prepared 1,000-row INSERTs): {a:.0} rows/s");
     println!(
-        "{:<16} {:>7} {:>8} {:>11} {:>11} {:>10} {:>10} {:>6} {:>6} {:>6} {:>8} {:>8} {:>7} {:>7}",
+        "{:<16} {:>7} {:>8} {:>11} {:>11} {:>10} {:>10} {:>6} {:>6} {:>6} {:>8} {:>8} {:>9} {:>7} {:>7}",
         "queue",
         "rec/msg",
         "records",
@@ -383,6 +388,7 @@ fn main() {
         "× (c)",
         "feedd µs",
         "broker µs",
+        "rec/batch",
         "threads",
         "RSS MiB"
     );
@@ -431,7 +437,7 @@ fn run_cells(target: &Target, per_msg: usize, quick: bool, runs: usize, a: f64) 
     let threads = cells.iter().map(|c| c.threads).max().unwrap_or(0);
     let rss = cells.iter().map(|c| c.peak_kib).max().unwrap_or(0) as f64 / 1024.0;
     println!(
-        "{:<16} {per_msg:>7} {records:>8} {rate:>11.0} {:>11.0} {b:>10.0} {c:>10.0} {:>6.2} {:>6.2} {:>6.1} {:>8.1} {:>8.1} {threads:>7} {rss:>7.1}",
+        "{:<16} {per_msg:>7} {records:>8} {rate:>11.0} {:>11.0} {b:>10.0} {c:>10.0} {:>6.2} {:>6.2} {:>6.1} {:>8.1} {:>8.1} {:>9.0} {threads:>7} {rss:>7.1}",
         target.name,
         med(|c| c.drain),
         rate / a,
@@ -439,5 +445,6 @@ fn run_cells(target: &Target, per_msg: usize, quick: bool, runs: usize, a: f64) 
         rate / c,
         med(|c| c.feedd_us),
         med(|c| c.broker_us),
+        med(|c| c.per_batch),
     );
 }

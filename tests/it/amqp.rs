@@ -383,3 +383,65 @@ fn sigterm_during_a_backlog_of_refused_deliveries_exits_within_the_drain() {
     mq.delete(&queue);
     mq.delete(&dlq);
 }
+
+/// After SIGTERM the consumer waits for commits with nothing to read: its thread must sleep
+/// in that wait, not spin on a wake-up lapin gave for the cancelled consumer.
+#[test]
+fn the_consumer_sleeps_while_a_sigterm_drain_waits_for_commits() {
+    let db = Db::create("amqp_sleep");
+    let (queue, _) = broker::names("sleep");
+    let mq = Client::connect(&broker::shared_url());
+    mq.delete(&queue);
+    mq.declare(&queue);
+    let (addr, listen) = metrics_listen();
+    let drain = "daemon.shutdown_timeout_ms = 20000";
+    let o = broker::amqp_overrides(&broker::shared_url(), &queue, false, &[&listen, drain]);
+    let mut feedd = Feedd::start_owned(&db, &o);
+    // Held table: the deliveries are taken and their batch waits.
+    let mut lock = db.conn();
+    mysql::prelude::Queryable::query_drop(&mut lock, "LOCK TABLES fee WRITE").unwrap();
+    mq.publish(&queue, &bodies(1, 20, 10), &[]);
+    assert!(wait_until(Duration::from_secs(20), || scrape(
+        &addr,
+        "feedd_amqp_deliveries_total"
+    ) == 20.0));
+    feedd.signal(Signal::SIGTERM);
+    assert!(
+        wait_until(Duration::from_secs(10), || feedd
+            .stderr_log()
+            .contains("consumer cancelled, draining")),
+        "{}",
+        feedd.stderr_log()
+    );
+    let before = consumer_cpu_secs(feedd.pid());
+    std::thread::sleep(Duration::from_secs(1));
+    let used = consumer_cpu_secs(feedd.pid()) - before;
+    assert!(
+        used < 0.2,
+        "the consumer thread used {used:.2} s of CPU in 1 s of waiting"
+    );
+    mysql::prelude::Queryable::query_drop(&mut lock, "UNLOCK TABLES").unwrap();
+    let status = feedd.wait(Duration::from_secs(20));
+    assert!(status.success(), "{status:?}\n{}", feedd.stderr_log());
+    assert_eq!(db.count(), 200);
+    assert_eq!(mq.ready(&queue), 0, "every delivery committed and acked");
+    mq.delete(&queue);
+}
+
+/// CPU seconds the `amqp-consumer` thread of `pid` has used (schedstat, nanoseconds).
+fn consumer_cpu_secs(pid: i32) -> f64 {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    let task = tasks
+        .filter_map(|t| Some(t.ok()?.path()))
+        .find(|t| {
+            std::fs::read_to_string(t.join("comm")).is_ok_and(|c| c.trim() == "amqp-consumer")
+        })
+        .expect("an amqp-consumer thread");
+    let stat = std::fs::read_to_string(task.join("schedstat")).unwrap();
+    stat.split_whitespace()
+        .next()
+        .unwrap()
+        .parse::<f64>()
+        .unwrap()
+        / 1e9
+}

@@ -86,17 +86,29 @@ pub fn body(first: u64, count: u64) -> String {
 pub fn publish(o: &AmqpLoadOptions) -> Result<(u64, Duration), AmqpLoadError> {
     smol::block_on(async {
         let conn = Connection::connect(&o.url, ConnectionProperties::default()).await?;
-        let ch = conn.create_channel().await?;
+        // An existing queue (a quorum queue, say) is used as it is: a passive look first (a
+        // failed one closes its channel), else declared durable.
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let mut ch = conn.create_channel().await?;
+        let found = ch
+            .queue_declare(o.queue.as_str().into(), passive, FieldTable::default())
+            .await;
+        if found.is_err() {
+            ch = conn.create_channel().await?;
+            ch.queue_declare(
+                o.queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        }
         ch.confirm_select(ConfirmSelectOptions::default()).await?;
-        ch.queue_declare(
-            o.queue.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
         let per = o.per_msg.max(1) as u64;
         let started = Instant::now();
         let mut confirms = Vec::new();

@@ -1,11 +1,18 @@
 //! A blocking facade over lapin: one connection, one channel, one consumer.
 //!
 //! Every method blocks its caller (the consumer thread, or the reload preparer for `connect`)
-//! with `smol::block_on`; nothing async leaks out of this file. lapin itself runs its socket
+//! with `smol::block_on`, except the wait for deliveries: the consumer stream is polled by
+//! hand with a waker that rings an eventfd, and the thread sleeps in `poll(2)` on it and its
+//! mailbox (a `block_on` per delivery cost more than the delivery; see `next_event`). Nothing
+//! async leaks out of this file. lapin itself runs its socket
 //! in a thread of its own (`lapin-io-loop`, one per connection) and its internal callbacks on
 //! smol's global executor (one `smol-1` thread, plus async-io's `async-io` timer/reactor
 //! thread, started on first use) — the way libzmq runs its I/O threads behind zmq's calls.
 
+use std::os::fd::{AsFd, BorrowedFd};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use lapin::options::{
@@ -15,10 +22,14 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use smol::future::FutureExt;
-use smol::stream::StreamExt;
+use smol::stream::Stream;
 
 use super::topology::{self, QueueFound};
 use crate::config::{AmqpUrl, BrokerList, Config, ExchangeType, QueueType};
+use crate::input::mailbox::Doorbell;
+use crate::message::Wake;
+use nix::poll::{ppoll, PollFd, PollFlags};
+use nix::sys::time::TimeSpec;
 
 pub use lapin::message::Delivery;
 
@@ -54,6 +65,8 @@ pub enum LinkError {
     },
     #[error("[amqp] url lists no broker")]
     NoBroker,
+    #[error("AMQP broker {url}: cannot make the consumer's eventfd: {error}")]
+    Bell { url: String, error: std::io::Error },
 }
 
 /// The consumer's part of the config: what a connection is made with.
@@ -158,6 +171,38 @@ pub struct Link {
     consuming: bool,
     /// What the queue was found to be at this connect, for the log.
     pub queue_found: QueueFound,
+    /// Rung by lapin's thread when the consumer stream has news (the waker of `poll_stream`).
+    stream_bell: Arc<StreamBell>,
+    /// The last wait ended with a delivery: the next one lingers first.
+    flowing: bool,
+}
+
+/// How long a wait lets deliveries gather while they flow: a few at tens of thousands a
+/// second, and a small part of a batch's commit.
+const LINGER: Duration = Duration::from_micros(200);
+
+/// Waits up to `wait` for any of `fds` to be readable; which are. An error (EINTR) reads as
+/// all readable: the owner looks and waits again.
+fn wait_fds<const N: usize>(fds: &[BorrowedFd<'_>; N], wait: Duration) -> [bool; N] {
+    let mut polled = fds.map(|fd| PollFd::new(fd, PollFlags::POLLIN));
+    // ppoll: `poll`'s milliseconds would round a linger down to no wait at all.
+    match ppoll(&mut polled, Some(TimeSpec::from_duration(wait)), None) {
+        Ok(_) => polled.map(|p| p.revents().is_some_and(|r| !r.is_empty())),
+        Err(_) => [true; N],
+    }
+}
+
+/// The consumer stream's waker: an eventfd the consumer thread polls beside its mailbox.
+struct StreamBell(Doorbell);
+
+impl std::task::Wake for StreamBell {
+    fn wake(self: Arc<Self>) {
+        self.0.wake();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.wake();
+    }
 }
 
 /// The prefetch applies to each consumer, never to the channel (`global`): quorum queues
@@ -292,6 +337,10 @@ impl Link {
             )
             .await?;
         let consumer_tag = consumer.tag();
+        let stream_bell = Doorbell::new().map_err(|error| LinkError::Bell {
+            url: url.clone(),
+            error,
+        })?;
         Ok(Link {
             connection,
             channel,
@@ -300,39 +349,51 @@ impl Link {
             url,
             consuming: true,
             queue_found,
+            stream_bell: Arc::new(StreamBell(stream_bell)),
+            flowing: false,
         })
     }
 
     /// Waits up to `wait` for the bell, or (when `want`) a delivery. The bell goes first.
-    pub fn next_event(
-        &mut self,
-        want: bool,
-        bell: &smol::Async<std::os::fd::OwnedFd>,
-        wait: Duration,
-    ) -> Event {
+    /// A plain `poll(2)` on the bell and the stream's own eventfd: no executor, reactor or
+    /// timer is touched per delivery (each `block_on` woke async-io's thread on its way out).
+    /// While deliveries flow, the wait first lingers `LINGER` on the bell alone, so that one
+    /// wake-up (this thread's, and a worker's for the jobs it queues) carries several.
+    pub fn next_event(&mut self, want: bool, bell: &Doorbell, wait: Duration) -> Event {
         let want = want && self.consuming;
-        let consumer = &mut self.consumer;
-        smol::block_on(
-            async {
-                // An error here (never seen on an eventfd) reads as the bell: the owner looks.
-                let _ = bell.readable().await;
-                Event::Mail
+        if want {
+            if let Some(event) = self.poll_stream() {
+                return event;
             }
-            .or(async {
-                if !want {
-                    return std::future::pending().await;
+            if std::mem::take(&mut self.flowing) {
+                if wait_fds(&[bell.as_fd()], LINGER.min(wait))[0] {
+                    return Event::Mail;
                 }
-                match consumer.next().await {
-                    Some(Ok(d)) => Event::Delivery(Box::new(d)),
-                    Some(Err(e)) => Event::Lost(e.to_string()),
-                    None => Event::Lost("the broker ended the consumer".into()),
+                if let Some(event) = self.poll_stream() {
+                    self.flowing = true;
+                    return event;
                 }
-            })
-            .or(async {
-                smol::Timer::after(wait).await;
-                Event::Idle
-            }),
-        )
+            }
+        }
+        if !want {
+            // Not the stream's eventfd: rung and not cleared (nothing is read), it would turn
+            // the wait into a spin while the queue is full.
+            return match wait_fds(&[bell.as_fd()], wait) {
+                [true] => Event::Mail,
+                [false] => Event::Idle,
+            };
+        }
+        match wait_fds(&[bell.as_fd(), self.stream_bell.0.as_fd()], wait) {
+            [true, _] => Event::Mail,
+            [false, true] => match self.poll_stream() {
+                Some(event) => {
+                    self.flowing = true;
+                    event
+                }
+                None => Event::Idle,
+            },
+            [false, false] => Event::Idle,
+        }
     }
 
     /// A delivery already received, without waiting.
@@ -340,11 +401,24 @@ impl Link {
         if !self.consuming {
             return None;
         }
-        match smol::block_on(smol::future::poll_once(self.consumer.next())) {
-            Some(Some(Ok(d))) => Some(Ok(d)),
-            Some(Some(Err(e))) => Some(Err(e.to_string())),
-            Some(None) => Some(Err("the broker ended the consumer".into())),
-            None => None,
+        match self.poll_stream()? {
+            Event::Delivery(d) => Some(Ok(*d)),
+            Event::Lost(reason) => Some(Err(reason)),
+            Event::Mail | Event::Idle => None,
+        }
+    }
+
+    /// Polls the consumer stream once; when it has nothing, lapin rings `stream_bell` on the
+    /// next delivery (or error). The bell is cleared first, so no ring is lost.
+    fn poll_stream(&mut self) -> Option<Event> {
+        self.stream_bell.0.clear();
+        let waker = Waker::from(Arc::clone(&self.stream_bell));
+        let mut cx = Context::from_waker(&waker);
+        match Pin::new(&mut self.consumer).poll_next(&mut cx) {
+            Poll::Pending => None,
+            Poll::Ready(Some(Ok(d))) => Some(Event::Delivery(Box::new(d))),
+            Poll::Ready(Some(Err(e))) => Some(Event::Lost(e.to_string())),
+            Poll::Ready(None) => Some(Event::Lost("the broker ended the consumer".into())),
         }
     }
 
@@ -527,6 +601,20 @@ mod tests {
         h.insert("x-pad".into(), AMQPValue::LongString("p".repeat(n).into()));
         h.insert("x-origin".into(), AMQPValue::LongString("test".into()));
         BasicProperties::default().with_headers(h)
+    }
+
+    #[test]
+    fn a_linger_waits_its_sub_millisecond_time_and_a_rung_bell_ends_a_wait_at_once() {
+        let (quiet, rung) = (Doorbell::new().unwrap(), Doorbell::new().unwrap());
+        let started = Instant::now();
+        assert_eq!(wait_fds(&[quiet.as_fd()], LINGER), [false]);
+        // poll(2)'s milliseconds would have rounded the linger down to no wait at all.
+        assert!(started.elapsed() >= LINGER, "{:?}", started.elapsed());
+        rung.wake();
+        let started = Instant::now();
+        let seen = wait_fds(&[quiet.as_fd(), rung.as_fd()], Duration::from_secs(5));
+        assert_eq!(seen, [false, true]);
+        assert!(started.elapsed() < Duration::from_secs(1));
     }
 
     #[test]

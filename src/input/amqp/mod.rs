@@ -34,7 +34,7 @@ pub mod ledger;
 pub mod link;
 pub mod topology;
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -74,8 +74,6 @@ pub struct Consumer {
     generation: u64,
     ledger: Ledger,
     config: Arc<ArcSwap<Config>>,
-    /// The driver's bell, registered with lapin's executor on the first wait.
-    bell: Option<smol::Async<OwnedFd>>,
     /// A delivery the wait received, for the next `read_one`.
     arrived: Option<link::Delivery>,
     /// Intake stopped: no more deliveries, no reconnects.
@@ -167,7 +165,6 @@ impl Consumer {
             generation: 0,
             ledger: Ledger::new(1),
             config,
-            bell: None,
             arrived: None,
             stopped: false,
             switching: false,
@@ -491,7 +488,7 @@ impl Input for Consumer {
     }
 
     fn wait(&mut self, bell: &Doorbell, read: bool, max: Duration) -> Result<Ready, Self::Error> {
-        // The bell first: async-io's `readable()` loses every race to a buffered delivery.
+        // The bell first: a backlog of deliveries would otherwise win every wait.
         let rung = bell_rung(bell);
         if rung || (read && self.arrived.is_some()) {
             return Ok(Ready {
@@ -503,23 +500,6 @@ impl Input for Consumer {
             max.min(self.next_try.saturating_duration_since(Instant::now()))
         } else {
             max
-        };
-        if self.bell.is_none() {
-            match bell.as_fd().try_clone_to_owned().and_then(smol::Async::new) {
-                Ok(b) => self.bell = Some(b),
-                Err(e) => {
-                    // Never seen; without it the consumer still turns every `wait`.
-                    log::error!("amqp: cannot watch the mailbox: {e}");
-                    std::thread::sleep(max);
-                    return Ok(Ready {
-                        mail: true,
-                        readable: false,
-                    });
-                }
-            }
-        }
-        let Some(bell) = &self.bell else {
-            return Ok(Ready::default());
         };
         let event = match &mut self.link {
             Some(link) => link.next_event(read, bell, max),
@@ -722,16 +702,12 @@ fn bell_rung(bell: &Doorbell) -> bool {
     poll(&mut fds, PollTimeout::ZERO).is_ok_and(|n| n > 0)
 }
 
-fn wait_bell(bell: &smol::Async<OwnedFd>, wait: Duration) -> Event {
-    use smol::future::FutureExt;
-    smol::block_on(
-        async {
-            let _ = bell.readable().await;
-            Event::Mail
-        }
-        .or(async {
-            smol::Timer::after(wait).await;
-            Event::Idle
-        }),
-    )
+fn wait_bell(bell: &Doorbell, wait: Duration) -> Event {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(bell.as_fd(), PollFlags::POLLIN)];
+    let timeout = PollTimeout::try_from(wait).unwrap_or(PollTimeout::MAX);
+    match poll(&mut fds, timeout) {
+        Ok(0) => Event::Idle,
+        _ => Event::Mail,
+    }
 }

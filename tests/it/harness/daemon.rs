@@ -63,8 +63,13 @@ pub fn metrics_listen() -> (String, String) {
     (addr, listen)
 }
 
+/// The daemon under test: this build, or the one `FEEDD_TEST_BIN` names (a bench's A/B run
+/// against a copy of an older build).
 pub fn feedd_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_feedd")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("FEEDD_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_feedd").into())
+    })
 }
 
 /// Sends `signal` to `pid` (which must be a real process: never 0 or a group).

@@ -1,6 +1,7 @@
 //! `cargo bench --bench amqp`: feedd draining a pre-loaded RabbitMQ queue at 1, 10 and 100
-//! records per message, on each target (a classic and a quorum queue on the shared node; a
-//! target is a broker URL list, so a cluster's is one more line), and in the same run, on the
+//! records per message, on each target (a classic and a quorum queue on the shared node, and in
+//! a full run a quorum queue on a private 3-node cluster with feedd given all three URLs; a
+//! target is a broker URL list; FEEDD_BENCH_NO_CLUSTER=1 skips it), and in the same run, on the
 //! same rows, broker and server: (a) the database's own ceiling (1,000-row prepared multi-row
 //! INSERTs from 1 and 2 clients, the best), (b) the broker's own ceiling for that target and
 //! message size (a bare lapin consumer: prefetch 2,000, a `multiple` ack per 500 deliveries,
@@ -29,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use amqp_load::AmqpLoadOptions;
 use harness::broker::{self, Client};
+use harness::rabbit_cluster::RabbitCluster;
 use harness::{Db, Feedd};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
@@ -338,10 +340,11 @@ fn thread_count(pid: i32) -> usize {
         .unwrap_or(0)
 }
 
-/// The targets of this run: a classic and a quorum queue on the shared node.
-fn targets() -> Vec<Target> {
+/// The targets of this run: a classic and a quorum queue on the shared node, and (a full run)
+/// a quorum queue on a private 3-node cluster, led by the node feedd's list names first.
+fn targets(cluster: Option<&RabbitCluster>) -> Vec<Target> {
     let shared = || vec![broker::shared_url()];
-    vec![
+    let mut targets = vec![
         Target {
             name: "classic, 1 node",
             urls: shared(),
@@ -354,7 +357,17 @@ fn targets() -> Vec<Target> {
             quorum: true,
             beam: broker_pid(),
         },
-    ]
+    ];
+    if let Some(c) = cluster {
+        targets.push(Target {
+            name: "quorum-3, 3 nodes",
+            urls: (0..c.len()).map(|i| c.url(i)).collect(),
+            quorum: true,
+            // Three Erlang VMs: not summed here.
+            beam: 0,
+        });
+    }
+    targets
 }
 
 fn main() {
@@ -394,7 +407,10 @@ fn main() {
     );
     // FEEDD_BENCH_ONLY=classic:1 runs one line (an A/B run with FEEDD_TEST_BIN).
     let only = std::env::var("FEEDD_BENCH_ONLY").unwrap_or_default();
-    for target in targets() {
+    // The cluster's cells in a full run only: its start-up alone is 20-30 s.
+    let cluster = (!quick && std::env::var_os("FEEDD_BENCH_NO_CLUSTER").is_none())
+        .then(|| RabbitCluster::start(3));
+    for target in targets(cluster.as_ref()) {
         for per_msg in [1usize, 10, 100] {
             let line = format!("{}:{per_msg}", target.name.split(',').next().unwrap_or(""));
             if !only.is_empty() && only != line {

@@ -121,6 +121,7 @@ fn first_answering(s: &AmqpSettings, prefetch: u16) -> Result<(Link, usize), Con
     for at in 0..s.brokers.urls().len() {
         match Link::connect(s, at, prefetch) {
             Ok(link) => return Ok((link, at)),
+            Err(e) if !brokers::moves_on(&e) => return Err(e.into()),
             Err(e) => {
                 log::warn!("amqp: {e}; trying the next broker of the list");
                 errors.push(e);
@@ -464,10 +465,15 @@ impl Consumer {
                 }
                 log::debug!("amqp: reconnect failed: {e}");
                 // Loud for the outage's first round, then quiet until it ends.
-                let first_round = self
-                    .lost
-                    .as_ref()
-                    .is_some_and(|o| o.failed as usize <= settings.brokers.urls().len());
+                let failed = self.lost.as_ref().map_or(0, |o| o.failed as usize);
+                let first_round = failed <= settings.brokers.urls().len();
+                if !brokers::moves_on(&e) {
+                    if failed == 1 {
+                        log::error!("amqp: {e}; retrying this broker with backoff (every node of a cluster would refuse the same)");
+                    }
+                    self.retry(brokers::STAY);
+                    return;
+                }
                 let next = self.brokers.failed();
                 self.moved(next, &format!("connect failed ({e})"), first_round);
                 self.retry(next);

@@ -258,7 +258,7 @@ impl Consumer {
         if let Err(LinkError::Returned { .. }) = &sent {
             log::warn!("amqp: dead letter returned unroutable by exchange `{dlx}`; declaring its queue again");
             sent = link
-                .redeclare_dead_letters(dlx, settings.queue_type)
+                .redeclare_dead_letters(dlx, link.queue_found.type_or(settings.queue_type))
                 .and_then(|()| link.dead_letter(dlx, body, properties, reason));
         }
         match sent {

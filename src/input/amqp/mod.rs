@@ -100,6 +100,8 @@ struct Outage {
     since: Instant,
     failed: u32,
     reconnected: bool,
+    /// A refusal no other broker would lift (`brokers::moves_on`) was logged.
+    refusal_said: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -379,6 +381,7 @@ impl Consumer {
                 since: Instant::now(),
                 failed: 0,
                 reconnected: false,
+                refusal_said: false,
             });
             self.backoff.reset();
         } else {
@@ -460,6 +463,7 @@ impl Consumer {
                             since: Instant::now(),
                             failed: 1,
                             reconnected: false,
+                            refusal_said: false,
                         });
                     }
                 }
@@ -468,7 +472,8 @@ impl Consumer {
                 let failed = self.lost.as_ref().map_or(0, |o| o.failed as usize);
                 let first_round = failed <= settings.brokers.urls().len();
                 if !brokers::moves_on(&e) {
-                    if failed == 1 {
+                    if let Some(o) = self.lost.as_mut().filter(|o| !o.refusal_said) {
+                        o.refusal_said = true;
                         log::error!("amqp: {e}; retrying this broker with backoff (every node of a cluster would refuse the same)");
                     }
                     self.retry(brokers::STAY);

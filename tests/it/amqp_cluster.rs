@@ -290,3 +290,42 @@ fn a_quorum_queue_on_three_nodes_loses_nothing_to_node_kills_list_reloads_and_a_
         .collect();
     eprintln!("feedd's AMQP log lines:\n{}", amqp.join("\n"));
 }
+
+/// An existing quorum queue with `queue_type` left at classic: the dead-letter queue feedd
+/// declares follows the queue (quorum), so the node it was declared on dying does not make
+/// every reconnect fail (a classic queue answers 404 while its one home node is down).
+#[test]
+fn the_dead_letter_queue_follows_an_existing_quorum_queue_and_survives_its_node() {
+    let mut cluster = RabbitCluster::start(3);
+    let db = Db::create("amqp_cluster_dlq");
+    let queue = "fee_cluster_dlq";
+    let dlq = format!("{queue}.rejected");
+    let (_, mq) = cluster.client(0);
+    mq.declare_quorum(queue, 1_000);
+    mq.publish(queue, &bodies(1, 10, 10), &[]);
+    drop(mq);
+    let list = cluster.url_list(&[0, 1, 2], "heartbeat=2");
+    let (addr, listen) = metrics_listen();
+    let overrides = broker::amqp_overrides(&list, queue, false, &[&listen]);
+    let feedd = Feedd::start_owned(&db, &overrides);
+    wait_rows(&db, 100, 30, &feedd);
+    // feedd declared the dead-letter queue on node 0, the node it consumes from.
+    cluster.kill9(0);
+    // A publisher channel first used while the leader is down is nacked for a while: a new
+    // channel each try (a ticket published twice is stored once).
+    let more = bodies(101, 10, 10);
+    assert!(wait_until(Duration::from_secs(60), || cluster
+        .client(1)
+        .1
+        .try_publish(queue, &more)));
+    let (_, mq) = cluster.client(1);
+    assert!(
+        wait_until(Duration::from_secs(60), || db.count() >= 200),
+        "{} of 200 stored after node 0 died\n{}",
+        db.count(),
+        feedd.stderr_log()
+    );
+    assert_eq!(active(&addr, &cluster.shown(0)), 0.0);
+    assert_eq!(mq.is_quorum(&dlq), Some(true), "the dead-letter queue");
+    assert_stored_once(&db, 200);
+}

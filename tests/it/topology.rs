@@ -10,6 +10,7 @@ use lapin::ExchangeKind;
 use mysql::prelude::Queryable;
 
 use crate::harness::broker::{self, Client};
+use crate::harness::relay::Relay;
 use crate::harness::*;
 
 /// The shared broker with the test's queue, its dead letters and `exchange` deleted.
@@ -185,6 +186,65 @@ fn an_existing_exchange_of_another_type_is_refused_at_start_and_on_reload() {
     );
     mq.publish_to(&x, &queue, &bodies(201, 10, 10), &[]);
     wait_rows(&db, 300, 20, &feedd);
+    mq.delete(&queue);
+    mq.delete_exchange(&x);
+}
+
+/// An exchange of another type is the same on every node of a cluster: feedd does not walk
+/// its broker list over it (at start it names that reason; running, it stays, says so).
+#[test]
+fn an_exchange_of_another_type_does_not_walk_the_broker_list() {
+    let db = Db::create("topo_walk");
+    let (queue, _) = broker::names("walk");
+    let x = format!("{queue}.in");
+    let mq = fresh(&queue, &x);
+    let shared = broker::shared_url();
+    // The shared broker twice (through a relay first): two nodes sharing their exchanges.
+    let relay = Relay::start("127.0.0.1:5672");
+    let list = format!("{}, {shared}", relay.url(&shared, 5672));
+    let (addr, listen) = metrics_listen();
+    let exchange = format!("amqp.exchange = {x}");
+    let extra = [listen.as_str(), &exchange, "daemon.log_level = debug"];
+    let overrides = broker::amqp_overrides(&list, &queue, false, &extra);
+    let mut feedd = Feedd::start_owned(&db, &overrides);
+    mq.publish_to(&x, &queue, &bodies(1, 10, 10), &[]);
+    wait_rows(&db, 100, 20, &feedd);
+    let refused =
+        format!("exchange `{x}` exists as a fanout exchange, but [amqp] exchange_type = direct");
+    // Replaced by a fanout exchange under the running feedd, then its connection lost.
+    mq.delete_exchange(&x);
+    mq.declare_exchange(&x, ExchangeKind::Fanout);
+    relay.cut();
+    assert!(
+        wait_until(Duration::from_secs(30), || feedd
+            .stderr_log()
+            .matches("reconnect failed")
+            .count()
+            >= 3),
+        "{}",
+        feedd.stderr_log()
+    );
+    let log = feedd.stderr_log();
+    assert_eq!(
+        scrape(&addr, "feedd_amqp_failovers_total"),
+        1.0,
+        "the lost connection's move only:\n{log}"
+    );
+    let error = log
+        .lines()
+        .filter(|l| l.contains("ERROR") && l.contains(&refused));
+    assert_eq!(error.count(), 1, "said once, loud:\n{log}");
+    feedd.signal(Signal::SIGTERM);
+    assert!(feedd.wait(Duration::from_secs(20)).success());
+
+    // At start: the reason, not "no broker answered" after trying every node.
+    let refs: Vec<&str> = overrides.iter().map(String::as_str).collect();
+    let mut feedd = Feedd::prepare(&db, &refs).spawn_notified(&[]);
+    assert_eq!(feedd.wait(Duration::from_secs(15)).code(), Some(1));
+    let log = feedd.stderr_log();
+    assert!(log.contains(&refused), "{log}");
+    assert!(!log.contains("no broker of [amqp] url answered"), "{log}");
+    assert!(!log.contains("trying the next broker"), "{log}");
     mq.delete(&queue);
     mq.delete_exchange(&x);
 }

@@ -5,7 +5,7 @@
 //! consumer's backoff spaces only full rounds (every broker failed since the last success).
 //! A reload keeps the consumer on its broker while that broker is still listed.
 
-use super::link::AmqpSettings;
+use super::link::{AmqpSettings, LinkError};
 use crate::failover::Failover;
 
 /// What follows a failure of the broker in use.
@@ -51,6 +51,18 @@ impl Brokers {
         self.0.worked();
     }
 }
+
+/// Whether a refused connect is a reason to try the next broker. An existing exchange of
+/// another type is not: exchanges are cluster-wide, so every node refuses the same way.
+pub fn moves_on(e: &LinkError) -> bool {
+    !matches!(e, LinkError::ExchangeType { .. })
+}
+
+/// What follows a refused connect that `moves_on` says the next broker would refuse too.
+pub const STAY: Next = Next {
+    moved: None,
+    backoff: true,
+};
 
 /// Where a reload to `new` leaves a consumer on broker `at` of `old`: `Some(index in new)`
 /// when only the list changed and the broker in use is still on it (same URL, password

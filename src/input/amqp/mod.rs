@@ -98,6 +98,8 @@ struct Outage {
     since: Instant,
     failed: u32,
     reconnected: bool,
+    /// A refusal no other broker would lift (`brokers::moves_on`) was logged.
+    refusal_said: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +121,7 @@ fn first_answering(s: &AmqpSettings, prefetch: u16) -> Result<(Link, usize), Con
     for at in 0..s.brokers.urls().len() {
         match Link::connect(s, at, prefetch) {
             Ok(link) => return Ok((link, at)),
+            Err(e) if !brokers::moves_on(&e) => return Err(e.into()),
             Err(e) => {
                 log::warn!("amqp: {e}; trying the next broker of the list");
                 errors.push(e);
@@ -254,7 +257,7 @@ impl Consumer {
         if let Err(LinkError::Returned { .. }) = &sent {
             log::warn!("amqp: dead letter returned unroutable by exchange `{dlx}`; declaring its queue again");
             sent = link
-                .redeclare_dead_letters(dlx, settings.queue_type)
+                .redeclare_dead_letters(dlx, link.queue_found.type_or(settings.queue_type))
                 .and_then(|()| link.dead_letter(dlx, body, properties, reason));
         }
         match sent {
@@ -375,6 +378,7 @@ impl Consumer {
                 since: Instant::now(),
                 failed: 0,
                 reconnected: false,
+                refusal_said: false,
             });
             self.backoff.reset();
         } else {
@@ -456,15 +460,22 @@ impl Consumer {
                             since: Instant::now(),
                             failed: 1,
                             reconnected: false,
+                            refusal_said: false,
                         });
                     }
                 }
                 log::debug!("amqp: reconnect failed: {e}");
                 // Loud for the outage's first round, then quiet until it ends.
-                let first_round = self
-                    .lost
-                    .as_ref()
-                    .is_some_and(|o| o.failed as usize <= settings.brokers.urls().len());
+                let failed = self.lost.as_ref().map_or(0, |o| o.failed as usize);
+                let first_round = failed <= settings.brokers.urls().len();
+                if !brokers::moves_on(&e) {
+                    if let Some(o) = self.lost.as_mut().filter(|o| !o.refusal_said) {
+                        o.refusal_said = true;
+                        log::error!("amqp: {e}; retrying this broker with backoff (every node of a cluster would refuse the same)");
+                    }
+                    self.retry(brokers::STAY);
+                    return;
+                }
                 let next = self.brokers.failed();
                 self.moved(next, &format!("connect failed ({e})"), first_round);
                 self.retry(next);

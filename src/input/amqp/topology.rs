@@ -27,6 +27,18 @@ pub enum QueueFound {
 }
 
 impl QueueFound {
+    /// The queue's type when known, else `configured`: what the dead-letter queue is declared
+    /// as, so a quorum queue's consumer never hangs on a classic queue's one home node.
+    pub fn type_or(&self, configured: QueueType) -> QueueType {
+        let found = match self {
+            QueueFound::Declared(t) => return *t,
+            QueueFound::Existing(Ok(t)) => t,
+            QueueFound::Existing(Err(_)) => return configured,
+        };
+        let mut all = QueueType::ALL.into_iter();
+        all.find(|t| t.as_str() == found).unwrap_or(configured)
+    }
+
     /// An existing queue of another type than `queue_type` (the setting is not applied to it).
     pub fn differs_from(&self, queue_type: QueueType) -> bool {
         matches!(self, QueueFound::Existing(Ok(t)) if t != queue_type.as_str())
@@ -148,7 +160,7 @@ pub(super) async fn declare(
         d.close(&ch).await;
     }
     if let Some(dlx) = &s.dead_letter_exchange {
-        declare_dead_letters(connection, d, dlx, s.queue_type).await?;
+        declare_dead_letters(connection, d, dlx, found.type_or(s.queue_type)).await?;
     }
     Ok(found)
 }
@@ -302,7 +314,7 @@ async fn existing_type(
 }
 
 /// The dead-letter exchange (fanout, durable), its queue of the same name and the binding.
-/// The queue follows `queue_type`: a classic queue whose home node is down answers 404 to
+/// The queue follows the consumed queue's type (`QueueFound::type_or`): a classic queue whose home node is down answers 404 to
 /// every declare, which would fail every reconnect of a cluster's consumer.
 pub(super) async fn declare_dead_letters(
     connection: &Connection,
@@ -382,6 +394,25 @@ mod tests {
         assert!(!QueueFound::Declared(QueueType::Quorum).differs_from(QueueType::Classic));
         assert!(!QueueFound::Existing(Err("x".into())).differs_from(QueueType::Quorum));
         assert_eq!(classic.to_string(), "existing classic queue, used as is");
+    }
+
+    #[test]
+    fn dead_letters_follow_the_type_the_queue_is() {
+        let existing = |t: &str| QueueFound::Existing(Ok(t.into()));
+        assert_eq!(
+            existing("quorum").type_or(QueueType::Classic),
+            QueueType::Quorum
+        );
+        assert_eq!(
+            existing("classic").type_or(QueueType::Quorum),
+            QueueType::Classic
+        );
+        let unknown = [existing("stream"), QueueFound::Existing(Err("x".into()))];
+        for found in unknown {
+            assert_eq!(found.type_or(QueueType::Quorum), QueueType::Quorum);
+        }
+        let declared = QueueFound::Declared(QueueType::Classic);
+        assert_eq!(declared.type_or(QueueType::Quorum), QueueType::Classic);
     }
 
     #[test]

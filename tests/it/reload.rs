@@ -13,22 +13,6 @@ use crate::harness::relay::Relay;
 use crate::harness::*;
 use mysql::prelude::Queryable;
 
-fn reload_counts(addr: &str) -> (f64, f64) {
-    let text = http_get(addr, "/metrics");
-    (
-        metric(&text, "feedd_config_reloads_total"),
-        metric(&text, "feedd_config_reload_failures_total"),
-    )
-}
-
-fn wait_counts(addr: &str, want: (f64, f64)) {
-    assert!(
-        wait_until(Duration::from_secs(20), || reload_counts(addr) == want),
-        "reload counts {:?}, wanted {want:?}",
-        reload_counts(addr)
-    );
-}
-
 fn rewrite(f: &Feedd, from: &str, to: &str) {
     let text = std::fs::read_to_string(f.conf_path()).unwrap();
     assert!(text.contains(from), "{from} not in the config");

@@ -152,11 +152,7 @@ fn an_existing_exchange_of_another_type_is_refused_at_start_and_on_reload() {
     let refs: Vec<&str> = reload.iter().map(String::as_str).collect();
     let feedd = feedd.prepare_in(&db, &refs);
     feedd.signal(Signal::SIGHUP);
-    assert!(wait_until(Duration::from_secs(20), || scrape(
-        &addr,
-        "feedd_config_reload_failures_total"
-    ) == 1.0));
-    assert_eq!(scrape(&addr, "feedd_config_reloads_total"), 0.0);
+    wait_counts(&addr, (0.0, 1.0));
     assert!(
         feedd.stderr_log().contains(&refused),
         "{}",
@@ -176,10 +172,7 @@ fn an_existing_exchange_of_another_type_is_refused_at_start_and_on_reload() {
     // The exchange gone, the same file applies: declared direct and bound with the queue's name.
     mq.delete_exchange(&x);
     feedd.signal(Signal::SIGHUP);
-    assert!(wait_until(Duration::from_secs(20), || scrape(
-        &addr,
-        "feedd_config_reloads_total"
-    ) == 1.0));
+    wait_counts(&addr, (1.0, 1.0));
     feedd.wait_for_log(
         &format!("bound to direct exchange `{x}` with key `{queue}`"),
         Duration::from_secs(5),

@@ -314,3 +314,21 @@ pub fn metric(text: &str, name: &str) -> f64 {
 pub fn scrape(addr: &str, name: &str) -> f64 {
     metric(&http_get(addr, "/metrics"), name)
 }
+
+/// feedd's (applied, failed) reload counters.
+pub fn reload_counts(addr: &str) -> (f64, f64) {
+    let text = http_get(addr, "/metrics");
+    (
+        metric(&text, "feedd_config_reloads_total"),
+        metric(&text, "feedd_config_reload_failures_total"),
+    )
+}
+
+/// Waits (20 s at most) until the reload counters are `want` (applied, failed).
+pub fn wait_counts(addr: &str, want: (f64, f64)) {
+    assert!(
+        super::wait_until(Duration::from_secs(20), || reload_counts(addr) == want),
+        "reload counts {:?}, wanted {want:?}",
+        reload_counts(addr)
+    );
+}

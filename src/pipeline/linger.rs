@@ -81,7 +81,12 @@ mod tests {
         let lingered = run(&mut l, 1600, |_| false);
         // The first 8 come back empty, then one probe in 16.
         assert_eq!(lingered, 8 + (1600 - 8) / 16);
-        assert!(!l.wait_for_more() || !l.wait_for_more());
+        let next: Vec<bool> = (0..PROBE_EVERY).map(|_| l.wait_for_more()).collect();
+        assert_eq!(
+            next.iter().filter(|&&w| w).count(),
+            1,
+            "one probe in every {PROBE_EVERY} batches: {next:?}"
+        );
     }
 
     #[test]

@@ -285,19 +285,21 @@ impl Link {
         let mut failed = None;
         for (at, url) in s.brokers.urls().iter().enumerate() {
             let d = Deadline::new(&url.to_string());
-            match smol::block_on(reach(url, &d)) {
-                Ok(connection) => {
-                    smol::block_on(async {
-                        let checked = topology::check_exchange(&connection, &d, s).await;
-                        if checked.is_err() {
-                            let _ = d
-                                .step("close", connection.close(200, "refused".into()))
-                                .await;
-                        }
-                        checked
-                    })?;
-                    return Ok(Reached { connection, at });
+            let reached = smol::block_on(async {
+                let connection = reach(url, &d).await?;
+                if let Err(e) = topology::check_exchange(&connection, &d, s).await {
+                    let _ = d
+                        .step("close", connection.close(200, "refused".into()))
+                        .await;
+                    return Err(e);
                 }
+                Ok(connection)
+            });
+            match reached {
+                Ok(connection) => return Ok(Reached { connection, at }),
+                // A refusal every node would give (the exchange's type) ends the walk; a node
+                // that did not answer, or timed out mid-check, is passed like at a reconnect.
+                Err(e) if !super::brokers::moves_on(&e) => return Err(e),
                 Err(e) => {
                     log::debug!("amqp: {e}");
                     failed = Some(e);

@@ -408,8 +408,12 @@ fn main() {
     // FEEDD_BENCH_ONLY=classic:1 runs one line (an A/B run with FEEDD_TEST_BIN).
     let only = std::env::var("FEEDD_BENCH_ONLY").unwrap_or_default();
     // The cluster's cells in a full run only: its start-up alone is 20-30 s.
-    let cluster = (!quick && std::env::var_os("FEEDD_BENCH_NO_CLUSTER").is_none())
-        .then(|| RabbitCluster::start(3));
+    // A FEEDD_BENCH_ONLY line of another target does not start it (its Erlang VMs would
+    // share the cores with the line measured).
+    let cluster = (!quick
+        && std::env::var_os("FEEDD_BENCH_NO_CLUSTER").is_none()
+        && (only.is_empty() || only.starts_with("quorum-3")))
+    .then(|| RabbitCluster::start(3));
     for target in targets(cluster.as_ref()) {
         for per_msg in [1usize, 10, 100] {
             let line = format!("{}:{per_msg}", target.name.split(',').next().unwrap_or(""));

@@ -421,23 +421,33 @@ fn seed_pattern(records: u64) -> f64 {
     rate
 }
 
-/// A bare ZeroMQ ROUTER answering `TRUE` at once, driven by the load client with `clients` ×
-/// 1 in flight × 1 record: the transport's floor for that client, on this machine, now.
-fn echo_run(clients: usize, records: u64) -> LoadReport {
+/// Drives a ROUTER of the bench's own with the load client, `clients` × 1 in flight × 1
+/// record. `answer` gets every batch of waiting messages (frames) and turns each body into its
+/// reply; it runs on the thread that owns the socket.
+fn router_run(
+    clients: usize,
+    records: u64,
+    mut answer: impl FnMut(&mut [Vec<Vec<u8>>]) + Send + 'static,
+) -> LoadReport {
     let endpoint = format!("tcp://127.0.0.1:{}", harness::ports::port());
     let router = harness::context().socket(zmq::ROUTER).unwrap();
     router.bind(&endpoint).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let stopping = Arc::clone(&stop);
     let server = std::thread::spawn(move || {
+        let mut waiting: Vec<Vec<Vec<u8>>> = Vec::new();
         while !stopping.load(Ordering::Relaxed) {
             if router.poll(zmq::POLLIN, 50).unwrap() == 0 {
                 continue;
             }
-            while let Ok(mut frames) = router.recv_multipart(zmq::DONTWAIT) {
-                if let Some(body) = frames.last_mut() {
-                    *body = b"TRUE".to_vec();
-                }
+            while let Ok(frames) = router.recv_multipart(zmq::DONTWAIT) {
+                waiting.push(frames);
+            }
+            if waiting.is_empty() {
+                continue;
+            }
+            answer(&mut waiting);
+            for frames in waiting.drain(..) {
                 router.send_multipart(frames, 0).unwrap();
             }
         }
@@ -453,9 +463,44 @@ fn echo_run(clients: usize, records: u64) -> LoadReport {
         curve: None,
         rate: None,
     };
-    let report = load::run(&options, Arc::new(Progress::default())).expect("echo load run");
+    let report = load::run(&options, Arc::new(Progress::default())).expect("load run");
     stop.store(true, Ordering::Relaxed);
     server.join().unwrap();
+    report
+}
+
+/// Every body answered `TRUE`.
+fn answer_true(waiting: &mut [Vec<Vec<u8>>]) {
+    for frames in waiting {
+        if let Some(body) = frames.last_mut() {
+            *body = b"TRUE".to_vec();
+        }
+    }
+}
+
+/// A bare ZeroMQ ROUTER answering `TRUE` at once, driven by the load client with `clients` ×
+/// 1 in flight × 1 record: the transport's floor for that client, on this machine, now.
+fn echo_run(clients: usize, records: u64) -> LoadReport {
+    router_run(clients, records, answer_true)
+}
+
+/// The floor any design could reach for `clients` × 1 in flight: one thread that owns a ROUTER,
+/// drains every waiting message, commits them as one multi-row autocommit INSERT and answers
+/// them — no hand-off, no queue, no parsing beyond the text. Same client, same table.
+fn commit_echo_run(clients: usize, records: u64) -> LoadReport {
+    let db = Db::create("bench_commit_echo");
+    db.conn().query_drop(table_sql("fee")).unwrap();
+    let mut conn = db.conn();
+    let report = router_run(clients, records, move |waiting| {
+        let mut sql = String::from("INSERT INTO fee (ticket,login,volume) VALUES ");
+        for (i, frames) in waiting.iter().enumerate() {
+            let text = std::str::from_utf8(frames.last().unwrap()).unwrap();
+            let _ = write!(sql, "{}({text})", if i == 0 { "" } else { "," });
+        }
+        conn.query_drop(sql).unwrap();
+        answer_true(waiting);
+    });
+    assert_eq!(db.count(), records);
     report
 }
 
@@ -464,6 +509,8 @@ fn echo_run(clients: usize, records: u64) -> LoadReport {
 struct Single {
     clients: usize,
     echo: Vec<Run>,
+    /// The run-to-completion floor (`commit_echo_run`).
+    commit_echo: Vec<Run>,
     feedd: Vec<Run>,
     insert_p50_ms: Vec<f64>,
 }
@@ -500,6 +547,7 @@ fn one_in_flight(plan: &Plan, clients: usize, db_pid: Option<i32>) -> Single {
     let mut single = Single {
         clients,
         echo: Vec::new(),
+        commit_echo: Vec::new(),
         feedd: Vec::new(),
         insert_p50_ms: Vec::new(),
     };
@@ -507,6 +555,9 @@ fn one_in_flight(plan: &Plan, clients: usize, db_pid: Option<i32>) -> Single {
         let (_, insert) = commit_floor(if plan.quick { 50 } else { 300 });
         single.insert_p50_ms.push(insert);
         single.echo.push(Run::of(&echo_run(clients, records)));
+        single
+            .commit_echo
+            .push(Run::of(&commit_echo_run(clients, records)));
         let (_, run) = run_feedd_with(clients, 0, 1000, 1, 1, records, None, db_pid);
         single.feedd.push(run);
     }
@@ -528,6 +579,20 @@ fn one_in_flight(plan: &Plan, clients: usize, db_pid: Option<i32>) -> Single {
         median(single.excess_ms()),
         spread(&single.excess_ms(), 3),
         single.missing()
+    );
+    let floor: Vec<f64> = single
+        .commit_echo
+        .iter()
+        .zip(&single.echo)
+        .map(|(c, e)| c.rate / e.rate)
+        .collect();
+    println!(
+        "             run-to-completion floor (one thread: ROUTER + INSERT): {:>7.0} rec/s p50 {:.3} ms | × echo {:.2} [{}] | feedd × floor {:.2}",
+        median(rates(&single.commit_echo)),
+        median(p50s(&single.commit_echo)),
+        median(floor.clone()),
+        spread(&floor, 2),
+        median(rates(&single.feedd)) / median(rates(&single.commit_echo)),
     );
     single
 }
@@ -574,6 +639,13 @@ fn main() {
     let db_pid = server_pid();
     if db_pid.is_none() {
         println!("  (database server's pid not readable: no mariadbd CPU column)");
+    }
+    // FEEDD_BENCH_ONLY=single runs only the one-in-flight section (an A/B run with FEEDD_TEST_BIN).
+    if std::env::var("FEEDD_BENCH_ONLY").is_ok_and(|only| only == "single") {
+        for clients in [1, 16, 64] {
+            one_in_flight(&plan, clients, db_pid);
+        }
+        return;
     }
 
     // Baseline (a), best of clients: printed once, the strictest reference.

@@ -5,7 +5,8 @@
 //! hands verdicts back without knowing any input's wire format, and several inputs (ZeroMQ,
 //! AMQP) feed the same workers. When the queue is full, `push` gives the job back and the
 //! input pauses; the worker whose take frees room wakes every paused input through its `Wake`
-//! (no polling). The queue owns the depth; the metrics gauge only reads it.
+//! (no polling). The queue owns the depth; the metrics gauge only reads it. It also owns the
+//! workers' turns (`turns`): how many of them pull and commit at once.
 //!
 //! Closing: the channel disconnects when every `Intake` is dropped, so workers drain what is
 //! queued and end. No threads of its own.
@@ -15,6 +16,8 @@ use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
+
+use crate::pipeline::turns::{Turn, Turns};
 
 pub use crate::message::{Job, Outbox, ReplyTo, Tag, Verdicts, Wake};
 
@@ -59,6 +62,8 @@ struct State {
     /// Inputs registered for wake-ups; `any_paused` spares workers the lock when nobody waits.
     inputs: Mutex<Vec<Paused>>,
     any_paused: AtomicBool,
+    /// How many workers pull at once.
+    turns: Turns,
 }
 
 impl State {
@@ -96,6 +101,7 @@ impl Queue {
                 capacity: AtomicUsize::new(capacity_records.max(1)),
                 inputs: Mutex::new(Vec::new()),
                 any_paused: AtomicBool::new(false),
+                turns: Turns::default(),
             }),
             tx: Some(tx),
             rx,
@@ -188,13 +194,14 @@ impl Intake {
         if !self.has_room(n) {
             return Err(Full(job));
         }
-        self.state.depth.fetch_add(n, Ordering::SeqCst);
+        let depth = self.state.depth.fetch_add(n, Ordering::SeqCst) + n;
         if let Err(e) = self.tx.send(job) {
             // Unreachable while this intake lives (the queue owns a receiver), but never lose
             // the count if it happens.
             self.state.depth.fetch_sub(n, Ordering::SeqCst);
             return Err(Full(e.0));
         }
+        self.state.turns.grew(depth);
         Ok(())
     }
 }
@@ -223,6 +230,17 @@ pub struct Take {
 }
 
 impl Take {
+    /// Records queued now (a batch being gathered included).
+    pub fn queued(&self) -> usize {
+        self.state.depth.load(Ordering::SeqCst)
+    }
+
+    /// Waits until this worker may pull and commit (`Turns`); the turn lasts until it is
+    /// dropped or not kept.
+    pub fn turn(&self, batch_size: usize) -> Turn<'_> {
+        self.state.turns.wait(batch_size, || self.queued())
+    }
+
     /// Frees `records` of room (called once a batch is gathered) and wakes paused inputs.
     pub fn taken(&self, records: usize) {
         self.state.depth.fetch_sub(records, Ordering::SeqCst);

@@ -20,6 +20,7 @@ use crate::metrics::{secs, Metrics};
 use crate::pipeline::linger::Linger;
 use crate::pipeline::queue::{Job, Outbox, Take, Verdicts};
 use crate::pipeline::store::{Store, StoreError};
+use crate::pipeline::turns::Turn;
 
 /// What every worker shares.
 #[derive(Clone)]
@@ -35,10 +36,23 @@ pub struct Shared {
 pub fn run(id: usize, take: Take, shared: &Shared) {
     let mut batch: Vec<Job> = Vec::new();
     let mut linger = Linger::default();
-    while let Some(records) = gather(&take.rx, &shared.config, &mut batch, &mut linger) {
+    let mut kept: Option<Turn> = None;
+    loop {
+        let batch_size = shared.config.load().pipeline.batch_size;
+        // Parked here, not on the queue, while another worker's turn suffices.
+        let mut turn = match kept.take() {
+            Some(turn) => turn,
+            None => take.turn(batch_size),
+        };
+        let Some(records) = gather(&take.rx, &shared.config, &mut batch, &mut linger) else {
+            break;
+        };
         take.taken(records);
         let started = Instant::now();
-        let Some(verdicts) = commit_with_retry(id, &batch, shared) else {
+        turn.committing();
+        let committed = commit_with_retry(id, &batch, shared);
+        kept = turn.keep(batch_size, take.queued());
+        let Some(verdicts) = committed else {
             log::warn!(
                 "worker {id}: shutdown deadline passed; {} message(s) not committed and not answered",
                 batch.len()

@@ -2,6 +2,8 @@
 //! `batch_size` records or `batch_timeout_ms`), commits it through the store with retries,
 //! and hands each message's verdict back to the input it came from (`ReplyTo`), grouped per
 //! input so a ZeroMQ receiver gets one wake-up per batch. It knows no input's wire format.
+//! It pulls only while it holds a turn (`turns`: one worker at a time unless the queue or a
+//! slow commit calls for more), and keeps its turn between batches while that holds.
 //!
 //! It stops when the queue is closed and empty (graceful drain), or gives up a batch
 //! without replying when told to abandon (shutdown deadline passed).

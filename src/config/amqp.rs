@@ -268,6 +268,16 @@ impl AmqpConfig {
         if routing_key.len() > 255 {
             return Err(s.error("routing_key", "must be at most 255 bytes"));
         }
+        // A control character is never meant, and would be written raw into log lines.
+        if let Some((at, c)) = routing_key.char_indices().find(|(_, c)| c.is_control()) {
+            return Err(s.error(
+                "routing_key",
+                format!(
+                    "must not contain control characters (U+{:04X} at byte {at})",
+                    u32::from(c)
+                ),
+            ));
+        }
         Ok(AmqpConfig {
             url,
             queue,
@@ -379,6 +389,13 @@ mod tests {
         assert!(e.contains("[amqp] exchange: `amq.direct`"), "{e}");
         let e = parse(&format!("[amqp]\nrouting_key = {}", "k".repeat(256))).unwrap_err();
         assert!(e.contains("[amqp] routing_key: must be at most 255"), "{e}");
+        let e = parse("[amqp]\nrouting_key = fee.\u{1b}[2Jeu").unwrap_err();
+        assert!(
+            e.contains(
+                "[amqp] routing_key: must not contain control characters (U+001B at byte 4)"
+            ),
+            "{e}"
+        );
         assert!(parse("[amqp]\nnope = 1")
             .unwrap_err()
             .contains("[amqp] nope: unknown key"));

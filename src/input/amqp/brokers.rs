@@ -5,6 +5,8 @@
 //! consumer's backoff spaces only full rounds (every broker failed since the last success).
 //! A reload keeps the consumer on its broker while that broker is still listed.
 
+use std::time::Duration;
+
 use super::link::{AmqpSettings, LinkError};
 use crate::failover::Failover;
 
@@ -58,6 +60,19 @@ pub fn moves_on(e: &LinkError) -> bool {
     !matches!(e, LinkError::ExchangeType { .. })
 }
 
+/// Start-up walks the list again while some broker was slow rather than down and less than
+/// this has passed: a loaded live broker can take longer than one call's `CALL_TIMEOUT` (seen
+/// in CI: a queue bind on the shared broker beside three cluster tests), and a second try on a
+/// fresh connection usually gets through. Short, so a silent broker still fails start-up in
+/// about two `CALL_TIMEOUT`s (one broker) and a long list of them costs one extra walk at most.
+pub const STARTUP_PATIENCE: Duration = Duration::from_secs(3);
+
+/// Whether start-up walks the list once more (pure): some broker of the round did not answer
+/// in time (a refusal or a closed port would not change), and the patience is not spent.
+pub fn another_round(round: &[LinkError], elapsed: Duration) -> bool {
+    elapsed < STARTUP_PATIENCE && round.iter().any(|e| matches!(e, LinkError::Timeout { .. }))
+}
+
 /// What follows a refused connect that `moves_on` says the next broker would refuse too.
 pub const STAY: Next = Next {
     moved: None,
@@ -89,6 +104,32 @@ mod tests {
         let text = format!("[amqp]\nurl = {list}\n");
         let config = Config::parse(&text, Path::new("/etc/feed.ini"), Path::new("/")).unwrap();
         AmqpSettings::of(&config).unwrap()
+    }
+
+    fn timeout() -> LinkError {
+        LinkError::Timeout {
+            url: "amqp://mq1".into(),
+            step: "bind the queue to the exchange",
+            ms: 1500,
+        }
+    }
+
+    #[test]
+    fn start_up_walks_the_list_again_only_for_a_broker_that_was_slow_and_only_for_a_while() {
+        let refused = LinkError::Nacked {
+            url: "amqp://mq2".into(),
+        };
+        let early = Duration::from_secs(2);
+        assert!(another_round(&[timeout()], early));
+        assert!(another_round(&[refused, timeout()], early));
+        assert!(!another_round(
+            &[LinkError::Nacked {
+                url: "amqp://mq2".into()
+            }],
+            early
+        ));
+        assert!(!another_round(&[timeout()], STARTUP_PATIENCE));
+        assert!(!another_round(&[], early));
     }
 
     #[test]

@@ -115,18 +115,30 @@ fn list(errors: &[LinkError]) -> String {
     texts.join("; ")
 }
 
-/// Start-up: the first broker of the list that answers (one error as it is, several listed).
+/// Start-up: the first broker of the list that answers (one error as it is, several listed);
+/// the list is walked again while a broker was only slow (`brokers::another_round`).
 fn first_answering(s: &AmqpSettings, prefetch: u16) -> Result<(Link, usize), ConsumerError> {
+    let started = Instant::now();
     let mut errors = Vec::new();
-    for at in 0..s.brokers.urls().len() {
-        match Link::connect(s, at, prefetch) {
-            Ok(link) => return Ok((link, at)),
-            Err(e) if !brokers::moves_on(&e) => return Err(e.into()),
-            Err(e) => {
-                log::warn!("amqp: {e}; trying the next broker of the list");
-                errors.push(e);
+    loop {
+        errors.clear();
+        for at in 0..s.brokers.urls().len() {
+            match Link::connect(s, at, prefetch) {
+                Ok(link) => return Ok((link, at)),
+                Err(e) if !brokers::moves_on(&e) => return Err(e.into()),
+                Err(e) => {
+                    log::warn!("amqp: {e}; trying the next broker of the list");
+                    errors.push(e);
+                }
             }
         }
+        if !brokers::another_round(&errors, started.elapsed()) {
+            break;
+        }
+        log::warn!(
+            "amqp: a broker did not answer in time; walking the list again (start-up does for up to {} s)",
+            brokers::STARTUP_PATIENCE.as_secs()
+        );
     }
     match errors.len() {
         1 => Err(errors.remove(0).into()),

@@ -192,6 +192,14 @@ fn wait_fds<const N: usize>(fds: &[BorrowedFd<'_>; N], wait: Duration) -> [bool;
     }
 }
 
+/// Waits up to `wait` for the bell alone (no link, or nothing wanted from it).
+pub fn wait_bell(bell: &Doorbell, wait: Duration) -> Event {
+    match wait_fds(&[bell.as_fd()], wait) {
+        [true] => Event::Mail,
+        [false] => Event::Idle,
+    }
+}
+
 /// The consumer stream's waker: an eventfd the consumer thread polls beside its mailbox.
 struct StreamBell(Doorbell);
 
@@ -380,10 +388,7 @@ impl Link {
         if !want {
             // Not the stream's eventfd: rung and not cleared (nothing is read), it would turn
             // the wait into a spin while the queue is full.
-            return match wait_fds(&[bell.as_fd()], wait) {
-                [true] => Event::Mail,
-                [false] => Event::Idle,
-            };
+            return wait_bell(bell, wait);
         }
         match wait_fds(&[bell.as_fd(), self.stream_bell.0.as_fd()], wait) {
             [true, _] => Event::Mail,

@@ -526,7 +526,7 @@ impl Input for Consumer {
         };
         let event = match &mut self.link {
             Some(link) => link.next_event(read, bell, max),
-            None => wait_bell(bell, max),
+            None => link::wait_bell(bell, max),
         };
         Ok(match event {
             Event::Delivery(d) => {
@@ -723,14 +723,4 @@ fn bell_rung(bell: &Doorbell) -> bool {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     let mut fds = [PollFd::new(bell.as_fd(), PollFlags::POLLIN)];
     poll(&mut fds, PollTimeout::ZERO).is_ok_and(|n| n > 0)
-}
-
-fn wait_bell(bell: &Doorbell, wait: Duration) -> Event {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    let mut fds = [PollFd::new(bell.as_fd(), PollFlags::POLLIN)];
-    let timeout = PollTimeout::try_from(wait).unwrap_or(PollTimeout::MAX);
-    match poll(&mut fds, timeout) {
-        Ok(0) => Event::Idle,
-        _ => Event::Mail,
-    }
 }
